@@ -1,0 +1,371 @@
+"""A decoder-only transformer (GPT-2 style, pre-LayerNorm) in the shape of nanoGPT.
+
+Only torch is imported here: the LightningModule that trains this lives in `module.py`,
+the Mixture-of-Experts feed-forward in `moe.py`. Parameter names follow nanoGPT / GPT-2
+(`transformer.wte/wpe/h/ln_f`, `lm_head`, `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`,
+`mlp.c_proj`) because LoRA and checkpoint loading elsewhere depend on them.
+
+Shape legend: B batch, T time, C n_embd, nh n_head, hs head size (C // nh), V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Keys of a per-layer KV cache: (k, v), each (B, nh, T_past, hs).
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class GPTConfig:
+    """Model hyper-parameters; the feed-forward and attention kinds are chosen here at build time.
+
+    Args:
+        vocab_size: Number of token ids (the tokenizer's vocabulary).
+        block_size: Longest context; also the size of the learned position table.
+        n_layer: Transformer blocks.
+        n_head: Attention heads per block; must divide `n_embd`.
+        n_embd: Residual stream width C.
+        dropout: Dropout on attention weights, residual branches and embeddings.
+        bias: Biases in Linear layers and LayerNorms (GPT-2: True; nanoGPT's small presets: False).
+        attention: "sdpa" (F.scaled_dot_product_attention, FlashAttention on a GPU) or
+            "reference" (explicit softmax(QK^T / sqrt(hs)) V, for tests and teaching).
+        ffn: "mlp" (GELU MLP, 4C hidden) or "moe" (Mixture-of-Experts, see `moe.py`).
+        n_experts: MoE experts per MoE layer.
+        top_k: Experts each token is routed to.
+        expert_hidden: Hidden width of each expert; None means 4 * n_embd like the dense MLP.
+            With top_k=2, `2 * n_embd` matches the dense model's active parameters per token.
+        moe_every: Use MoE in every k-th block (blocks k-1, 2k-1, ...); the rest stay dense.
+        capacity_factor: Training capacity per expert = ceil(factor * tokens * top_k / n_experts);
+            assignments beyond it are dropped (their token passes through the residual only).
+        eval_capacity_factor: Capacity factor in eval mode (Switch uses a larger one at eval).
+        dropless: Ignore capacity factors: every assignment is computed.
+        aux_loss_coef: Switch Transformer load-balancing loss coefficient (0 disables it).
+        z_loss_coef: ST-MoE router z-loss coefficient.
+        shared_expert: Add one always-on expert (hidden `expert_hidden`) next to the routed ones.
+        noisy_topk: Shazeer et al. (2017) noisy top-k gating: learned Gaussian noise on the
+            router logits during training.
+    """
+
+    vocab_size: int = 65
+    block_size: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = False
+    attention: str = "sdpa"
+    ffn: str = "mlp"
+    n_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int | None = None
+    moe_every: int = 1
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    dropless: bool = False
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 1e-3
+    shared_expert: bool = False
+    noisy_topk: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_experts", "top_k", "moe_every")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+                "each head gets n_embd // n_head channels"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.attention not in ("sdpa", "reference"):
+            raise ValueError(f"GPTConfig.attention must be 'sdpa' or 'reference', got {self.attention!r}")
+        if self.ffn not in ("mlp", "moe"):
+            raise ValueError(f"GPTConfig.ffn must be 'mlp' or 'moe', got {self.ffn!r}")
+        if self.top_k > self.n_experts:
+            raise ValueError(
+                f"GPTConfig.top_k ({self.top_k}) must be <= n_experts ({self.n_experts})"
+            )
+        if self.expert_hidden is not None and self.expert_hidden <= 0:
+            raise ValueError(f"GPTConfig.expert_hidden must be positive or None, got {self.expert_hidden}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GPTConfig.{name} must be > 0 (use dropless=True for no dropping)")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"GPTConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def expert_width(self) -> int:
+        return self.expert_hidden if self.expert_hidden is not None else 4 * self.n_embd
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` (0-based) uses the MoE feed-forward."""
+        return self.ffn == "moe" and (layer + 1) % self.moe_every == 0
+
+
+def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> torch.Tensor:
+    """Boolean (t_q, t_k) mask, True where attention is allowed.
+
+    Queries are the last `t_q` positions of a length-`t_k` sequence (the first t_k - t_q keys
+    come from a KV cache), so query i may see keys 0 .. t_k - t_q + i.
+    """
+    q_pos = torch.arange(t_k - t_q, t_k, device=device)[:, None]
+    k_pos = torch.arange(t_k, device=device)[None, :]
+    return k_pos <= q_pos
+
+
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: nn.Module | None = None
+) -> torch.Tensor:
+    """softmax(QK^T / sqrt(hs)) V with a causal mask, written out (Vaswani et al. 2017, eq. 1).
+
+    q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs) with Tk >= Tq. Returns (B, nh, Tq, hs).
+    """
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, Tq, Tk)
+    att = att.masked_fill(~causal_mask(q.size(-2), k.size(-2), q.device), float("-inf"))
+    att = F.softmax(att, dim=-1)
+    if dropout is not None:
+        att = dropout(att)
+    return att @ v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.use_sdpa = config.attention == "sdpa"
+        # q, k, v projections for all heads in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: torch.Tensor, past: KVCache | None = None
+    ) -> tuple[torch.Tensor, KVCache]:
+        """x: (B, T, C); past: cached (k, v) of earlier positions. Returns (y, new cache)."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, nh, T_past + T, hs)
+            v = torch.cat([past[1], v], dim=2)
+        if self.use_sdpa:
+            p = self.dropout if self.training else 0.0
+            if past is None:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            elif T == 1:
+                # one new query sees every cached key: no mask needed
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            else:
+                mask = causal_mask(T, k.size(2), x.device)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        else:
+            y = attention_reference(q, k, v, self.attn_dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+def build_ffn(config: GPTConfig, layer: int) -> nn.Module:
+    """The feed-forward of block `layer`: chosen from the config when the model is built."""
+    if config.is_moe_layer(layer):
+        from modules.gpt.moe import MoE  # local import: moe.py needs MLP from this module
+
+        return MoE(config)
+    return MLP(config)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int = 0):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = build_ffn(config, layer)
+
+    def forward(self, x: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        a, cache = self.attn(self.ln_1(x), past)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, cache
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (Press & Wolf 2017): the output projection reuses the token embedding
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), since each block adds two
+        # branches to the residual stream and its variance would otherwise grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight") or name.endswith("w_proj"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; position embeddings excluded by default as in nanoGPT (token
+        embeddings stay in: tied to lm_head they are used as output weights)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def num_active_params(self, non_embedding: bool = True) -> int:
+        """Parameters one token passes through: routed experts count top_k of n_experts."""
+        n = self.num_params(non_embedding)
+        for block in self.transformer.h:
+            inactive = getattr(block.mlp, "inactive_params", None)
+            if inactive is not None:
+                n -= inactive()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token, forward + backward: 6 N_active + 12 L C T (Kaplan et al.
+        2020 / PaLM appendix B; the second term is attention's QK^T and AV at full context)."""
+        c = self.config
+        return 6 * self.num_active_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx: (B, T) token ids; targets: (B, T) next-token ids (-1 ignored) or None.
+
+        Returns logits (B, T, V) and the mean cross-entropy (None without targets). MoE
+        auxiliary losses are not part of it: read them with `aux_loss()` after the call.
+        """
+        logits, _ = self._forward(idx)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+            )
+        return logits, loss
+
+    def _forward(
+        self, idx: torch.Tensor, past: list[KVCache] | None = None
+    ) -> tuple[torch.Tensor, list[KVCache]]:
+        B, T = idx.size()
+        t0 = 0 if past is None else past[0][0].size(2)
+        if t0 + T > self.config.block_size:
+            raise ValueError(
+                f"sequence length {t0 + T} exceeds block_size {self.config.block_size}; "
+                "crop the context to the last block_size tokens"
+            )
+        pos = torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        caches = []
+        for i, block in enumerate(self.transformer.h):
+            x, cache = block(x, None if past is None else past[i])
+            caches.append(cache)
+        x = self.transformer.ln_f(x)
+        return self.lm_head(x), caches  # (B, T, V)
+
+    def moe_layers(self) -> list[tuple[int, nn.Module]]:
+        """(block index, MoE module) for every MoE block."""
+        return [(i, b.mlp) for i, b in enumerate(self.transformer.h) if hasattr(b.mlp, "router")]
+
+    def aux_loss(self) -> torch.Tensor:
+        """Weighted sum of the MoE load-balancing and z losses of the last forward (0 if dense)."""
+        total = self.lm_head.weight.new_zeros(())
+        for _, moe in self.moe_layers():
+            if moe.last_losses is not None:
+                aux, z = moe.last_losses
+                total = total + self.config.aux_loss_coef * aux + self.config.z_loss_coef * z
+        return total
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens).
+
+        With `use_cache` the keys/values of earlier positions are kept, so each step runs the
+        model on one token. Position embeddings are absolute, so once the sequence outgrows
+        block_size the cache cannot be shifted: from then on each step re-runs the last
+        block_size tokens, exactly what the uncached path does. temperature 0 means greedy.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k <= 0:
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError(f"idx must be a non-empty (B, T) tensor of token ids, got shape {tuple(idx.shape)}")
+        bs = self.config.block_size
+        past = None
+        for _ in range(max_new_tokens):
+            if use_cache and past is not None and idx.size(1) <= bs:
+                logits, past = self._forward(idx[:, -1:], past)
+            else:
+                logits, past = self._forward(idx[:, -bs:])
+            logits = logits[:, -1, :].float()  # (B, V)
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                probs = F.softmax(logits, dim=-1)
+                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+            if not use_cache:
+                past = None
+        return idx
