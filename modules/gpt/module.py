@@ -1,0 +1,291 @@
+"""GPTModule: trains the mini-GPT (dense or MoE) through the common pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from modules.gpt.model import GPT, GPTConfig
+from modules.gpt.moe import STAT_NAMES
+from modules.gpt.tokenizer import Tokenizer, tokenizer_from_state
+
+try:  # artifact helpers of the pipeline; no-ops without an MLflow logger
+    from pipelines.tracking import log_figure, log_text
+except ImportError:  # pragma: no cover - only while the pipeline package is incomplete
+    def log_text(trainer, text, artifact_file):  # type: ignore[no-redef]
+        return None
+
+    def log_figure(trainer, fig, artifact_file):  # type: ignore[no-redef]
+        return None
+
+
+def cosine_lr(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
+    """nanoGPT's schedule: linear warm-up to lr, cosine decay to min_lr at decay_steps, then flat."""
+    if step < warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1)
+    if step > decay_steps:
+        return min_lr
+    ratio = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+class GPTModule(L.LightningModule):
+    def __init__(
+        self,
+        vocab_size: int | None = None,
+        block_size: int | None = None,
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_embd: int = 128,
+        dropout: float = 0.0,
+        bias: bool = False,
+        attention: str = "sdpa",
+        ffn: str = "mlp",
+        n_experts: int = 8,
+        top_k: int = 2,
+        expert_hidden: int | None = None,
+        moe_every: int = 1,
+        capacity_factor: float = 1.25,
+        eval_capacity_factor: float = 2.0,
+        dropless: bool = False,
+        aux_loss_coef: float = 0.01,
+        z_loss_coef: float = 1e-3,
+        shared_expert: bool = False,
+        noisy_topk: bool = False,
+        lr: float = 1e-3,
+        min_lr: float = 1e-4,
+        warmup_steps: int = 100,
+        lr_decay_steps: int | None = None,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.99),
+        fused: bool | None = None,
+        compile: bool = False,
+        sample_prompt: str = "\n",
+        sample_tokens: int = 200,
+        sample_temperature: float = 0.8,
+        sample_top_k: int | None = 200,
+        sample_seed: int = 1337,
+    ):
+        """Mini-GPT language model; model fields are those of `GPTConfig`.
+
+        Args:
+            vocab_size: None takes the datamodule tokenizer's vocabulary in `setup`.
+            block_size: None takes the datamodule's block_size in `setup`.
+            n_layer, n_head, n_embd, dropout, bias, attention, ffn, n_experts, top_k,
+                expert_hidden, moe_every, capacity_factor, eval_capacity_factor, dropless,
+                aux_loss_coef, z_loss_coef, shared_expert, noisy_topk: see `GPTConfig`.
+            lr: Peak learning rate after warm-up.
+            min_lr: Learning rate at the end of the cosine decay.
+            warmup_steps: Linear warm-up steps.
+            lr_decay_steps: Step where the cosine reaches min_lr; None means trainer.max_steps.
+            weight_decay: AdamW decay, applied only to weights with >= 2 dimensions (matrices,
+                embeddings), never to biases and LayerNorm gains.
+            betas: AdamW betas.
+            fused: Fused AdamW kernel; None uses it on CUDA only.
+            compile: `torch.compile` the model (in place, so checkpoint keys do not change).
+            sample_prompt: Prompt of the text samples logged at each validation and at the end.
+            sample_tokens: Tokens per sample; 0 logs no samples.
+            sample_temperature, sample_top_k, sample_seed: Sampling settings of those samples.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if lr <= 0 or min_lr < 0 or min_lr > lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={lr}, min_lr={min_lr}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if lr_decay_steps is not None and lr_decay_steps < warmup_steps:
+            raise ValueError(f"lr_decay_steps ({lr_decay_steps}) must be >= warmup_steps ({warmup_steps})")
+        self.model: GPT | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.val_loss = MeanMetric()
+        self._moe_sum: torch.Tensor | None = None  # (layers, 4 + E) stats summed since last log
+        self._moe_total: torch.Tensor | None = None  # same, over the whole fit (for the heatmap)
+        self._moe_n = 0
+        self._moe_total_n = 0
+        if vocab_size is not None and block_size is not None:
+            self._build()
+        else:
+            self.model_config()  # validate the other fields now, not after data loading
+
+    # -- model -----------------------------------------------------------------------------
+    def model_config(self) -> GPTConfig:
+        names = {f.name for f in dataclasses.fields(GPTConfig)}
+        kwargs = {k: v for k, v in self.hparams.items() if k in names}
+        # placeholders only for validation before the datamodule has told us the real values
+        kwargs["vocab_size"] = kwargs.get("vocab_size") or 1
+        kwargs["block_size"] = kwargs.get("block_size") or 1
+        return GPTConfig(**kwargs)
+
+    def _build(self) -> None:
+        self.model = GPT(self.model_config())
+        if self.hparams.compile:
+            self.model.compile()
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        tok = getattr(dm, "tokenizer", None)
+        if tok is not None:
+            if self.hparams.vocab_size is not None and self.hparams.vocab_size != tok.vocab_size:
+                raise ValueError(
+                    f"model vocab_size={self.hparams.vocab_size} but the datamodule's tokenizer has "
+                    f"{tok.vocab_size} tokens; leave vocab_size unset to take it from the data"
+                )
+            self.tokenizer = tok
+            self.hparams.vocab_size = tok.vocab_size  # saved with the checkpoint hyper-parameters
+        data_block = getattr(dm, "block_size", None)
+        if self.hparams.block_size is None:
+            self.hparams.block_size = data_block
+        elif data_block is not None and data_block > self.hparams.block_size:
+            raise ValueError(
+                f"datamodule block_size={data_block} exceeds the model's block_size={self.hparams.block_size}; "
+                "leave the model's block_size unset to take it from the data"
+            )
+        if self.hparams.vocab_size is None or self.hparams.block_size is None:
+            raise ValueError(
+                "GPTModule needs vocab_size and block_size: pass them, or use a datamodule with "
+                "`tokenizer` and `block_size` attributes (ShakespeareDataModule)"
+            )
+        if self.model is None:
+            self._build()
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        return self.model(idx, targets)
+
+    # -- checkpoint: the tokenizer travels with the weights ----------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.tokenizer is not None:
+            checkpoint["tokenizer"] = self.tokenizer.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "tokenizer" in checkpoint:
+            self.tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
+
+    # -- training --------------------------------------------------------------------------
+    def tokens_per_batch(self, batch) -> int:
+        return batch[0].numel()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        _, loss = self.model(x, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        if not self.model.moe_layers():
+            return loss
+        self._accumulate_moe()
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self._log_moe()
+        return loss + self.model.aux_loss()
+
+    def _accumulate_moe(self) -> None:
+        stats = torch.stack([m.last_stats for _, m in self.model.moe_layers()])  # (layers, 4 + E)
+        self._moe_sum = stats if self._moe_sum is None else self._moe_sum + stats
+        self._moe_total = stats.clone() if self._moe_total is None else self._moe_total + stats
+        self._moe_n += 1
+        self._moe_total_n += 1
+
+    def _log_moe(self) -> None:
+        """Per-layer and run-level (mean over layers) routing statistics since the last log."""
+        mean = (self._moe_sum / self._moe_n).cpu()
+        metrics = {}
+        for row, (layer, _) in zip(mean, self.model.moe_layers()):
+            for j, name in enumerate(STAT_NAMES):
+                metrics[f"moe/layer{layer}/{name}"] = row[j]
+            for e, frac in enumerate(row[len(STAT_NAMES):]):
+                metrics[f"moe/layer{layer}/expert{e}_frac"] = frac
+        for j, name in enumerate(STAT_NAMES):
+            metrics[f"moe/{name}"] = mean[:, j].mean()
+        self.log_dict(metrics, on_step=True, on_epoch=False)
+        self._moe_sum, self._moe_n = None, 0
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = hp.fused if hp.fused is not None else self.device.type == "cuda"
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused or None)
+        decay_steps = hp.lr_decay_steps
+        if decay_steps is None:
+            decay_steps = self.trainer.max_steps if self._trainer is not None else -1
+            if decay_steps is None or decay_steps < 0:
+                raise ValueError("set lr_decay_steps or trainer.max_steps: the cosine schedule needs an end")
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: cosine_lr(s, hp.lr, hp.min_lr, hp.warmup_steps, decay_steps) / hp.lr
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- evaluation ------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        _, loss = self.model(x, y)
+        self.val_loss.update(loss, weight=x.size(0))
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, sync_dist=False)  # MeanMetric already reduced across ranks
+        self.log("val/ppl", torch.exp(loss), sync_dist=False)
+        if not self.trainer.sanity_checking:
+            self._log_sample(f"samples/step_{self.global_step:06d}.txt")
+
+    def on_fit_start(self) -> None:
+        metrics = {"params/active": float(self.model.num_active_params()),
+                   "gpt/flops_per_token": float(self.model.flops_per_token())}
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(metrics, step=0)
+
+    def on_train_end(self) -> None:
+        self._log_sample("samples/final.txt")
+        if self._moe_total is not None:
+            self._log_heatmap()
+
+    def _log_sample(self, artifact_file: str) -> None:
+        hp = self.hparams
+        if hp.sample_tokens <= 0 or self.tokenizer is None or not self.trainer.is_global_zero:
+            return
+        text = self.generate_text(hp.sample_prompt, hp.sample_tokens, hp.sample_temperature, hp.sample_top_k, hp.sample_seed)
+        log_text(self.trainer, text, artifact_file)
+
+    def _log_heatmap(self) -> None:
+        from matplotlib.figure import Figure  # no pyplot: no GUI backend needed
+
+        util = (self._moe_total / self._moe_total_n)[:, len(STAT_NAMES):].cpu().numpy()  # (layers, E)
+        layers = [i for i, _ in self.model.moe_layers()]
+        fig = Figure(figsize=(1 + 0.5 * util.shape[1], 1 + 0.4 * len(layers)))
+        ax = fig.add_subplot()
+        im = ax.imshow(util, cmap="viridis", aspect="auto", vmin=0.0)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.set_yticks(range(len(layers)), [str(i) for i in layers])
+        ax.set_title("fraction of routed assignments (training mean)")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        log_figure(self.trainer, fig, "moe/expert_utilization.png")
+
+    # -- sampling --------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_text(
+        self, prompt: str, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, seed: int = 0
+    ) -> str:
+        """Prompt plus max_new_tokens sampled tokens, decoded; same seed, same text."""
+        if self.tokenizer is None or self.model is None:
+            raise RuntimeError("no tokenizer/model: load a checkpoint saved by a fit, or call trainer.fit first")
+        ids = self.tokenizer.encode(prompt or "\n")
+        if not ids:
+            raise ValueError(f"prompt {prompt!r} encodes to no tokens; give a non-empty prompt")
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model.generate(idx, max_new_tokens, temperature, top_k, generator=g)
+        finally:
+            self.model.train(was_training)
+        return self.tokenizer.decode(out[0].tolist())
