@@ -1,0 +1,152 @@
+"""``practicum`` (also ``python -m pipelines``): run, study, compare, generate, ui."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+USAGE = """practicum <command> ...
+
+  run CONFIG.yaml [--section.key=value ...]   fit (then test) one experiment; --print_config shows the resolved config
+  study STUDY.yaml [--section.key=value ...]  every variant as a child run, then the comparison table
+  compare STUDY [--format table|csv|json|markdown]   the study's table, rebuilt from MLflow
+  generate CHECKPOINT_OR_RUN_ID --prompt TEXT [--max_new_tokens N]   sample from a trained model
+  ui [--port 5000]                            the MLflow UI on the tracking store
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    commands = {"run": cmd_run, "study": cmd_study, "compare": cmd_compare, "generate": cmd_generate, "ui": cmd_ui}
+    if cmd not in commands:
+        print(f"practicum: unknown command '{cmd}'; choose one of: {', '.join(commands)}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    from pipelines.run import ConfigError
+    from pipelines.tracking import TrackingError
+
+    try:
+        return commands[cmd](rest)
+    except (ConfigError, TrackingError, FileNotFoundError, LookupError) as e:
+        print(f"practicum {cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _split_tracking(args: list[str]) -> tuple[str | None, list[str]]:
+    """Pull ``--tracking_uri X`` / ``--tracking_uri=X`` out of the args of commands that take it."""
+    uri, out, it = None, [], iter(args)
+    for a in it:
+        if a == "--tracking_uri":
+            uri = next(it, None)
+        elif a.startswith("--tracking_uri="):
+            uri = a.split("=", 1)[1]
+        else:
+            out.append(a)
+    return uri, out
+
+
+def cmd_run(args: list[str]) -> int:
+    if not args or args[0].startswith("-") and args[0] not in ("--print_config", "--help", "-h"):
+        print("usage: practicum run CONFIG.yaml [--section.key=value ...]", file=sys.stderr)
+        return 2
+    from pipelines.run import run_experiment
+
+    config, rest = (None, args) if args[0].startswith("-") else (args[0], args[1:])
+    if config and not Path(config).is_file():
+        raise FileNotFoundError(f"config file '{config}' does not exist (configs live under configs/<project>/)")
+    res = run_experiment(config, rest)
+    _print_result(res)
+    return 0 if res.status == "FINISHED" else 1
+
+
+def _print_result(res) -> None:
+    print(f"\nMLflow run {res.run_id}: {res.status}")
+    if res.error:
+        print(f"error: {res.error} (full traceback: artifact error.txt of the run)", file=sys.stderr)
+    for k, v in res.headline().items():
+        print(f"  {k:<28} {v:.6g}")
+
+
+def cmd_study(args: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="practicum study")
+    p.add_argument("study")
+    p.add_argument("--tracking_uri")
+    p.add_argument("--variants", nargs="+", help="run only these variants")
+    p.add_argument("--no_system_metrics", action="store_true")
+    ns, rest = p.parse_known_args(args)
+    from pipelines.compare import render
+    from pipelines.study import run_study
+
+    parent, df = run_study(ns.study, rest, ns.tracking_uri, only=ns.variants,
+                           system_metrics=not ns.no_system_metrics)
+    print(f"\nstudy parent run {parent}\n")
+    print(render(df, "table"))
+    print("\nOpen the MLflow UI with: practicum ui")
+    return 0 if (df["status"] == "FINISHED").all() else 1
+
+
+def cmd_compare(args: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="practicum compare")
+    p.add_argument("study", help="the study's name (its `name:`), or a study YAML file")
+    p.add_argument("--format", default="table", choices=["table", "csv", "json", "markdown"])
+    p.add_argument("--tracking_uri")
+    ns = p.parse_args(args)
+    from pipelines.compare import compare
+
+    name = ns.study
+    if name.endswith((".yaml", ".yml")):
+        from pipelines.study import load_study
+
+        name = load_study(name).name
+    print(compare(name, ns.tracking_uri, ns.format))
+    return 0
+
+
+def cmd_generate(args: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="practicum generate")
+    p.add_argument("source", help="a .ckpt file, an exported model folder, or an MLflow run id")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tracking_uri")
+    ns = p.parse_args(args)
+    from pipelines.generate import load_generator
+
+    model = load_generator(ns.source, ns.tracking_uri)
+    print(model.generate_text(ns.prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
+                              top_k=ns.top_k, seed=ns.seed))
+    return 0
+
+
+def cmd_ui(args: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="practicum ui")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--tracking_uri")
+    ns = p.parse_args(args)
+    from pipelines import tracking as trk
+
+    uri = trk.resolve_tracking_uri(ns.tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        print(f"The tracking server has its own UI: {uri}")
+        return 0
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", ns.host, "--port", str(ns.port)]
+    if art := trk.default_artifact_location(uri):
+        cmd += ["--default-artifact-root", art]
+    print(f"MLflow UI on {uri}: http://{ns.host}:{ns.port}  (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(cmd, env={**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"})
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,205 @@
+"""Resource accounting: one callback, used by every project.
+
+The ledger is read from the tensors themselves, so it is exact and device-independent: LoRA vs
+full fine-tuning or dense vs MoE compare byte for byte on a CPU. Device peaks (CUDA allocator) and
+host RSS are measurements on top of it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Iterable
+
+import psutil
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.data import extract_batch_size
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (tied weights and views count once)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            seen.setdefault(_storage_key(t), t.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+def parameter_ledger(module: torch.nn.Module) -> dict[str, int]:
+    params = list(module.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    frozen = [p for p in params if not p.requires_grad]
+    return {
+        "params/total": sum(p.numel() for p in params),
+        "params/trainable": sum(p.numel() for p in trainable),
+        "mem/params_bytes": unique_bytes(params),
+        "mem/params_trainable_bytes": unique_bytes(trainable),
+        "mem/params_frozen_bytes": unique_bytes(frozen),
+    }
+
+
+def grad_bytes(module: torch.nn.Module) -> int:
+    return unique_bytes(p.grad for p in module.parameters() if p.grad is not None)
+
+
+def optimizer_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:
+    """Every tensor an optimizer keeps per parameter (Adam: exp_avg, exp_avg_sq and step)."""
+    return unique_bytes(v for opt in optimizers for state in opt.state.values() for v in state.values())
+
+
+class ActivationMeter:
+    """Bytes of the tensors autograd saves for backward while active, each storage once.
+
+    Parameters saved by autograd (a Linear saves its weight) are not activations and are excluded.
+    Built on ``torch.autograd.graph.saved_tensors_hooks``: the pack hook sees every saved tensor.
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+        self._exclude = {_storage_key(p) for p in exclude}
+        self._seen: dict[tuple[str, int], int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            key = _storage_key(t)
+            if key not in self._exclude:
+                self._seen.setdefault(key, t.untyped_storage().nbytes())
+        except (RuntimeError, NotImplementedError):  # tensors without a storage (e.g. sparse or fake)
+            pass
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._seen.values())
+
+    def __enter__(self) -> "ActivationMeter":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+class ResourceMonitor(Callback):
+    """Memory ledger, device and host peaks, step time and throughput for every run.
+
+    A module may declare ``tokens_per_batch(batch)`` (then ``perf/tokens_per_s`` is logged) and
+    ``samples_per_batch(batch)``; a module whose core is not torch (the NumPy classics) declares
+    ``memory_ledger()`` with the byte counts of its own arrays and ``param_count()``.
+
+    Args:
+        warmup_steps: leading steps left out of timing (allocator warm-up, lazy init, compile).
+        ledger_step: the training step whose saved activations are counted.
+    """
+
+    def __init__(self, warmup_steps: int = 3, ledger_step: int = 1):
+        self.warmup_steps, self.ledger_step = warmup_steps, ledger_step
+        self.summary: dict[str, float] = {}
+
+    # -- fit boundaries -------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._proc = psutil.Process()
+        self._rss_peak = self._proc.memory_info().rss
+        self._records: list[tuple[float, int, int | None]] = []  # (seconds, samples, tokens) per step
+        self._meter: ActivationMeter | None = None
+        self._ledger: dict[str, int] = {}
+        self._fit_t0 = time.perf_counter()
+        self._cuda = trainer.strategy.root_device.type == "cuda"
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.ledger_step and self._meter is None and not self._ledger.get("done"):
+            self._meter = ActivationMeter(exclude=list(pl_module.parameters())).__enter__()
+        self._t0 = time.perf_counter()
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self._close_meter()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.ledger_step:
+            self._ledger["mem/grads_bytes"] = grad_bytes(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._cuda:
+            torch.cuda.synchronize(trainer.strategy.root_device)
+        dt = time.perf_counter() - self._t0
+        self._close_meter()
+        tokens = int(pl_module.tokens_per_batch(batch)) if hasattr(pl_module, "tokens_per_batch") else None
+        self._records.append((dt, self._count(pl_module, "samples_per_batch", batch), tokens))
+        step = trainer.global_step  # already incremented by this batch's optimizer step
+        if step > self.ledger_step and "mem/optimizer_bytes" not in self._ledger:
+            self._ledger["mem/optimizer_bytes"] = optimizer_bytes(trainer.optimizers)
+        self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)
+
+    def _close_meter(self) -> None:
+        if self._meter is not None:
+            self._meter.__exit__(None, None, None)
+            self._ledger["mem/activations_bytes"] = self._meter.bytes
+            self._ledger["done"] = 1
+            self._meter = None
+
+    @staticmethod
+    def _count(pl_module, name: str, batch: Any) -> int:
+        fn = getattr(pl_module, name, None)
+        if fn is not None:
+            return int(fn(batch))
+        try:
+            return int(extract_batch_size(batch))
+        except Exception:  # a batch Lightning cannot size: count it as one sample
+            return 1
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)
+        m: dict[str, float] = dict(parameter_ledger(pl_module))
+        m.update({k: v for k, v in self._ledger.items() if k != "done"})
+        m.setdefault("mem/grads_bytes", 0)
+        m.setdefault("mem/optimizer_bytes", optimizer_bytes(trainer.optimizers))
+        m.setdefault("mem/activations_bytes", 0)
+        if hasattr(pl_module, "memory_ledger"):  # non-torch cores report their own arrays
+            for k, v in pl_module.memory_ledger().items():
+                m[f"mem/{k}"] = m.get(f"mem/{k}", 0) + int(v)
+        if hasattr(pl_module, "param_count"):
+            m["params/total"] = m["params/trainable"] = int(pl_module.param_count())
+        m["mem/host_peak_rss_bytes"] = self._rss_peak
+        if self._cuda:
+            dev = trainer.strategy.root_device
+            m["mem/device_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)
+            m["mem/device_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(dev)
+        else:
+            m["mem/device_peak_allocated_bytes"] = m["mem/device_peak_reserved_bytes"] = 0
+        m["time/fit_s"] = time.perf_counter() - self._fit_t0
+        # Warm-up steps are left out; a run too short for that still drops its first step.
+        recs = self._records[self.warmup_steps :] if len(self._records) > self.warmup_steps else self._records[1:]
+        recs = recs or self._records
+        if recs:
+            total_t = sum(r[0] for r in recs)
+            m["perf/step_time_s"] = statistics.median(r[0] for r in recs)
+            m["perf/samples_per_s"] = sum(r[1] for r in recs) / total_t
+            if recs[0][2] is not None:
+                m["perf/tokens_per_s"] = sum(r[2] for r in recs) / total_t
+        m = self._reduce(trainer, m)
+        self.summary = m
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(m, step=trainer.global_step)
+
+    @staticmethod
+    def _reduce(trainer: Trainer, m: dict[str, float]) -> dict[str, float]:
+        """Under several processes: the max of memory and step time, the sum of throughput."""
+        if trainer.world_size <= 1:
+            return m
+        keys = sorted(m)  # every rank logs the same keys in the same order
+        vals = torch.tensor([float(m[k]) for k in keys], dtype=torch.float64, device=trainer.strategy.root_device)
+        summed = trainer.strategy.reduce(vals.clone(), reduce_op="sum")
+        gathered = trainer.strategy.all_gather(vals)  # (world, n)
+        peak = gathered.max(dim=0).values
+        out = {}
+        for i, k in enumerate(keys):
+            out[k] = float(summed[i] if k.startswith("perf/") and k != "perf/step_time_s" else peak[i])
+        return out

@@ -1,0 +1,193 @@
+"""Side-by-side studies: a base config plus named variants, each a child run under one parent run.
+
+A study file::
+
+    name: dense-vs-moe             # parent run name and the practicum.study tag
+    base: ../gpt/plays_char_cpu.yaml   # relative to this file
+    primary_metric: val/loss       # plotted over steps, one line per variant
+    columns: [val/loss, perf/tokens_per_s]   # optional; default: every logged metric
+    overrides: {trainer.max_steps: 300}      # optional, for every variant
+    variants:                      # name -> dotted overrides; `base` switches that variant's config
+      dense: {}
+      moe: {model.init_args.ffn: moe}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from pipelines import tracking as trk  # noqa: E402
+from pipelines.compare import render, study_table  # noqa: E402
+from pipelines.run import ConfigError, RunResult, run_experiment  # noqa: E402
+
+MEMORY_KEYS = ("mem/params_bytes", "mem/grads_bytes", "mem/optimizer_bytes", "mem/activations_bytes")
+PEAK_KEYS = ("mem/device_peak_allocated_bytes", "mem/host_peak_rss_bytes")
+THROUGHPUT_KEYS = ("perf/tokens_per_s", "perf/samples_per_s")
+
+
+@dataclass
+class Study:
+    name: str
+    base: Path
+    variants: dict[str, dict[str, Any]]
+    primary_metric: str = "val/loss"
+    columns: list[str] | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def variant_config(self, name: str) -> tuple[Path, list[str]]:
+        """(config file, CLI overrides) of one variant: study overrides first, the variant's win."""
+        v = dict(self.variants[name] or {})
+        base = (self.path.parent / v.pop("base")).resolve() if "base" in v else self.base
+        if not base.is_file():
+            raise ConfigError(f"study '{self.name}', variant '{name}': base config {base} does not exist")
+        return base, to_cli_args({**self.overrides, **v})
+
+
+def to_cli_args(overrides: dict[str, Any]) -> list[str]:
+    return [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
+
+
+def load_study(path: str | Path) -> Study:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    allowed = {"name", "base", "variants", "primary_metric", "columns", "overrides"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ConfigError(f"study {path}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(allowed)}")
+    for key in ("name", "base", "variants"):
+        if key not in raw:
+            raise ConfigError(f"study {path}: missing required key '{key}'")
+    if not isinstance(raw["variants"], dict) or not raw["variants"]:
+        raise ConfigError(f"study {path}: 'variants' must map variant names to overrides")
+    base = (path.parent / raw["base"]).resolve()
+    if not base.is_file():
+        raise ConfigError(f"study {path}: base config {base} does not exist")
+    return Study(
+        name=str(raw["name"]),
+        base=base,
+        variants=raw["variants"],
+        primary_metric=raw.get("primary_metric", "val/loss"),
+        columns=raw.get("columns"),
+        overrides=raw.get("overrides") or {},
+        path=path.resolve(),
+    )
+
+
+def run_study(
+    path: str | Path,
+    args: Sequence[str] = (),
+    tracking_uri: str | None = None,
+    *,
+    only: Sequence[str] | None = None,
+    system_metrics: bool = True,
+) -> tuple[str, "pandas.DataFrame"]:  # noqa: F821
+    """Run every variant as a child of one parent run; a failing variant ends FAILED and the study goes on.
+
+    Returns the parent run id and the comparison table, which is also logged to the parent as CSV,
+    Markdown and plots.
+    """
+    study = load_study(path)
+    names = list(only or study.variants)
+    missing = [n for n in names if n not in study.variants]
+    if missing:
+        raise ConfigError(f"study '{study.name}' has no variant(s) {missing}; variants: {list(study.variants)}")
+    uri = trk.resolve_tracking_uri(tracking_uri)
+    client = trk.MlflowClient(uri)
+    trk.check_reachable(client, uri)
+    exp_id = trk.get_or_create_experiment(client, study.name, uri)
+    tags = {
+        **trk.environment_tags(),
+        trk.TAG_STUDY: study.name,
+        trk.TAG_ROLE: "parent",
+        "practicum.variants": json.dumps(names),
+        "practicum.columns": json.dumps(study.columns),
+        "practicum.primary_metric": study.primary_metric,
+    }
+    parent = client.create_run(exp_id, tags=tags, run_name=study.name).info.run_id
+    client.log_text(parent, Path(path).read_text(), "study.yaml")
+    if args:
+        client.log_param(parent, "overrides", " ".join(args))
+    results: dict[str, RunResult] = {}
+    status = "FINISHED"
+    bar = tqdm(names, desc=f"study {study.name}", unit="variant", position=0, leave=True)
+    for name in bar:
+        bar.set_postfix_str(name)
+        child_tags = {trk.TAG_STUDY: study.name, trk.TAG_VARIANT: name, trk.TAG_ROLE: "variant"}
+        try:
+            config, vargs = study.variant_config(name)
+            res = run_experiment(config, [*vargs, *args], uri, experiment=study.name, run_name=name,
+                                 parent_run_id=parent, tags=child_tags, system_metrics=system_metrics)
+        except (ConfigError, trk.TrackingError) as e:
+            # The variant never started: record it as a FAILED child so the table shows it.
+            run = client.create_run(exp_id, run_name=name, tags={**child_tags, "mlflow.parentRunId": parent,
+                                                                 "practicum.error": str(e)[:5000]})
+            client.set_terminated(run.info.run_id, "FAILED")
+            res = RunResult(run.info.run_id, "FAILED", error=str(e))
+        results[name] = res
+        tqdm.write(f"[{study.name}] {name}: {res.status}" + (f" ({res.error})" if res.error else ""))
+        if res.status == "KILLED":
+            status = "KILLED"
+            break
+    if all(r.status == "FAILED" for r in results.values()):
+        status = "FAILED"
+    df = study_table(client, client.get_run(parent))
+    client.log_text(parent, df.to_csv(index=False), "comparison.csv")
+    client.log_text(parent, render(df, "markdown"), "comparison.md")
+    for fname, fig in study_plots(client, parent, study.primary_metric).items():
+        client.log_figure(parent, fig, f"plots/{fname}")
+        plt.close(fig)
+    client.set_terminated(parent, status)
+    return parent, df
+
+
+def study_plots(client: trk.MlflowClient, parent_id: str, primary: str) -> dict[str, Any]:
+    """The primary metric over steps per variant, and bars of memory and throughput per variant."""
+    from pipelines.compare import children
+
+    runs = children(client, client.get_run(parent_id))
+    names = [r.data.tags.get(trk.TAG_VARIANT, r.info.run_name) for r in runs]
+    figs: dict[str, Any] = {}
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in zip(names, runs):
+        hist = client.get_metric_history(r.info.run_id, primary)
+        if hist:
+            ax.plot([m.step for m in hist], [m.value for m in hist], label=name, marker="." if len(hist) < 30 else None)
+    ax.set(xlabel="step", ylabel=primary, title=f"{primary} per variant")
+    if ax.lines:
+        ax.legend()
+    figs[f"{primary.replace('/', '_')}.png"] = fig
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    bottom = [0.0] * len(runs)
+    for key in MEMORY_KEYS:
+        vals = [r.data.metrics.get(key, 0.0) / 2**20 for r in runs]
+        ax1.bar(names, vals, bottom=bottom, label=key.split("/")[1].replace("_bytes", ""))
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    for key in PEAK_KEYS:
+        vals = [r.data.metrics.get(key, 0.0) / 2**20 for r in runs]
+        if any(vals):
+            ax1.scatter(names, vals, marker="_", s=400, label=key.split("/")[1].replace("_bytes", ""), zorder=3)
+    ax1.set(ylabel="MiB", title="memory ledger (stacked) and peaks")
+    ax1.legend(fontsize=7)
+    ax1.tick_params(axis="x", rotation=30)
+    key = next((k for k in THROUGHPUT_KEYS if any(k in r.data.metrics for r in runs)), THROUGHPUT_KEYS[1])
+    ax2.bar(names, [r.data.metrics.get(key, 0.0) for r in runs], color="tab:green")
+    ax2.set(ylabel=key, title="throughput")
+    ax2.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    figs["memory_throughput.png"] = fig
+    return figs

@@ -1,0 +1,208 @@
+"""MLflow tracking: where runs go, what every run records, and artifact helpers for modules.
+
+The default store is ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/artifacts/``,
+relative to the working directory. ``MLFLOW_TRACKING_URI`` or ``--tracking_uri`` points elsewhere
+(a team server). Lightning's ``MLFlowLogger`` would default to ``file:./mlruns``, which MLflow
+3.13+ refuses, so the pipeline always hands it an explicit URI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Param, RunTag
+from mlflow.tracking import MlflowClient
+
+STORE_DIR = Path("mlruns")
+TAG_PROJECT, TAG_STUDY, TAG_VARIANT, TAG_ROLE = (
+    "practicum.project",
+    "practicum.study",
+    "practicum.variant",
+    "practicum.role",
+)
+_VERSIONED = ("torch", "lightning", "mlflow", "transformers", "peft", "diffusers", "torchmetrics", "numpy")
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used (unwritable folder, unreachable server)."""
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The URI to use: explicit argument, else ``MLFLOW_TRACKING_URI``, else the local SQLite store.
+
+    The local store's folder is created on first use; an unwritable one is a ``TrackingError``
+    that names the folder and how to point elsewhere.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{STORE_DIR / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        _ensure_writable(db.parent)
+    elif uri.startswith("file:") or "://" not in uri:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3.13+ refuses file stores without it
+        _ensure_writable(Path(uri.removeprefix("file://").removeprefix("file:")))
+    return uri
+
+
+def _ensure_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise TrackingError(
+            f"tracking folder '{folder}' is not writable ({e.strerror}). Fix its permissions, run from another "
+            "folder, or point --tracking_uri / MLFLOW_TRACKING_URI at a writable store or a tracking server."
+        ) from None
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """Artifacts of the local SQLite store live beside it in ``<store>/artifacts``; servers decide their own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def check_reachable(client: MlflowClient, uri: str) -> None:
+    """Fail before any training when the tracking server cannot be reached or refuses us."""
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as e:  # MlflowException, requests errors: the message is what matters
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise TrackingError(
+            f"tracking server at '{uri}' is not usable: {first}. Start it (make server, or docker compose up), "
+            "check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, or use --tracking_uri."
+        ) from None
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=default_artifact_location(uri))
+    except mlflow.exceptions.MlflowException:  # created by a concurrent process meanwhile
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config → ``{"model.init_args.lr": 0.001, ...}``."""
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def environment_tags() -> dict[str, str]:
+    """Git commit and dirty flag, library versions and hardware: what a reader needs to reproduce a run."""
+    tags: dict[str, str] = {}
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+            )
+            tags["practicum.git_dirty"] = str(bool(dirty.stdout.strip())).lower()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    for pkg in _VERSIONED:
+        try:
+            tags[f"version.{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    tags.update(hardware_tags())
+    return tags
+
+
+def hardware_tags() -> dict[str, str]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    tags = {"hw.cpu": cpu, "hw.cpu_count": str(os.cpu_count()), "hw.gpu_count": str(torch.cuda.device_count())}
+    if torch.cuda.is_available():
+        tags["hw.gpu"] = torch.cuda.get_device_name(0)
+    return tags
+
+
+def fingerprint_bytes(*chunks: bytes) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+# ---- artifact helpers for modules: no-ops without an MLflow logger or off rank 0 -------------------
+
+
+def _run(trainer) -> tuple[MlflowClient, str] | None:
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    if trainer is None or getattr(trainer, "global_rank", 0) != 0:
+        return None
+    for logger in getattr(trainer, "loggers", []):
+        if isinstance(logger, MLFlowLogger):
+            return logger.experiment, logger.run_id
+    return None
+
+
+def log_text(trainer, text: str, artifact_file: str) -> None:
+    if run := _run(trainer):
+        run[0].log_text(run[1], text, artifact_file)
+
+
+def log_figure(trainer, fig, artifact_file: str) -> None:
+    if run := _run(trainer):
+        run[0].log_figure(run[1], fig, artifact_file)
+
+
+def log_image(trainer, image, artifact_file: str) -> None:
+    if run := _run(trainer):
+        run[0].log_image(run[1], image, artifact_file=artifact_file)
+
+
+def log_file(trainer, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    if run := _run(trainer):
+        p = Path(local_path)
+        (run[0].log_artifacts if p.is_dir() else run[0].log_artifact)(run[1], str(p), artifact_path)
+
+
+def log_dict(trainer, data: dict, artifact_file: str) -> None:
+    if run := _run(trainer):
+        run[0].log_dict(run[1], data, artifact_file)
+
+
+def figure_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()

@@ -1,0 +1,73 @@
+"""A tiny regression project used to exercise the pipeline itself (not a Practicum project)."""
+
+import torch
+from lightning import LightningDataModule, LightningModule
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class ToyModule(LightningModule):
+    """y = Wx + b regression with a two-layer MLP.
+
+    Args:
+        hidden: width of the hidden layer.
+        lr: Adam learning rate.
+        fail_at_step: raise at this global step (to test that crashes end FAILED).
+    """
+
+    def __init__(self, hidden: int = 8, lr: float = 1e-2, fail_at_step: int = -1):
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == self.hparams.fail_at_step:
+            raise RuntimeError("injected failure")
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.log("train/loss", loss, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", nn.functional.mse_loss(self.net(x), y), on_epoch=True)
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test/loss", nn.functional.mse_loss(self.net(x), y), on_epoch=True)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class ToyDataModule(LightningDataModule):
+    """Random linear data, seeded.
+
+    Args:
+        n: number of samples.
+        batch_size: samples per batch.
+    """
+
+    def __init__(self, n: int = 256, batch_size: int = 32):
+        super().__init__()
+        self.n, self.batch_size = n, batch_size
+
+    def setup(self, stage=None):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(self.n, 4, generator=g)
+        y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]) + 0.1 * torch.randn(self.n, 1, generator=g)
+        self.ds = TensorDataset(x, y)
+
+    def fingerprint(self) -> str:
+        return f"toy-{self.n}"
+
+    def train_dataloader(self):
+        return DataLoader(self.ds, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.ds, batch_size=self.batch_size)
+
+    def test_dataloader(self):
+        return DataLoader(self.ds, batch_size=self.batch_size)
