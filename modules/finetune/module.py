@@ -1,0 +1,440 @@
+"""Causal-LM fine-tuning: full, LoRA or QLoRA, on a Hugging Face model or the mini-GPT.
+
+The method is chosen when the module is built: `full` trains every weight; `lora` freezes
+the base and trains PEFT's low-rank adapters (optionally DoRA); `qlora` does the same over a
+4-bit NF4 base (bitsandbytes, CUDA only). Validation runs once before the first step
+(`val/loss_before`, `val/ppl_before`) and as usual afterwards (`val/loss`, `val/ppl`). After
+training, the adapter alone and the merged model are exported and logged as artifacts with
+their sizes on disk.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from modules.finetune.backbone import (
+    RUN_ID,
+    load_hf,
+    load_minigpt,
+    pretrained_base,
+    resolve_backbone,
+    torch_dtype,
+)
+from modules.finetune.model import (
+    METHODS,
+    MiniGPTForCausalLM,
+    causal_lm_loss,
+    default_lr,
+    logits_of,
+    lora_config,
+    quantize_nf4_,
+    sample,
+    weights_bytes,
+)
+
+try:
+    from pipelines.tracking import log_file
+except ImportError:  # the pipeline is optional for plain-Trainer use
+    def log_file(trainer, local_path, artifact_path=None) -> None:
+        pass
+
+
+class FinetuneModule(L.LightningModule):
+    def __init__(
+        self,
+        backbone: str | None = None,
+        method: str = "lora",
+        r: int = 8,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.05,
+        target_modules: list[str] | str | None = None,
+        use_dora: bool = False,
+        lr: float | None = None,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        base_config: str = "configs/finetune/minigpt_base.yaml",
+        cache_dir: str = "mlruns/cache",
+        export: bool = True,
+        export_dir: str | None = None,
+    ):
+        """Fine-tune a causal LM fully, with LoRA, or with QLoRA.
+
+        Args:
+            backbone: A Hugging Face hub id or model folder, a mini-GPT checkpoint (.ckpt or a
+                folder holding one), or an MLflow run id / "runs:/<id>" of a mini-GPT run.
+                None: the embedded base, a mini-GPT pretrained on Shakespeare by `base_config`
+                (trained once, then cached under `cache_dir`).
+            method: "full", "lora" or "qlora" (4-bit NF4 base + LoRA; needs CUDA and bitsandbytes).
+            r: LoRA rank.
+            lora_alpha: LoRA scale numerator (update = alpha / r * B A); None means 2 r.
+            lora_dropout: Dropout on the LoRA branch input.
+            target_modules: Module names LoRA wraps; None means all linear projections
+                ("all-linear" for Hugging Face models, c_attn/c_proj/c_fc for the mini-GPT).
+            use_dora: Weight-decomposed LoRA (DoRA) through PEFT.
+            lr: AdamW learning rate; None means the practitioners' default for the method and
+                model size (`modules.finetune.model.default_lr`).
+            weight_decay: AdamW weight decay on the trained parameters.
+            warmup_steps: Linear warm-up steps before the cosine decay.
+            min_lr_ratio: The cosine decays to lr * min_lr_ratio at the last step.
+            dtype: Weights dtype: "float32", "bfloat16", "float16" or "auto" (Hugging Face only).
+            gradient_checkpointing: Recompute activations in backward (Hugging Face models).
+            attn_implementation: Hugging Face attention kernel ("eager", "sdpa", "flash_attention_2").
+            trust_remote_code: Allow a hub model's own modelling code.
+            base_config: Project 1 run config that pretrains the default base (backbone None).
+            cache_dir: Where the pretrained base and downloaded run checkpoints are cached.
+            export: After training, save the adapter and the merged model and log them.
+            export_dir: Keep the exports here (adapter/, merged/); None: a temporary folder
+                that is removed once the artifacts are logged.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if method not in METHODS:
+            raise ValueError(f"FinetuneModule.method must be one of {METHODS}, got {method!r}")
+        if method == "qlora":
+            # before any loading or pretraining: 4-bit NF4 kernels exist only for CUDA
+            if not torch.cuda.is_available():
+                raise RuntimeError(
+                    "FinetuneModule.method='qlora' needs a CUDA GPU (bitsandbytes 4-bit NF4 kernels), and none "
+                    "is available; use method='lora' on this machine"
+                )
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise ImportError("method='qlora' needs bitsandbytes: pip install 'practicum[qlora]'") from None
+        if lr is not None and lr <= 0:
+            raise ValueError(f"FinetuneModule.lr must be > 0 or None (method default), got {lr}")
+        if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError("FinetuneModule.warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
+        torch_dtype(dtype)  # validates the name early
+        if use_dora and method == "full":
+            raise ValueError("FinetuneModule.use_dora applies to method='lora' or 'qlora', not 'full'")
+        self.method = method
+        self.export, self.export_dir = export, export_dir
+        if backbone is None:
+            self.kind, self.source = "minigpt", pretrained_base(base_config, cache_dir)
+        else:
+            self.kind, self.source = resolve_backbone(backbone, cache_dir)
+        # what an exported adapter records as its base: a run id stays a run id (portable across
+        # machines sharing the tracking server), anything local becomes an absolute path
+        self.backbone_spec = backbone if backbone is not None and RUN_ID.match(backbone) else self.source
+        self.backbone, self.tokenizer = self._load_base(quantize=method == "qlora")
+
+        if method != "full":
+            from peft import get_peft_model, prepare_model_for_kbit_training
+
+            if method == "qlora" and self.kind == "hf":
+                self.backbone = prepare_model_for_kbit_training(
+                    self.backbone, use_gradient_checkpointing=gradient_checkpointing
+                )
+            config = lora_config(
+                r, lora_alpha, lora_dropout, target_modules, use_dora, minigpt=self.kind == "minigpt",
+                task_type="CAUSAL_LM",
+            )
+            self.backbone = get_peft_model(self.backbone, config)
+        if gradient_checkpointing and self.kind == "hf":
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.kind == "hf" and hasattr(self.backbone, "config"):
+            self.backbone.config.use_cache = False  # no KV cache while training
+
+        n_total = sum(p.numel() for p in self.backbone.parameters())
+        self.n_trainable = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
+        self.n_total = n_total
+        self.lr = lr if lr is not None else default_lr(method, n_total)
+        # LoRA checkpoints keep only what was trained; the frozen base is rebuilt from `backbone`
+        self.strict_loading = method == "full"
+        self.val_nll = MeanMetric()
+        self.exported: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ building
+
+    def _load_base(self, quantize: bool = False) -> tuple[torch.nn.Module, Any]:
+        h = self.hparams
+        if self.kind == "hf":
+            return load_hf(self.source, h.dtype, h.attn_implementation, quantize, h.trust_remote_code)
+        gpt, tokenizer = load_minigpt(self.source)
+        if h.dtype == "auto":
+            raise ValueError("FinetuneModule.dtype='auto' is for Hugging Face models; use 'float32' or 'bfloat16'")
+        gpt = gpt.to(torch_dtype(h.dtype))
+        if quantize:
+            gpt = quantize_nf4_(gpt)
+        return MiniGPTForCausalLM(gpt, name_or_path=self.backbone_spec), tokenizer
+
+    @property
+    def max_length(self) -> int | None:
+        """Longest sequence the backbone accepts (the mini-GPT's block_size), None if unbounded here."""
+        if self.kind == "minigpt":
+            core = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+            return core.block_size
+        return None
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        length = getattr(dm, "max_length", None)
+        if self.max_length is not None and length is not None and length > self.max_length:
+            raise ValueError(
+                f"data max_length={length} exceeds the mini-GPT's block_size={self.max_length}; "
+                f"set --data.init_args.max_length={self.max_length} or less"
+            )
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return logits_of(self.backbone, input_ids, attention_mask)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return causal_lm_loss(self(batch["input_ids"], batch.get("attention_mask")), batch["labels"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss(batch)
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, n = self._loss(batch)
+        self.val_nll.update(loss, n)  # token-weighted: the epoch value is the mean over tokens
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_nll.compute()
+        self.val_nll.reset()
+        self.log("val/loss", loss, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss), sync_dist=True)
+
+    def tokens_per_batch(self, batch: dict[str, torch.Tensor]) -> int:
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> float:
+        """Token-mean validation loss of the current weights over `loader` (eval mode)."""
+        was_training = self.training
+        self.eval()
+        total, count = torch.zeros((), device=self.device), 0
+        limit = self.trainer.limit_val_batches if self._trainer is not None else 1.0
+        n_batches = limit if isinstance(limit, int) else math.ceil(len(loader) * limit)
+        for i, batch in enumerate(loader):
+            if i >= n_batches:
+                break
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            loss, n = self._loss(batch)
+            total += loss * n
+            count += n
+        self.train(was_training)
+        if self._trainer is None:
+            return float(total / max(count, 1))
+        stats = self.all_gather(torch.stack([total, torch.tensor(float(count), device=self.device)]))
+        stats = stats.reshape(-1, 2).sum(0)
+        return float(stats[0] / stats[1].clamp_min(1))
+
+    def _log_now(self, metrics: dict[str, float]) -> None:
+        """Straight to the loggers (and callback_metrics): Lightning's self.log in fit-level
+        hooks only flushes at epoch end, and these values belong to step 0 / the end of fit."""
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+        self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+
+    def on_train_start(self) -> None:
+        metrics = {
+            "params/trainable": float(self.n_trainable),
+            "params/trainable_pct": 100.0 * self.n_trainable / self.n_total,
+            "finetune/lr": self.lr,
+        }
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "val_dataloader") and self.trainer.limit_val_batches != 0:
+            before = self.evaluate(dm.val_dataloader())
+            metrics.update({"val/loss_before": before, "val/ppl_before": math.exp(min(before, 80.0))})
+        self._log_now(metrics)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.999))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _frozen_keys(self) -> list[str]:
+        return [n for n, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.method == "full":
+            return
+        frozen = tuple(self._frozen_keys())
+        # frozen weights (and a 4-bit layer's quantisation state, saved as "<weight>.<stat>")
+        # come back from the backbone spec; only the adapters are state worth saving
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k in frozen or k.startswith(tuple(f + "." for f in frozen))]:
+            del sd[k]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trained = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing = trained - set(checkpoint["state_dict"])
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} trained tensors, e.g. {sorted(missing)[:3]}")
+
+    # ------------------------------------------------------------------ export and generation
+
+    def on_train_end(self) -> None:
+        if not self.export or self.trainer.global_rank != 0:
+            return
+        root = Path(self.export_dir) if self.export_dir else Path(tempfile.mkdtemp(prefix="finetune-export-"))
+        try:
+            metrics = {}
+            if self.method != "full":
+                self.save_adapter(root / "adapter")
+                metrics["disk/adapter_bytes"] = float(weights_bytes(root / "adapter"))
+                log_file(self.trainer, root / "adapter", "adapter")
+            self.save_merged(root / "merged")
+            metrics["disk/full_checkpoint_bytes"] = float(weights_bytes(root / "merged"))
+            log_file(self.trainer, root / "merged", "merged")
+            self._log_now(metrics)
+            if self.export_dir:
+                self.exported = {p.name: str(p) for p in root.iterdir() if p.is_dir()}
+        finally:
+            if not self.export_dir:
+                shutil.rmtree(root, ignore_errors=True)
+
+    def save_adapter(self, folder: str | Path) -> Path:
+        """The LoRA weights alone (PEFT format: adapter_config.json names the base)."""
+        if self.method == "full":
+            raise ValueError("method='full' has no adapter; use save_merged")
+        folder = Path(folder)
+        # the mini-GPT has no vocabulary config for PEFT to inspect; its embeddings are never adapted
+        self.backbone.save_pretrained(folder, save_embedding_layers="auto" if self.kind == "hf" else False)
+        if self.kind == "hf":
+            self.tokenizer.save_pretrained(folder)
+        write_loader_marker(folder)
+        return folder
+
+    def save_merged(self, folder: str | Path) -> Path:
+        """A standalone model with the adapters folded in (W + alpha/r B A), loadable without PEFT.
+
+        The adapter is merged into a freshly loaded full-precision base rather than into the
+        training copy, so a 4-bit QLoRA base is not merged lossily and training state is untouched.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.method == "full":
+            model = self.backbone
+        else:
+            from peft import PeftModel
+
+            with tempfile.TemporaryDirectory() as tmp:
+                self.backbone.save_pretrained(tmp)
+                base, _ = self._load_base(quantize=False)
+                model = PeftModel.from_pretrained(base, tmp).merge_and_unload()
+        if self.kind == "hf":
+            model.save_pretrained(folder)
+            self.tokenizer.save_pretrained(folder)
+        else:
+            save_minigpt(model.gpt, self.tokenizer, folder / "model.ckpt")
+        write_loader_marker(folder)
+        return folder
+
+    @torch.no_grad()
+    def generate_text(
+        self, prompt: str, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, seed: int = 0
+    ) -> str:
+        """The prompt followed by up to max_new_tokens sampled tokens, decoded (like GPTModule's)."""
+        from datamodules.instruct import encode, special_ids
+
+        bos, eos, pad = special_ids(self.tokenizer)
+        ids = ([bos] if bos is not None else []) + encode(self.tokenizer, prompt)
+        if not ids:
+            raise ValueError("generate_text needs a non-empty prompt for this tokenizer")
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            new = sample(self.backbone, x, max_new_tokens, temperature, top_k, seed, eos, pad)
+        finally:
+            self.train(was_training)
+        all_ids = ids + new[0].tolist()
+        if self.kind == "hf":
+            return self.tokenizer.decode(all_ids, skip_special_tokens=True)
+        return self.tokenizer.decode(all_ids)
+
+
+def write_loader_marker(folder: Path) -> None:
+    """practicum.json names the loader, so `practicum generate <folder>` finds it (pipelines.generate)."""
+    import json
+
+    loader = f"{load_for_generation.__module__}.{load_for_generation.__name__}"
+    (Path(folder) / "practicum.json").write_text(json.dumps({"loader": loader}) + "\n")
+
+
+def save_minigpt(gpt: torch.nn.Module, tokenizer: Any, path: Path) -> None:
+    """Save a mini-GPT as a Project 1 checkpoint: `GPTModule.load_from_checkpoint` and the
+    pipeline's checkpoint loader read it like any GPT run's checkpoint."""
+    import dataclasses
+    import inspect
+
+    from modules.gpt.module import GPTModule
+
+    config = dataclasses.asdict(gpt.config)
+    accepted = inspect.signature(GPTModule.__init__).parameters
+    gm = GPTModule(**{k: v for k, v in config.items() if k in accepted})
+    gm.model.load_state_dict(gpt.state_dict())
+    gm.tokenizer = tokenizer
+    checkpoint = {
+        "state_dict": gm.state_dict(),
+        "hyper_parameters": dict(gm.hparams),
+        "pytorch-lightning_version": L.__version__,
+        "practicum": {"class_path": "modules.gpt.module.GPTModule"},
+    }
+    gm.on_save_checkpoint(checkpoint)  # adds the tokenizer
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+
+
+def load_for_generation(path: str | Path, **overrides: Any) -> FinetuneModule:
+    """A FinetuneModule with `generate_text`, from anything a fine-tune exports or saves.
+
+    `path` may be an adapter folder (adapter_config.json: its base is loaded, then the
+    adapter), a merged folder (Hugging Face config.json, or a mini-GPT model.ckpt), a
+    FinetuneModule Lightning checkpoint, or any backbone spec `FinetuneModule` accepts.
+    """
+    import json
+
+    path = Path(path)
+    if (path / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path; cannot rebuild the base")
+        module = FinetuneModule(backbone=base, method="full", export=False, **overrides)
+        module.backbone = PeftModel.from_pretrained(module.backbone, str(path))
+        module.method = "lora"
+    elif path.is_file() and path.suffix == ".ckpt" and _is_finetune_checkpoint(path):
+        module = FinetuneModule.load_from_checkpoint(path, map_location="cpu", export=False, **overrides)
+    else:
+        module = FinetuneModule(backbone=str(path), method="full", export=False, **overrides)
+    return module.eval()
+
+
+def _is_finetune_checkpoint(path: Path) -> bool:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    class_path = (ckpt.get("practicum") or {}).get("class_path", "")
+    return class_path.endswith("FinetuneModule") or "method" in ckpt.get("hyper_parameters", {})
