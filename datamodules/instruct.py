@@ -115,11 +115,11 @@ class PadCollator:
 
 
 def pack(examples: list[tuple[list[int], list[int]]], length: int) -> list[tuple[list[int], list[int]]]:
-    """Concatenate examples and cut into full blocks of `length` (the tail shorter than a block
-    is dropped). Labels travel with their tokens, so prompt masking survives packing."""
+    """Concatenate examples and cut into blocks of `length`; the last block may be shorter (the
+    collator pads it). Labels travel with their tokens, so prompt masking survives packing."""
     ids = [t for e in examples for t in e[0]]
     lab = [t for e in examples for t in e[1]]
-    return [(ids[i : i + length], lab[i : i + length]) for i in range(0, len(ids) - length + 1, length)]
+    return [(ids[i : i + length], lab[i : i + length]) for i in range(0, len(ids), length)]
 
 
 class InstructDataModule(LightningDataModule):

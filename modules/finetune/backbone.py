@@ -171,7 +171,7 @@ def pretrained_base(config_path: str, cache_dir: str | Path) -> str:
     parser.add_subclass_arguments(L.LightningDataModule, "data")
     cfg = parser.parse_string(text)
     L.seed_everything(cfg.seed_everything, workers=True)
-    objs = parser.instantiate_classes(cfg)
+    objs = parser.instantiate(cfg)
     trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if k not in ("logger", "callbacks")}
     trainer = L.Trainer(
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -149,6 +149,7 @@ class FinetuneModule(L.LightningModule):
         if self.kind == "hf" and hasattr(self.backbone, "config"):
             self.backbone.config.use_cache = False  # no KV cache while training
 
+        self.backbone.train()  # from_pretrained hands models back in eval mode
         n_total = sum(p.numel() for p in self.backbone.parameters())
         self.n_trainable = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
         self.n_total = n_total
