@@ -1,0 +1,401 @@
+"""Thin LightningModules around the NumPy cores and around scikit-learn, for one pipeline.
+
+None of these modules owns a torch parameter. Lightning runs them under manual optimization
+with `configure_optimizers` returning None, which gives Lightning's no-op stand-in optimizer;
+each training batch is run as that optimizer's step closure, so `trainer.global_step`,
+`max_steps` and step-based logging count NumPy steps like any other step.
+
+Timing keys: `perf/fit_time_s` is the wall time spent fitting (all gradient steps, or storing
+the training set, or scikit-learn's `fit`), `perf/predict_time_s` the wall time of predicting
+the whole validation split at the last validation.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import time
+from typing import Any, Callable
+
+import lightning as L
+import numpy as np
+import torch
+
+from modules.classics.knn import KNNClassifier, KNNConfig
+from modules.classics.logreg import LogisticRegression, LogRegConfig
+
+_EPS = np.finfo(np.float64).eps
+
+
+def _train_size(trainer: L.Trainer | None) -> int | None:
+    """Rows in the datamodule's training split, when it can tell without training."""
+    dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+    if dm is None:
+        return None
+    try:
+        return len(dm.train_dataloader().dataset)
+    except Exception:  # a datamodule without a sized training set: check at fit time instead
+        return None
+
+
+class _NumpyClassifierModule(L.LightningModule):
+    """What the classics share: NumPy batches, manual steps, timed and scored evaluation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.fit_time_s = 0.0
+        self.predict_time_s = 0.0
+        # fit-once models (KNN, scikit-learn) collect the training split here, then fit
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def configure_optimizers(self) -> None:
+        return None  # no torch parameters: Lightning substitutes a no-op optimizer
+
+    @staticmethod
+    def _numpy(batch: Any) -> tuple[np.ndarray, np.ndarray]:
+        x, y = batch
+        to_np = (lambda t: t.numpy(force=True)) if isinstance(x, torch.Tensor) else np.asarray
+        return to_np(x), to_np(y)
+
+    def _counted_step(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` as the closure of the optimizer step so Lightning counts one step."""
+        out: dict[str, Any] = {}
+
+        def closure() -> None:
+            out["value"] = fn()
+
+        self.optimizers().step(closure=closure)
+        return out.get("value")
+
+    # ----- hooks the subclasses fill -------------------------------------------------
+    @property
+    def fitted(self) -> bool:
+        raise NotImplementedError
+
+    def _fit_pending(self, X: np.ndarray, y: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Predicted labels (n,) and log-probabilities (n, K), or None when not meaningful."""
+        raise NotImplementedError
+
+    # ----- fit-once plumbing ---------------------------------------------------------
+    def _collect(self, batch: Any) -> None:
+        X, y = self._numpy(batch)
+        t = time.perf_counter()
+        self._counted_step(lambda: self._pending.append((X.copy(), y.copy())))
+        self.fit_time_s += time.perf_counter() - t
+
+    def _finish_fit(self) -> None:
+        if not self._pending:
+            return
+        X = np.concatenate([p[0] for p in self._pending])
+        y = np.concatenate([p[1] for p in self._pending])
+        self._pending = []
+        t = time.perf_counter()
+        self._fit_pending(X, y)
+        self.fit_time_s += time.perf_counter() - t
+
+    # ----- evaluation ----------------------------------------------------------------
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        if not self.fitted:
+            return  # the sanity check runs before a fit-once model has seen data
+        X, y = self._numpy(batch)
+        t = time.perf_counter()
+        pred, logp = self._predict(X)
+        self.predict_time_s += time.perf_counter() - t
+        n = len(y)
+        self.log(f"{stage}/acc", float(np.mean(pred == y)), on_epoch=True, batch_size=n, sync_dist=True)
+        if logp is not None:
+            loss = float(-np.mean(logp[np.arange(n), y]))
+            self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=n, sync_dist=True)
+
+    def on_train_epoch_start(self) -> None:
+        self._pending = []
+
+    def on_validation_epoch_start(self) -> None:
+        self._finish_fit()  # Lightning validates before on_train_epoch_end
+        self.predict_time_s = 0.0
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking and self.fitted:
+            self.log("perf/predict_time_s", self.predict_time_s)
+
+    def on_train_epoch_end(self) -> None:
+        self._finish_fit()
+        self.log("perf/fit_time_s", self.fit_time_s)
+
+    def on_test_epoch_start(self) -> None:
+        self._finish_fit()
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        if not self.fitted:
+            raise RuntimeError(f"{type(self).__name__} was tested before it was fitted: run fit first")
+        self._evaluate(batch, "test")
+
+
+class LogisticRegressionModule(_NumpyClassifierModule):
+    """NumPy logistic regression: one hand-derived gradient step per training batch.
+
+    Args:
+        penalty: "l2", "l1" (proximal step) or "none".
+        lam: Penalty strength lambda; scikit-learn's equivalent is C = 1 / (lam * n_train).
+        lr: Gradient-descent step size.
+        n_features: Input dimension; None reads `num_features` from the datamodule.
+        n_classes: Number of classes; None reads `num_classes` from the datamodule.
+    """
+
+    def __init__(
+        self,
+        penalty: str = "l2",
+        lam: float = 1e-3,
+        lr: float = 0.1,
+        n_features: int | None = None,
+        n_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        # validate the hyper-parameters now; the sizes may only be known from the data
+        LogRegConfig(n_features=n_features or 1, n_classes=n_classes or 2, penalty=penalty, lam=lam, lr=lr)
+        self.core: LogisticRegression | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.core is not None:
+            return
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        d = self.hparams.n_features or getattr(dm, "num_features", None)
+        k = self.hparams.n_classes or getattr(dm, "num_classes", None)
+        if d is None or k is None:
+            raise ValueError(
+                "n_features and n_classes are unknown: set model.init_args.n_features/n_classes "
+                "or use a datamodule with num_features/num_classes (e.g. TabularDataModule)"
+            )
+        h = self.hparams
+        self.core = LogisticRegression(LogRegConfig(d, k, h.penalty, h.lam, h.lr))
+
+    @property
+    def fitted(self) -> bool:
+        return self.core is not None
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        X, y = self._numpy(batch)
+        t = time.perf_counter()
+        loss = self._counted_step(lambda: self.core.step(X, y))
+        self.fit_time_s += time.perf_counter() - t
+        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=len(y))
+        self.log("classics/objective", loss + self.core.penalty_value(), on_step=True, batch_size=len(y))
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        self.log("classics/weight_sparsity", float(np.mean(self.core.W == 0.0)))
+
+    def _predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logp = self.core.log_proba(X)
+        return np.argmax(logp, axis=1), logp
+
+    def param_count(self) -> int:
+        return 0 if self.core is None else self.core.param_count()
+
+    def memory_ledger(self) -> dict[str, int]:
+        c = self.core
+        if c is None:
+            return {"params_bytes": 0, "grads_bytes": 0, "optimizer_bytes": 0, "activations_bytes": 0}
+        return {
+            "params_bytes": c.W.nbytes + c.b.nbytes,
+            "grads_bytes": c.dW.nbytes + c.db.nbytes,
+            "optimizer_bytes": 0,  # plain gradient descent keeps no state
+            "activations_bytes": c.activation_bytes,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        c = self.core
+        checkpoint["classics"] = {
+            "n_features": c.config.n_features,
+            "n_classes": c.config.n_classes,
+            "W": torch.from_numpy(c.W.copy()),
+            "b": torch.from_numpy(c.b.copy()),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        s, h = checkpoint["classics"], self.hparams
+        self.core = LogisticRegression(LogRegConfig(s["n_features"], s["n_classes"], h.penalty, h.lam, h.lr))
+        self.core.W, self.core.b = s["W"].numpy().copy(), s["b"].numpy().copy()
+
+
+class KNNModule(_NumpyClassifierModule):
+    """NumPy k-NN: the training epoch stores the training split, validation/test predict.
+
+    Run it for one epoch (`trainer.max_epochs: 1`); a new epoch stores the split anew.
+
+    Args:
+        k: Number of neighbours.
+        weights: "uniform" or "distance".
+        batch_size: Query rows per distance block (bounds memory to batch_size * n_train floats).
+    """
+
+    def __init__(self, k: int = 5, weights: str = "uniform", batch_size: int = 256) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.core = KNNClassifier(KNNConfig(k=k, weights=weights, batch_size=batch_size))
+        self._n_classes: int | None = None
+
+    def setup(self, stage: str) -> None:
+        n = _train_size(self._trainer)
+        if n is not None and self.hparams.k > n:
+            raise ValueError(f"k={self.hparams.k} exceeds the training set size {n}: choose k <= {n}")
+        self._n_classes = getattr(getattr(self._trainer, "datamodule", None), "num_classes", None)
+
+    @property
+    def fitted(self) -> bool:
+        return self.core.X is not None
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        self._collect(batch)
+
+    def _fit_pending(self, X: np.ndarray, y: np.ndarray) -> None:
+        classes = np.arange(self._n_classes) if self._n_classes else None
+        self.core.fit(X, y, classes=classes)
+
+    def _predict(self, X: np.ndarray) -> tuple[np.ndarray, None]:
+        return self.core.predict(X), None  # vote shares are no calibrated probabilities
+
+    def param_count(self) -> int:
+        # k-NN's fitted state is the stored training set itself
+        return 0 if self.core.X is None else int(self.core.X.size + self.core.y.size)
+
+    def memory_ledger(self) -> dict[str, int]:
+        stored = 0 if self.core.X is None else self.core.X.nbytes + self.core.y.nbytes
+        return {"params_bytes": stored, "grads_bytes": 0, "optimizer_bytes": 0, "activations_bytes": self.core.block_bytes}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        c = self.core
+        if c.X is None:
+            return  # nothing stored yet
+        checkpoint["classics"] = {
+            "X": torch.from_numpy(c.X),
+            "y": torch.from_numpy(c.classes_[c.y]),
+            "classes": torch.from_numpy(c.classes_),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        s = checkpoint.get("classics")
+        if s is None:
+            return
+        self.core.fit(s["X"].numpy(), s["y"].numpy(), classes=s["classes"].numpy())
+
+
+def _import_class(path: str, field: str) -> type:
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"{field}={path!r} is not an importable class path (e.g. sklearn.linear_model.LogisticRegression)") from e
+    if not isinstance(cls, type) or not hasattr(cls, "fit") or not hasattr(cls, "predict"):
+        raise ValueError(f"{field}={path!r} is not an estimator class with fit and predict")
+    return cls
+
+
+class SklearnModule(_NumpyClassifierModule):
+    """A scikit-learn classifier fitted once on the training split, scored like the others.
+
+    Args:
+        estimator: Class path, e.g. "sklearn.linear_model.LogisticRegression" or
+            "sklearn.neighbors.KNeighborsClassifier".
+        estimator_kwargs: Keyword arguments of the estimator.
+        equivalent_lam: If set, C = 1 / (equivalent_lam * n_train) at fit time: the C that makes
+            scikit-learn's objective C * sum(loss) + R(w) the same problem as the NumPy
+            model's mean(loss) + lam * R(w).
+        log_loss: Also log cross-entropy from predict_proba (train/loss, val/loss, test/loss);
+            turn off for estimators whose probabilities are vote shares (k-NN).
+    """
+
+    def __init__(
+        self,
+        estimator: str = "sklearn.linear_model.LogisticRegression",
+        estimator_kwargs: dict[str, Any] | None = None,
+        equivalent_lam: float | None = None,
+        log_loss: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        cls = _import_class(estimator, "estimator")
+        try:
+            self.estimator = cls(**(estimator_kwargs or {}))
+        except TypeError as e:
+            raise ValueError(f"estimator_kwargs do not fit {estimator}: {e}") from e
+        if equivalent_lam is not None:
+            if not np.isfinite(equivalent_lam) or equivalent_lam <= 0:
+                raise ValueError(f"equivalent_lam must be a finite number > 0, got {equivalent_lam}")
+            if "C" not in self.estimator.get_params():
+                raise ValueError(f"equivalent_lam needs an estimator with a C parameter; {estimator} has none")
+        if log_loss and not hasattr(self.estimator, "predict_proba"):
+            raise ValueError(f"log_loss=True needs predict_proba, which {estimator} lacks: set log_loss: false")
+        self._fitted = False
+
+    def setup(self, stage: str) -> None:
+        k = self.estimator.get_params().get("n_neighbors")
+        n = _train_size(self._trainer)
+        if k is not None and n is not None and k > n:
+            raise ValueError(f"estimator_kwargs.n_neighbors={k} exceeds the training set size {n}")
+
+    @property
+    def fitted(self) -> bool:
+        return self._fitted
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        self._collect(batch)
+
+    def _fit_pending(self, X: np.ndarray, y: np.ndarray) -> None:
+        if self.hparams.equivalent_lam is not None:
+            self.estimator.set_params(C=1.0 / (self.hparams.equivalent_lam * len(y)))
+        self.estimator.fit(X, y)
+        self._fitted = True
+        if self.hparams.log_loss:
+            self._train_loss = float(-np.mean(self._logp(X)[np.arange(len(y)), np.searchsorted(self.estimator.classes_, y)]))
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        if self.hparams.log_loss and self._fitted:
+            self.log("train/loss", self._train_loss)
+
+    def _logp(self, X: np.ndarray) -> np.ndarray:
+        # clipped like sklearn.metrics.log_loss so a zero probability costs -log(eps), not inf
+        return np.log(np.clip(self.estimator.predict_proba(X), _EPS, 1.0))
+
+    def _predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if not self.hparams.log_loss:
+            return self.estimator.predict(X), None
+        logp = self._logp(X)
+        # columns follow classes_; map back so labels absent from training cannot shift them
+        return self.estimator.classes_[np.argmax(logp, axis=1)], self._full_logp(logp)
+
+    def _full_logp(self, logp: np.ndarray) -> np.ndarray:
+        classes = self.estimator.classes_
+        k = int(classes.max()) + 1
+        full = np.full((logp.shape[0], k), np.log(_EPS))
+        full[:, classes] = logp
+        return full
+
+    def _fitted_arrays(self) -> list[np.ndarray]:
+        return [v for v in vars(self.estimator).values() if isinstance(v, np.ndarray)]
+
+    def param_count(self) -> int:
+        return sum(a.size for a in self._fitted_arrays()) if self._fitted else 0
+
+    def memory_ledger(self) -> dict[str, int]:
+        # scikit-learn's working memory is not observable from outside; its fitted arrays are
+        stored = sum(a.nbytes for a in self._fitted_arrays()) if self._fitted else 0
+        return {"params_bytes": stored, "grads_bytes": 0, "optimizer_bytes": 0, "activations_bytes": 0}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._fitted:
+            checkpoint["classics"] = {"estimator_pickle": pickle.dumps(self.estimator)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "classics" in checkpoint:
+            self.estimator = pickle.loads(checkpoint["classics"]["estimator_pickle"])
+            self._fitted = True
