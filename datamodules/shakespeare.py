@@ -83,7 +83,7 @@ def play_to_text(markdown: str) -> str:
             in_direction = not (len(line) > 1 and line.endswith(("_", "*", "]")))
             continue
         line = _INLINE_DIRECTION.sub("", line)
-        line = line.replace("\\", "").replace("_", "").replace("*", "").strip()
+        line = re.sub(r" {2,}", " ", line.replace("\\", "").replace("_", "").replace("*", "")).strip()
         if line and out:  # verse only after the first speaker
             out.append(line)
     return "\n".join(out) + "\n"
@@ -163,8 +163,8 @@ class ShakespeareDataModule(L.LightningDataModule):
             path: For tinyshakespeare, a local copy of the text (any text file works); without it
                 the file is downloaded once into cache_dir and its md5 checked.
             cache_dir: Download cache; default $PRACTICUM_CACHE or ~/.cache/practicum.
-            tokenizer: "char" (vocabulary from the training text), "byte" (256) or "bpe"
-                (byte-level BPE trained on the training text).
+            tokenizer: "char" (one id per character of the corpus, as nanoGPT), "byte" (256) or
+                "bpe" (byte-level BPE trained on the training text).
             bpe_vocab_size: Vocabulary size of the BPE tokenizer.
             block_size: Window length T in tokens.
             batch_size: Windows per training batch on each device.
@@ -187,7 +187,8 @@ class ShakespeareDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be a positive integer, got {value}")
         if not 0.0 < train_frac < 1.0:
             raise ValueError(f"train_frac must be in (0, 1), got {train_frac}")
-        self.save_hyperparameters()
+        # no save_hyperparameters(): Lightning would refuse to merge block_size with the model's
+        # (None until setup); the pipeline logs the resolved config anyway.
         self.corpus, self.path, self.tokenizer_kind = corpus, path, tokenizer
         self.bpe_vocab_size, self.block_size, self.batch_size = bpe_vocab_size, block_size, batch_size
         self.val_windows, self.val_batch_size = val_windows, val_batch_size or batch_size
@@ -226,7 +227,11 @@ class ShakespeareDataModule(L.LightningDataModule):
         text = self.load_text()
         n = int(len(text) * self.train_frac)
         train_text, val_text = text[:n], text[n:]
-        self.tokenizer = train_tokenizer(self.tokenizer_kind, train_text, self.bpe_vocab_size)
+        # BPE merges are learned from the training text only; the character vocabulary is the
+        # set of characters of the whole text, as nanoGPT's prepare.py does, so a validation
+        # character never seen in training still encodes (it carries no statistics).
+        source = text if self.tokenizer_kind == "char" else train_text
+        self.tokenizer = train_tokenizer(self.tokenizer_kind, source, self.bpe_vocab_size)
         self.train_data = torch.tensor(self.tokenizer.encode(train_text), dtype=torch.long)
         self.val_data = torch.tensor(self.tokenizer.encode(val_text), dtype=torch.long)
         for split, data in (("train", self.train_data), ("val", self.val_data)):

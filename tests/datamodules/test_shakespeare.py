@@ -1,0 +1,152 @@
+"""ShakespeareDataModule: corpora, tokenizers, the step-seeded batch stream, fixed validation."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import datamodules.shakespeare as sh
+from datamodules.shakespeare import RandomWindowBatches, ShakespeareDataModule, play_to_text
+from modules.gpt.tokenizer import tokenizer_from_state, train_tokenizer
+
+TINY = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "tinyshakespeare.txt"
+SAMPLE = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak. Ünïcødé — ok?\n"
+
+
+def tiny_dm(**kw) -> ShakespeareDataModule:
+    args = dict(corpus="tinyshakespeare", path=str(TINY), max_chars=20_000, block_size=16, batch_size=4, val_windows=10)
+    args.update(kw)
+    return ShakespeareDataModule(**args)
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe"])
+def test_tokenizers_round_trip_and_serialise(kind):
+    text = TINY.read_text()[:30_000] + SAMPLE
+    tok = train_tokenizer(kind, text, bpe_vocab_size=300)
+    ids = tok.encode(SAMPLE)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == SAMPLE
+    again = tokenizer_from_state(tok.state_dict())
+    assert again.vocab_size == tok.vocab_size and again.encode(SAMPLE) == ids
+    if kind == "bpe":
+        assert len(ids) < len(SAMPLE.encode())  # merges happened: fewer tokens than bytes
+
+
+def test_char_tokenizer_names_unseen_character():
+    tok = train_tokenizer("char", "abc")
+    with pytest.raises(ValueError, match="'z'.*byte"):
+        tok.encode("abz")
+
+
+def test_tinyshakespeare_split_matches_nanogpt():
+    dm = tiny_dm(max_chars=None)
+    dm.setup()
+    # nanoGPT's shakespeare_char prepare.py: 65 characters, 1,003,854 train / 111,540 val tokens
+    assert dm.tokenizer.vocab_size == 65
+    assert (len(dm.train_data), len(dm.val_data)) == (1_003_854, 111_540)
+
+
+def test_play_markdown_becomes_speaker_lines():
+    md = (
+        "# Othello\n\n## ACT I\n\n### SCENE I. Venice.\n\n_Enter RODERIGO and IAGO,\nwith torches_\n\n"
+        "**RODERIGO**  \nTush! never tell me;  \nI take it _\\[Aside]_ unkindly  \n\n_Exit_\n\n"
+        "**IAGO**  \n'Sblood, but you will not hear me:\n"
+    )
+    assert play_to_text(md) == "RODERIGO:\nTush! never tell me;\nI take it unkindly\n\nIAGO:\n'Sblood, but you will not hear me:\n"
+
+
+def test_plays_corpus_is_plain_text():
+    text = sh.load_plays()
+    assert len(text) > 4_000_000  # 38 plays
+    assert "HAMLET:\n" in text and "To be, or not to be" in text
+    for mark in ("**", "##", "_", "\\["):
+        assert mark not in text
+
+
+def test_batch_is_pure_function_of_seed_and_step():
+    data = torch.arange(1000)
+    a = RandomWindowBatches(data, 8, 4, seed=1)
+    b = RandomWindowBatches(data, 8, 4, seed=1)
+    x, y = a.batch(7)
+    assert torch.equal(x, b.batch(7)[0])
+    assert not torch.equal(x, a.batch(8)[0])
+    assert not torch.equal(x, RandomWindowBatches(data, 8, 4, seed=2).batch(7)[0])
+    # windows are contiguous and y is x shifted by one token
+    assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(4, 7, dtype=torch.long))
+    assert torch.equal(y, x + 1)
+
+
+def test_ranks_split_the_global_batch():
+    data = torch.randperm(5000)
+    single = RandomWindowBatches(data, 8, 6, seed=3).batch(11)[0]  # one process, global batch 6
+    parts = [RandomWindowBatches(data, 8, 3, seed=3, rank=r, world_size=2).batch(11)[0] for r in range(2)]
+    assert torch.equal(torch.cat(parts), single)
+
+
+def test_train_loader_resumes_at_global_step():
+    dm = tiny_dm()
+    dm.setup()
+    fresh = iter(dm.train_dataloader())
+    stream = [next(fresh)[0] for _ in range(6)]
+    dm.trainer = SimpleNamespace(global_step=4, global_rank=0, world_size=1)
+    resumed = next(iter(dm.train_dataloader()))[0]
+    assert torch.equal(resumed, stream[4])
+
+
+def test_workers_keep_step_order():
+    dm = tiny_dm(num_workers=2)
+    dm.setup()
+    it = iter(dm.train_dataloader())
+    got = [next(it)[0] for _ in range(4)]
+    for s, x in enumerate(got):
+        assert torch.equal(x, dm.train_dataset().batch(s)[0])
+
+
+def test_validation_windows_fixed_and_fingerprint():
+    a, b = tiny_dm(), tiny_dm()
+    a.setup(), b.setup()
+    assert torch.equal(a.val_windows_tensor()[0], b.val_windows_tensor()[0])
+    assert a.fingerprint() == b.fingerprint() and len(a.fingerprint()) == 64
+    c = tiny_dm(tokenizer="byte")
+    c.setup()
+    assert c.fingerprint() != a.fingerprint()
+    batches = list(a.val_dataloader())
+    assert sum(x.size(0) for x, _ in batches) == 10
+
+
+def test_download_checks_md5(tmp_path, monkeypatch):
+    def fake_fetch(url, dest):
+        assert url == sh.TINYSHAKESPEARE_URL
+        Path(dest).write_bytes(TINY.read_bytes())
+
+    monkeypatch.setattr(sh.urllib.request, "urlretrieve", fake_fetch)
+    dm = ShakespeareDataModule(corpus="tinyshakespeare", cache_dir=str(tmp_path), max_chars=5000, block_size=8)
+    dm.prepare_data()
+    assert (tmp_path / "tinyshakespeare" / "input.txt").is_file()
+    dm.setup()
+    monkeypatch.setattr(sh.urllib.request, "urlretrieve", lambda url, dest: Path(dest).write_text("corrupt"))
+    with pytest.raises(ValueError, match="md5"):
+        sh.download_tinyshakespeare(tmp_path / "other")
+
+
+@pytest.mark.parametrize(
+    "kw, err, match",
+    [
+        (dict(corpus="tiny"), ValueError, "corpus must be one of"),
+        (dict(tokenizer="word"), ValueError, "tokenizer must be one of"),
+        (dict(path="x.txt", corpus="shakespeare-plays"), ValueError, "only read for corpus='tinyshakespeare'"),
+        (dict(batch_size=0), ValueError, "batch_size"),
+        (dict(train_frac=1.0), ValueError, "train_frac"),
+    ],
+)
+def test_bad_arguments_are_named(kw, err, match):
+    with pytest.raises(err, match=match):
+        tiny_dm(**kw)
+
+
+def test_missing_path_and_short_text(tmp_path):
+    with pytest.raises(FileNotFoundError, match="path="):
+        tiny_dm(path=str(tmp_path / "nope.txt")).setup()
+    with pytest.raises(ValueError, match="too few for block_size"):
+        tiny_dm(max_chars=100, block_size=64).setup()
