@@ -235,7 +235,9 @@ class GPTModule(L.LightningModule):
             self._log_sample(f"samples/step_{self.global_step:06d}.txt")
 
     def on_fit_start(self) -> None:
-        metrics = {"params/active": float(self.model.num_active_params()),
+        # params/active counts embeddings like the pipeline's params/total; the FLOPs estimate
+        # uses the non-embedding count, as in Kaplan et al.
+        metrics = {"params/active": float(self.model.num_active_params(non_embedding=False)),
                    "gpt/flops_per_token": float(self.model.flops_per_token())}
         if self.trainer.is_global_zero:
             for logger in self.trainer.loggers:

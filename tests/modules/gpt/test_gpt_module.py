@@ -1,0 +1,113 @@
+"""GPTModule through the real pipeline into a temporary MLflow store, plus its schedule and optimizer."""
+
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from datamodules.shakespeare import ShakespeareDataModule
+from modules.gpt.module import GPTModule, cosine_lr
+from pipelines.cli import main as practicum
+from pipelines.run import run_experiment
+
+TINY = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "tinyshakespeare.txt"
+CONFIG = Path(__file__).resolve().parents[3] / "configs" / "gpt" / "shakespeare_char_cpu.yaml"
+SMALL = [
+    f"--data.init_args.path={TINY}", "--data.init_args.max_chars=20000", "--data.init_args.block_size=16",
+    "--data.init_args.batch_size=4", "--data.init_args.val_windows=8",
+    "--model.init_args.n_layer=1", "--model.init_args.n_head=2", "--model.init_args.n_embd=16",
+    "--model.init_args.warmup_steps=2", "--model.init_args.lr_decay_steps=6", "--model.init_args.sample_tokens=10",
+    "--trainer.max_steps=6", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=2",
+    "--system_metrics=false",
+]
+
+
+def test_cosine_lr_matches_nanogpt_schedule():
+    kw = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, decay_steps=110)
+    assert cosine_lr(0, **kw) == pytest.approx(1e-3 / 11)
+    assert cosine_lr(9, **kw) == pytest.approx(1e-3 * 10 / 11)
+    assert cosine_lr(10, **kw) == pytest.approx(1e-3)
+    assert cosine_lr(60, **kw) == pytest.approx((1e-3 + 1e-4) / 2)  # half-way down the cosine
+    assert cosine_lr(110, **kw) == pytest.approx(1e-4)
+    assert cosine_lr(500, **kw) == 1e-4
+
+
+def test_optimizer_decays_only_matrices_and_follows_schedule():
+    m = GPTModule(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=8, warmup_steps=2, lr_decay_steps=10)
+    cfg = m.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([cosine_lr(s, 1e-3, 1e-4, 2, 10) for s in range(12)])
+
+
+def test_module_rejects_mismatched_data():
+    dm = ShakespeareDataModule(corpus="tinyshakespeare", path=str(TINY), max_chars=5000, block_size=16)
+    dm.setup()
+    m = GPTModule(vocab_size=99, n_layer=1, n_head=2, n_embd=8)
+    m._trainer = type("T", (), {"datamodule": dm})()
+    with pytest.raises(ValueError, match="vocab_size=99"):
+        m.setup("fit")
+    m = GPTModule(block_size=8, n_layer=1, n_head=2, n_embd=8)
+    m._trainer = type("T", (), {"datamodule": dm})()
+    with pytest.raises(ValueError, match="block_size=16 exceeds"):
+        m.setup("fit")
+    with pytest.raises(ValueError, match="min_lr"):
+        GPTModule(lr=1e-4, min_lr=1e-3)
+    with pytest.raises(ValueError, match="divisible by n_head"):
+        GPTModule(n_embd=10, n_head=4)
+
+
+def test_pipeline_run_logs_and_generate_round_trip(tracking_uri, capsys):
+    res = run_experiment(CONFIG, SMALL, tracking_uri=tracking_uri)
+    assert res.status == "FINISHED", res.error
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.get_run(res.run_id)
+    m = run.data.metrics
+    assert run.data.tags["practicum.project"] == "gpt"
+    assert math.isclose(m["val/ppl"], math.exp(m["val/loss"]), rel_tol=1e-4)
+    assert m["val/loss"] < math.log(65)  # it learned something in 6 steps
+    assert m["perf/tokens_per_s"] > 0 and m["params/active"] == m["params/total"]
+    assert m["gpt/flops_per_token"] > 6 * m["params/active"] / 2
+    history = client.get_metric_history(res.run_id, "train/loss")
+    assert [h.step for h in history] == [1, 3, 5]  # every log_every_n_steps=2 steps
+    dm = ShakespeareDataModule(corpus="tinyshakespeare", path=str(TINY), max_chars=20000, block_size=16)
+    dm.setup()
+    assert run.data.params["data.fingerprint"] == dm.fingerprint()
+    files = {a.path for a in client.list_artifacts(res.run_id, "samples")}
+    assert {"samples/step_000003.txt", "samples/step_000006.txt", "samples/final.txt"} <= files
+
+    # the checkpoint alone rebuilds model and tokenizer: practicum generate from the run id
+    capsys.readouterr()
+    assert practicum(["generate", res.run_id, "--prompt", "ROMEO:", "--max_new_tokens", "20", "--seed", "3",
+                      "--tracking_uri", tracking_uri]) == 0
+    text = capsys.readouterr().out.rstrip("\n")
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 20
+    loaded = GPTModule.load_from_checkpoint(res.checkpoint, map_location="cpu")
+    assert loaded.tokenizer.state_dict() == dm.tokenizer.state_dict()
+    assert loaded.generate_text("ROMEO:", 20, temperature=0.8, seed=3) == text
+    assert loaded.generate_text("ROMEO:", 20, temperature=0.8, seed=4) != text
+
+
+def test_pipeline_moe_run_logs_routing(tracking_uri):
+    args = SMALL + ["--model.init_args.ffn=moe", "--model.init_args.n_experts=4", "--model.init_args.expert_hidden=32"]
+    res = run_experiment(CONFIG, args, tracking_uri=tracking_uri)
+    assert res.status == "FINISHED", res.error
+    client = mlflow.MlflowClient(tracking_uri)
+    m = client.get_run(res.run_id).data.metrics
+    for key in ("moe/aux_loss", "moe/z_loss", "moe/load_cv", "moe/dropped_frac", "moe/layer0/expert3_frac"):
+        assert key in m
+    assert m["moe/aux_loss"] >= 1.0 - 1e-4  # Switch loss is >= 1, equal only at perfect balance
+    fracs = sum(m[f"moe/layer0/expert{e}_frac"] for e in range(4))
+    assert fracs == pytest.approx(1.0, abs=1e-5)
+    assert m["params/active"] < m["params/total"]  # 2 of 4 experts per token
+    assert "moe/expert_utilization.png" in {a.path for a in client.list_artifacts(res.run_id, "moe")}
