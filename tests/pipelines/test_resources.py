@@ -1,0 +1,76 @@
+"""The memory ledger on a known tiny model, against a hand computation."""
+
+import torch
+from lightning import LightningModule, Trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from pipelines.resources import ActivationMeter, ResourceMonitor, grad_bytes, optimizer_bytes, parameter_ledger
+
+
+class Tiny(LightningModule):
+    def __init__(self, frozen_first: bool = False):
+        super().__init__()
+        self.a = nn.Linear(3, 5)  # 15 + 5 params
+        self.b = nn.Linear(5, 2, bias=False)  # 10 params
+        if frozen_first:
+            self.a.requires_grad_(False)
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.mse_loss(self.b(torch.relu(self.a(x))), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+
+
+def _fit(model, batch_size):
+    ds = TensorDataset(torch.randn(64, 3), torch.randn(64, 2))
+    mon = ResourceMonitor(warmup_steps=1)
+    Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[mon]).fit(model, DataLoader(ds, batch_size=batch_size))
+    return mon.summary
+
+
+def test_ledger_equals_hand_computation():
+    s = _fit(Tiny(), 8)
+    n = 15 + 5 + 10
+    assert s["params/total"] == s["params/trainable"] == n
+    assert s["mem/params_bytes"] == 4 * n
+    assert s["mem/grads_bytes"] == 4 * n
+    # Adam keeps exp_avg and exp_avg_sq per parameter (float32) and a float32 step per tensor
+    assert s["mem/optimizer_bytes"] == 2 * 4 * n + 4 * 3
+
+
+def test_frozen_parameters_have_no_grads_or_state():
+    s = _fit(Tiny(frozen_first=True), 8)
+    assert s["params/trainable"] == 10 and s["mem/params_frozen_bytes"] == 4 * 20
+    assert s["mem/grads_bytes"] == 4 * 10 and s["mem/optimizer_bytes"] == 2 * 4 * 10 + 4
+
+
+def test_activation_bytes_positive_and_grow_with_batch():
+    small, big = _fit(Tiny(), 4)["mem/activations_bytes"], _fit(Tiny(), 16)["mem/activations_bytes"]
+    assert 0 < small < big
+
+
+def test_activation_meter_counts_each_storage_once_and_skips_parameters():
+    w = nn.Parameter(torch.randn(10, 10))
+    x = torch.randn(8, 10, requires_grad=True)
+    with ActivationMeter(exclude=[w]) as m:
+        h = x @ w  # saves x (and w, a parameter: excluded)
+        y = (h * h).sum()  # saves h twice: one storage
+    assert m.bytes == x.nbytes + h.nbytes
+    y.backward()
+
+
+def test_helpers_dedupe_tied_weights():
+    emb = nn.Embedding(7, 4)
+    head = nn.Linear(4, 7, bias=False)
+    head.weight = emb.weight  # weight tying: one storage
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    assert parameter_ledger(model)["mem/params_bytes"] == 7 * 4 * 4
+    model["head"](model["emb"](torch.tensor([1, 2]))).sum().backward()
+    assert grad_bytes(model) == 7 * 4 * 4
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt.step()
+    assert optimizer_bytes([opt]) == 7 * 4 * 4

@@ -1,0 +1,77 @@
+"""A two-variant study on the toy project, then `practicum compare` rebuilds the same table from MLflow."""
+
+import io
+import json
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipelines.cli import main
+from pipelines.compare import compare
+from pipelines.run import ConfigError
+from pipelines.study import load_study, run_study
+from tests.pipelines.test_run import TOY
+
+
+@pytest.fixture
+def study_file(tmp_path):
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(TOY))
+    study = {
+        "name": "toy-study",
+        "base": "toy.yaml",
+        "primary_metric": "train/loss",
+        "columns": ["train/loss", "val/loss", "params/total", "mem/params_bytes"],
+        "overrides": {"trainer.max_steps": 6},
+        "variants": {
+            "narrow": {"model.init_args.hidden": 4},
+            "wide": {"model.init_args.hidden": 32},
+            "broken": {"model.init_args.fail_at_step": 3},
+        },
+    }
+    p = tmp_path / "study.yaml"
+    p.write_text(yaml.safe_dump(study, sort_keys=False))
+    return p
+
+
+def test_study_runs_children_and_compare_matches(study_file, tracking_uri, capsys):
+    parent_id, df = run_study(study_file, ["--system_metrics=false"], tracking_uri)
+    assert list(df["variant"]) == ["narrow", "wide", "broken"]
+    assert list(df["status"]) == ["FINISHED", "FINISHED", "FAILED"]  # the failure did not stop the study
+    assert list(df.columns) == ["variant", "status", "train/loss", "val/loss", "params/total", "mem/params_bytes"]
+    narrow, wide = df.set_index("variant").loc[["narrow", "wide"], "params/total"]
+    assert (narrow, wide) == (4 * 4 + 4 + 4 + 1, 4 * 32 + 32 + 32 + 1)
+
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["practicum.study"] == "toy-study"
+    kids = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert sorted(r.data.tags["practicum.variant"] for r in kids) == ["broken", "narrow", "wide"]
+    assert all(r.data.params["trainer.max_steps"] == "6" for r in kids)
+    arts = {a.path for a in client.list_artifacts(parent_id)} | {a.path for a in client.list_artifacts(parent_id, "plots")}
+    assert {"comparison.csv", "comparison.md", "plots/train_loss.png", "plots/memory_throughput.png"} <= arts
+
+    # compare reads MLflow only and gives the same table
+    again = pd.read_csv(io.StringIO(compare("toy-study", tracking_uri, "csv")))
+    pd.testing.assert_frame_equal(again, pd.read_csv(io.StringIO(df.to_csv(index=False))))
+    rows = json.loads(compare("toy-study", tracking_uri, "json"))
+    assert [r["variant"] for r in rows] == ["narrow", "wide", "broken"]
+    assert main(["compare", "toy-study", "--format", "markdown", "--tracking_uri", tracking_uri]) == 0
+    assert "| narrow" in capsys.readouterr().out
+
+
+def test_study_file_errors_name_the_problem(tmp_path, study_file):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "base": "toy.yaml", "variantz": {}}))
+    with pytest.raises(ConfigError, match="unknown key.*variantz"):
+        load_study(bad)
+    bad.write_text(yaml.safe_dump({"name": "x", "base": "missing.yaml", "variants": {"a": {}}}))
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_study(bad)
+
+
+def test_compare_unknown_study_names_known_ones(study_file, tracking_uri, capsys):
+    run_study(study_file, ["--system_metrics=false"], tracking_uri, only=["narrow"])
+    assert main(["compare", "no-such-study", "--tracking_uri", tracking_uri]) == 2
+    assert "Known studies: toy-study" in capsys.readouterr().err
