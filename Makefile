@@ -1,0 +1,33 @@
+# Practicum: `make demo` and `make test` each set up .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test server ui clean
+
+# The studies `make demo` runs, each within minutes on a 2-core CPU, on data that ships with the packages.
+DEMO_STUDIES ?= $(wildcard configs/studies/numpy-vs-sklearn.yaml configs/studies/*-quick.yaml)
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@for s in $(DEMO_STUDIES); do echo "== practicum study $$s"; $(BIN)/practicum study $$s || exit 1; done
+	@echo; echo "Compare again any time: $(BIN)/practicum compare STUDY_NAME"; echo "Browse every run: $(BIN)/practicum ui  (then open http://127.0.0.1:5000)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+server: $(STAMP)
+	$(BIN)/python -m pipelines.server
+
+ui: $(STAMP)
+	$(BIN)/practicum ui
+
+clean:
+	rm -rf $(VENV) .pytest_cache

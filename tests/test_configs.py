@@ -1,0 +1,48 @@
+"""Every YAML under configs/ parses against the typed signatures and instantiates (no run, no network)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.run import load_experiment
+from pipelines.study import load_study
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL = sorted(ROOT.glob("configs/**/*.yaml"))
+STUDIES = [p for p in ALL if p.parent.name == "studies"]
+TRAINER_PRESETS = [p for p in ALL if p.parent.name == "trainer"]
+EXPERIMENTS = [p for p in ALL if p not in STUDIES and p not in TRAINER_PRESETS]
+
+
+def _id(p: Path) -> str:
+    return str(p.relative_to(ROOT / "configs"))
+
+
+def test_there_are_configs():
+    assert EXPERIMENTS and STUDIES
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=_id)
+def test_experiment_config_instantiates(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # configs may name files relative to the repository root
+    cli = load_experiment(path)
+    assert cli.model is not None
+    assert cli.config.model.class_path.startswith("modules.")
+    assert cli.config.data.class_path.startswith("datamodules.")
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=_id)
+def test_study_variants_instantiate(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    study = load_study(path)
+    for name in study.variants:
+        config, args = study.variant_config(name)
+        cli = load_experiment(config, args)
+        assert cli.model is not None, name
+
+
+@pytest.mark.parametrize("path", TRAINER_PRESETS, ids=_id)
+def test_trainer_preset_is_trainer_only(path):
+    cfg = yaml.safe_load(path.read_text())
+    assert set(cfg) <= {"trainer"}, f"{path}: a trainer preset holds only a trainer: section"
