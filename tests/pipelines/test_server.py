@@ -1,0 +1,304 @@
+"""The team tracking server (docker-compose.yml) as pipelines.server runs it: PostgreSQL + MLflow with auth.
+
+The first tests read the compose file and the image files without starting anything. The rest
+share one real stack on loopback (its own PostgreSQL cluster in a temporary folder, ``mlflow
+server`` with basic auth) and talk to it over HTTP, as a team member's ``practicum run`` would.
+Missing PostgreSQL binaries make those tests error with the install command, never skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import mlflow
+import pytest
+import requests
+import yaml
+from mlflow import MlflowClient
+from mlflow.server import get_app_client
+
+from pipelines import server as srv
+from pipelines.run import run_experiment
+
+COMPOSE = yaml.safe_load(srv.COMPOSE_FILE.read_text())
+DOCKER = srv.REPO / "docker" / "mlflow"
+
+
+def _env(**over) -> dict[str, str]:
+    # Only what .env would hold: the tests never read the developer's .env or shell.
+    env = {
+        "POSTGRES_PASSWORD": "pg-" + secrets.token_urlsafe(12),
+        "MLFLOW_ADMIN_PASSWORD": "admin-" + secrets.token_urlsafe(12),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        "MLFLOW_WORKERS": "2",  # two processes serve requests: enough to race, light on 2 cores
+    }
+    env.update(over)
+    return env
+
+
+# ---- the compose file and the image, without starting anything ---------------------------------
+
+
+def test_interpolation_follows_compose_rules():
+    env = {"SET": "x", "EMPTY": ""}
+    cases = {
+        "$$SET": "$SET", "$SET/${SET}": "x/x", "${UNSET:-d}": "d", "${EMPTY:-d}": "d", "${EMPTY-d}": "",
+        "${SET:-d}": "x", "${SET:+alt}": "alt", "${EMPTY:+alt}": "", "${EMPTY+alt}": "alt", "${UNSET}": "",
+    }
+    for text, expected in cases.items():
+        assert srv.interpolate(text, env) == expected, text
+    assert srv.interpolate({"a": ["${SET}", 5]}, env) == {"a": ["x", 5]}
+    with pytest.raises(ValueError, match="EMPTY is not set: fill it in"):
+        srv.interpolate("${EMPTY:?fill it in}", env)
+    assert srv.interpolate("${EMPTY?fill it in}", env) == ""  # without the colon, empty counts as set
+
+
+def test_loopback_command_is_the_compose_command_with_container_parts_swapped(tmp_path):
+    env = _env(POSTGRES_USER="team", POSTGRES_DB="runs")
+    server = srv.TrackingServer(tmp_path, env, port=5123)
+    argv, added = server.mlflow_command(db_port=6543)
+    compose_args = srv.interpolate(COMPOSE["services"]["mlflow"]["command"], env)
+    assert srv.get_option(compose_args, "--host") == "0.0.0.0"
+    expected = list(compose_args)
+    for flag, value in [("--host", "127.0.0.1"), ("--port", "5123"), ("--artifacts-destination", str(tmp_path / "artifacts")),
+                        ("--backend-store-uri", f"postgresql+psycopg2://team:{env['POSTGRES_PASSWORD']}@127.0.0.1:6543/runs")]:
+        expected[expected.index(flag) + 1] = value
+    assert argv[argv.index("server") + 1 :] == expected  # everything else exactly as in the compose file
+    assert srv.get_option(argv, "--app-name") == "basic-auth" and "--serve-artifacts" in argv
+    assert added["MLFLOW_AUTH_DATABASE_URI"] == srv.get_option(argv, "--backend-store-uri")
+    assert added["MLFLOW_AUTH_ADMIN_PASSWORD"] == env["MLFLOW_ADMIN_PASSWORD"]
+    assert added["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+
+
+def test_compose_pins_versions_and_binds_loopback():
+    services = COMPOSE["services"]
+    for name, svc in services.items():
+        image = svc["image"]
+        assert re.search(r":[^:]*\d", image) and "latest" not in image, f"{name}: unpinned image {image}"
+    assert services["postgres"]["healthcheck"]["test"][1].startswith("pg_isready")
+    assert "/health" in " ".join(services["mlflow"]["healthcheck"]["test"])
+    assert "pgdata" in COMPOSE["volumes"] and "mlartifacts" in COMPOSE["volumes"]
+    defaults = srv.interpolate(COMPOSE, _env())  # .env.example's values
+    for name, svc in defaults["services"].items():
+        for port in svc.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+    # One mlflow version everywhere: the image build arg, its tag, the Dockerfile default and this .venv.
+    version = services["mlflow"]["build"]["args"]["MLFLOW_VERSION"]
+    assert version == mlflow.__version__, "bump MLFLOW_VERSION in docker-compose.yml with the .venv's mlflow"
+    assert services["mlflow"]["image"].endswith(":" + version)
+    assert f"ARG MLFLOW_VERSION={version}" in (DOCKER / "Dockerfile").read_text()
+    assert "minio" in services and services["minio"]["profiles"] == ["s3"]
+
+
+def test_env_example_names_every_required_secret():
+    required = set(re.findall(r"\$\{([A-Z_]+):\?", json.dumps(COMPOSE)))  # values only, not comments
+    example = srv.read_dotenv(srv.REPO / ".env.example")
+    assert required == set(srv.GENERATED_SECRETS)
+    assert required <= set(example), f"missing from .env.example: {required - set(example)}"
+    assert all(example[k] == "" for k in required), "secrets in .env.example must stay empty"
+
+
+def test_container_entrypoint_renders_the_same_auth_config(tmp_path):
+    # Run the image's real entrypoint with stand-ins for `python` and `mlflow` on PATH.
+    env = _env()
+    server = srv.TrackingServer(tmp_path / "state", env, port=5000)
+    _, added = server.mlflow_command(db_port=5432)
+    server._write_auth_config(added)
+    local = Path(added["MLFLOW_AUTH_CONFIG_PATH"]).read_text()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    (bin_dir / "mlflow").write_text('#!/bin/sh\necho "$@" > "$ARGS_OUT"\n')
+    (bin_dir / "mlflow").chmod(0o755)
+    container_env = {**srv.interpolate(COMPOSE["services"]["mlflow"]["environment"], env),
+                     "PATH": f"{bin_dir}:/usr/bin:/bin", "ARGS_OUT": str(tmp_path / "args"),
+                     "MLFLOW_AUTH_CONFIG_TEMPLATE": str(DOCKER / "basic_auth.ini"),
+                     "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "container.ini")}
+    container_env["MLFLOW_AUTH_DATABASE_URI"] = added["MLFLOW_AUTH_DATABASE_URI"]  # same host as the local one
+    subprocess.run(["sh", str(DOCKER / "entrypoint.sh"), "--app-name", "basic-auth"], env=container_env, check=True)
+    assert (tmp_path / "container.ini").read_text() == local
+    assert (tmp_path / "args").read_text().split() == ["server", "--app-name", "basic-auth"]
+    assert f"database_uri = {added['MLFLOW_AUTH_DATABASE_URI']}" in local
+    assert oct((tmp_path / "container.ini").stat().st_mode)[-3:] == "600"
+
+
+def test_bad_settings_fail_early_naming_the_variable(tmp_path):
+    with pytest.raises(ValueError, match="POSTGRES_PASSWORD"):
+        srv.TrackingServer(tmp_path, _env(POSTGRES_PASSWORD="p@ss/word"))
+    with pytest.raises(ValueError, match="MLFLOW_ADMIN_PASSWORD must have at least 12"):
+        srv.TrackingServer(tmp_path, _env(MLFLOW_ADMIN_PASSWORD="short"))
+    with pytest.raises(ValueError, match="MLFLOW_FLASK_SERVER_SECRET_KEY is not set"):
+        srv.TrackingServer(tmp_path, _env(MLFLOW_FLASK_SERVER_SECRET_KEY=""))
+    with pytest.raises(FileNotFoundError, match=r"apt-get install -y postgresql-99"):
+        srv.postgres_bindir(99)
+
+
+def test_cli_generates_missing_secrets_once(tmp_path, monkeypatch):
+    for key in srv.GENERATED_SECRETS:
+        monkeypatch.delenv(key, raising=False)
+    first = srv.cli_env(tmp_path, dotenv=tmp_path / "absent.env")
+    again = srv.cli_env(tmp_path, dotenv=tmp_path / "absent.env")
+    assert all(len(first[k]) >= 24 and first[k] == again[k] for k in srv.GENERATED_SECRETS)
+    assert oct((tmp_path / "secrets.env").stat().st_mode)[-3:] == "600"
+    (tmp_path / "team.env").write_text("POSTGRES_PASSWORD='from-dotenv'  \n# a comment\n")
+    assert srv.cli_env(tmp_path, dotenv=tmp_path / "team.env")["POSTGRES_PASSWORD"] == "from-dotenv"
+
+
+# ---- a real stack -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server():
+    # Not pytest's tmp_path: as root, PostgreSQL runs as the postgres user, who cannot enter
+    # pytest's 0700 folders.
+    state = Path(tempfile.mkdtemp(prefix="practicum-server-"))
+    try:
+        with srv.TrackingServer(state, _env()) as s:
+            yield s
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
+def admin(server, monkeypatch):
+    for key, value in server.client_env().items():
+        monkeypatch.setenv(key, value)
+    return MlflowClient(server.uri)
+
+
+def _search(server, auth=None) -> requests.Response:
+    return requests.get(f"{server.uri}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                        auth=auth, timeout=30)
+
+
+def test_requests_without_or_with_wrong_credentials_get_401(server):
+    assert requests.get(f"{server.uri}/health", timeout=30).status_code == 200  # the healthcheck needs no login
+    assert _search(server).status_code == 401
+    assert _search(server, (server.admin_username, server.admin_password + "x")).status_code == 401
+    assert _search(server, ("nobody", server.admin_password)).status_code == 401
+    assert _search(server, (server.admin_username, server.admin_password)).status_code == 200
+
+
+def test_user_without_permission_on_an_experiment_cannot_write_to_it(server, admin):
+    users = get_app_client("basic-auth", tracking_uri=server.uri)
+    alice = ("alice", "alice-" + secrets.token_urlsafe(12))
+    users.create_user(*alice)
+    exp = admin.create_experiment("admin-only")
+
+    def create_run(auth):
+        return requests.post(f"{server.uri}/api/2.0/mlflow/runs/create", json={"experiment_id": exp},
+                             auth=auth, timeout=30)
+
+    r = create_run(alice)
+    assert r.status_code == 403, r.text
+    assert admin.search_runs([exp]) == []
+    # The default permission (READ) still lets her read it.
+    got = requests.get(f"{server.uri}/api/2.0/mlflow/experiments/get", params={"experiment_id": exp},
+                       auth=alice, timeout=30)
+    assert got.status_code == 200 and got.json()["experiment"]["name"] == "admin-only"
+    users.grant_user_permission(alice[0], "experiment", exp, "EDIT")  # the 403 was about permission: a grant lifts it
+    assert create_run(alice).status_code == 200
+
+
+def test_pipeline_run_against_the_server(server, admin, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the pipeline's local checkpoint folder
+    config = tmp_path / "toy.yaml"
+    config.write_text(textwrap.dedent("""\
+        seed_everything: 3
+        trainer: {max_steps: 4, log_every_n_steps: 1, limit_val_batches: 1, limit_test_batches: 1,
+                  enable_progress_bar: false, enable_model_summary: false}
+        model: {class_path: tests.pipelines.toy.ToyModule, init_args: {hidden: 6}}
+        data: {class_path: tests.pipelines.toy.ToyDataModule, init_args: {n: 32, batch_size: 8}}
+    """))
+    result = run_experiment(config, [], tracking_uri=server.uri, experiment="server-e2e", system_metrics=False)
+    assert result.status == "FINISHED", result.error
+
+    run = admin.get_run(result.run_id)  # a fresh read through the server, not the pipeline's own values
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.init_args.hidden"] == "6"
+    assert run.data.params["data.fingerprint"] == "toy-32"
+    assert run.data.tags["practicum.model"] == "tests.pipelines.toy.ToyModule"
+    steps = [m.step for m in admin.get_metric_history(result.run_id, "train/loss")]
+    assert steps == [0, 1, 2, 3]
+    assert "val/loss" in run.data.metrics
+    assert "test/loss" in run.data.metrics and run.data.metrics["test/loss"] > 0
+
+    names = {a.path for a in admin.list_artifacts(result.run_id)}
+    assert "config.yaml" in names
+    assert any(a.path.endswith(".ckpt") for a in admin.list_artifacts(result.run_id, "checkpoints"))
+    text = Path(admin.download_artifacts(result.run_id, "config.yaml", str(tmp_path))).read_text()
+    assert "ToyModule" in text and "hidden: 6" in text
+    # Proxied: the files landed in the server's artifact folder, not beside the client.
+    stored = list((server.state_dir / "artifacts").rglob("config.yaml"))
+    assert any(result.run_id in str(p) for p in stored)
+
+
+_WRITER = textwrap.dedent("""\
+    import sys, time, requests
+    i, uri, run_id, user, password = sys.argv[1:]
+    i = int(i)
+    print("ready", flush=True)
+    sys.stdin.readline()  # start together
+    ts = int(time.time() * 1000)
+    values = [{"key": "concurrent/value", "value": i * 1000 + j + 0.5, "timestamp": ts, "step": i * 1000 + j}
+              for j in range(1000)]
+    for k in range(0, 1000, 100):  # 10 batches per process, 80 requests racing on one run and key
+        r = requests.post(uri + "/api/2.0/mlflow/runs/log-batch", json={"run_id": run_id, "metrics": values[k:k + 100]},
+                          auth=(user, password), timeout=120)
+        if r.status_code != 200:
+            sys.exit(f"writer {i}: HTTP {r.status_code} {r.text[:300]}")
+""")
+
+
+def test_eight_concurrent_writers_lose_no_value(server, admin):
+    run_id = admin.create_run(admin.create_experiment("concurrency")).info.run_id
+    creds = [server.admin_username, server.admin_password]
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(i), server.uri, run_id, *creds],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(8)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    history = admin.get_metric_history(run_id, "concurrent/value")
+    got = sorted((m.step, m.value) for m in history)
+    assert got == [(s, s + 0.5) for s in range(8000)]
+    assert admin.get_run(run_id).data.metrics["concurrent/value"] == 7999.5  # latest = highest step
+
+
+def test_runs_and_artifacts_survive_a_restart(server, admin, tmp_path):
+    run_id = admin.create_run(admin.create_experiment("restart")).info.run_id
+    admin.log_param(run_id, "lr", "0.01")
+    for step in range(5):
+        admin.log_metric(run_id, "val/loss", 1.0 / (step + 1), step=step)
+    admin.log_dict(run_id, {"weights": [1, 2, 3]}, "model/weights.json")
+    admin.set_terminated(run_id, "FINISHED")
+    uri = server.uri
+
+    server.stop()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{uri}/health", timeout=5)
+    server.start()
+
+    assert server.uri == uri
+    run = admin.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.01"}
+    assert [m.value for m in admin.get_metric_history(run_id, "val/loss")] == [1.0, 0.5, 1 / 3, 0.25, 0.2]
+    path = admin.download_artifacts(run_id, "model/weights.json", str(tmp_path))
+    assert json.loads(Path(path).read_text()) == {"weights": [1, 2, 3]}
+    # The admin from the first start still logs in; a second bootstrap did not replace it.
+    assert _search(server, (server.admin_username, server.admin_password)).status_code == 200
+    assert _search(server).status_code == 401
