@@ -47,21 +47,21 @@ class KNNConfig:
     Args:
         k: Number of neighbours (>= 1, <= training set size).
         weights: "uniform" (one vote each) or "distance" (vote 1/distance).
-        batch_size: Query rows per distance block; memory per block is
-            batch_size * n_train * 8 bytes.
+        block_size: Query rows per distance block; memory per block is
+            block_size * n_train * 8 bytes.
     """
 
     k: int = 5
     weights: str = "uniform"
-    batch_size: int = 256
+    block_size: int = 256
 
     def __post_init__(self) -> None:
         if int(self.k) < 1:
             raise ValueError(f"k (number of neighbours) must be >= 1, got {self.k}")
         if self.weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
-        if int(self.batch_size) < 1:
-            raise ValueError(f"batch_size (query rows per distance block) must be >= 1, got {self.batch_size}")
+        if int(self.block_size) < 1:
+            raise ValueError(f"block_size (query rows per distance block) must be >= 1, got {self.block_size}")
 
 
 def squared_distances(A: np.ndarray, B: np.ndarray, B_sqnorm: np.ndarray | None = None) -> np.ndarray:
@@ -177,7 +177,7 @@ class KNNClassifier:
         X = np.ascontiguousarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.X.shape[1]:
             raise ValueError(f"X must have shape (n, {self.X.shape[1]}), got {X.shape}")
-        k, bs = self.config.k, self.config.batch_size
+        k, bs = self.config.k, self.config.block_size
         dist = np.empty((X.shape[0], k))
         ind = np.empty((X.shape[0], k), dtype=np.intp)
         for s in range(0, X.shape[0], bs):

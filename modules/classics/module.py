@@ -234,13 +234,13 @@ class KNNModule(_NumpyClassifierModule):
     Args:
         k: Number of neighbours.
         weights: "uniform" or "distance".
-        batch_size: Query rows per distance block (bounds memory to batch_size * n_train floats).
+        block_size: Query rows per distance block (bounds memory to block_size * n_train floats).
     """
 
-    def __init__(self, k: int = 5, weights: str = "uniform", batch_size: int = 256) -> None:
+    def __init__(self, k: int = 5, weights: str = "uniform", block_size: int = 256) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.core = KNNClassifier(KNNConfig(k=k, weights=weights, batch_size=batch_size))
+        self.core = KNNClassifier(KNNConfig(k=k, weights=weights, block_size=block_size))
         self._n_classes: int | None = None
 
     def setup(self, stage: str) -> None:

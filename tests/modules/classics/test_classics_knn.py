@@ -1,0 +1,116 @@
+"""NumPy k-NN: predictions identical to scikit-learn's brute-force KNeighborsClassifier, ties included."""
+
+import numpy as np
+import pytest
+from sklearn.neighbors import KNeighborsClassifier
+from threadpoolctl import threadpool_limits
+
+from datamodules.tabular import TabularDataModule
+from modules.classics.knn import KNNClassifier, KNNConfig, _replay_heap, squared_distances
+
+
+def _sk(k, weights, X, y):
+    return KNeighborsClassifier(n_neighbors=k, weights=weights, algorithm="brute").fit(X, y)
+
+
+def test_squared_distances_match_the_definition():
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(7, 5)), rng.normal(size=(11, 5))
+    np.testing.assert_allclose(squared_distances(A, B), ((A[:, None] - B[None]) ** 2).sum(-1), atol=1e-12)
+    assert squared_distances(B, B).min() >= 0.0  # cancellation clipped
+
+
+def test_heap_order_decides_boundary_ties():
+    """Six points at squared distances [1, 1, 1, 1, 0, 0] from the query, k = 3.
+
+    scikit-learn's heap keeps {1, 4, 5}, not the lowest indices {0, 4, 5}: with labels
+    [0, 1, 0, 1, 0, 1] that is a vote of 2:1 for class 1 instead of 2:1 for class 0.
+    """
+    X = np.array([[1.0], [-1.0], [1.0], [-1.0], [0.0], [0.0]])
+    y = np.array([0, 1, 0, 1, 0, 1])
+    q = np.zeros((1, 1))
+    assert sorted(_replay_heap(squared_distances(q, X), 3)[0]) == [1, 4, 5]
+    ours = KNNClassifier(KNNConfig(k=3)).fit(X, y)
+    assert sorted(ours.kneighbors(q)[1][0]) == sorted(_sk(3, "uniform", X, y).kneighbors(q)[1][0]) == [1, 4, 5]
+    assert ours.predict(q)[0] == _sk(3, "uniform", X, y).predict(q)[0] == 1
+
+
+@pytest.mark.parametrize("weights", ["uniform", "distance"])
+@pytest.mark.parametrize("seed", range(3))
+def test_identical_to_sklearn_with_constructed_ties(weights, seed):
+    """Points on a small integer grid: duplicates, equal distances and tied votes everywhere.
+
+    Integer coordinates keep every distance exact in both implementations, so only the
+    tie-breaking rules can make them differ. Queries on the grid hit zero distances too.
+    Under 256 training points scikit-learn uses one chunk whatever its thread count; one
+    OpenMP thread only spares its spin-waits on a busy machine (30x faster here).
+    """
+    rng = np.random.default_rng(seed)
+    replayed = 0
+    with threadpool_limits(1, user_api="openmp"):
+        for _ in range(10):
+            n, d = int(rng.integers(8, 60)), int(rng.integers(1, 4))
+            X = rng.integers(0, 3, size=(n, d)).astype(float)
+            y = rng.integers(0, 3, size=n) * 10 + 1  # labels 1, 11, 21: not 0..K-1
+            Q = rng.integers(0, 3, size=(15, d)) + rng.choice([0.0, 0.5], size=(15, d))
+            for k in (1, 2, 3, 4, 5, 7):
+                ours = KNNClassifier(KNNConfig(k=k, weights=weights, block_size=4)).fit(X, y)
+                np.testing.assert_array_equal(ours.predict(Q), _sk(k, weights, X, y).predict(Q))
+                replayed += ours.n_replayed
+    assert replayed > 100  # the tie path really ran
+
+
+def test_identical_to_sklearn_beyond_one_distance_chunk():
+    """More than 256 training points: scikit-learn splits them into chunks (and threads)."""
+    rng = np.random.default_rng(7)
+    X = rng.integers(0, 3, size=(700, 2)).astype(float)
+    y = rng.integers(0, 4, size=700)
+    Q = rng.integers(0, 3, size=(40, 2)) + rng.choice([0.0, 0.5], size=(40, 2))
+    for weights in ("uniform", "distance"):
+        for k in (3, 6):
+            sk = _sk(k, weights, X, y)
+            ours = KNNClassifier(KNNConfig(k=k, weights=weights)).fit(X, y)
+            np.testing.assert_array_equal(ours.predict(Q), sk.predict(Q))
+            for a, b in zip(ours.kneighbors(Q)[1], sk.kneighbors(Q)[1]):
+                assert set(a) == set(b)
+
+
+@pytest.mark.parametrize("weights", ["uniform", "distance"])
+def test_identical_to_sklearn_on_digits(weights):
+    dm = TabularDataModule("digits")
+    dm.setup()
+    (Xtr, ytr), (Xte, _) = dm.splits["train"], dm.splits["test"]
+    for k in (1, 4, 10):
+        ours = KNNClassifier(KNNConfig(k=k, weights=weights, block_size=100)).fit(Xtr, ytr)
+        sk = _sk(k, weights, Xtr, ytr)
+        with threadpool_limits(1, user_api="openmp"):  # no ties on digits: threads cannot matter
+            np.testing.assert_array_equal(ours.predict(Xte), sk.predict(Xte))
+            d_ours, i_ours = ours.kneighbors(Xte)
+            d_sk, i_sk = sk.kneighbors(Xte)
+        np.testing.assert_array_equal(i_ours, i_sk)  # no ties here: same neighbours, same order
+        np.testing.assert_allclose(d_ours, d_sk, rtol=1e-9)
+
+
+def test_block_size_bounds_memory_without_changing_results():
+    rng = np.random.default_rng(2)
+    X, y = rng.normal(size=(50, 3)), rng.integers(0, 3, size=50)
+    Q = rng.normal(size=(33, 3))
+    small = KNNClassifier(KNNConfig(k=4, block_size=5)).fit(X, y)
+    big = KNNClassifier(KNNConfig(k=4, block_size=1000)).fit(X, y)
+    np.testing.assert_array_equal(small.predict(Q), big.predict(Q))
+    assert small.block_bytes == 5 * 50 * 8 and big.block_bytes == 33 * 50 * 8
+
+
+def test_bad_input_names_the_field():
+    X, y = np.zeros((4, 2)), np.array([0, 1, 0, 1])
+    with pytest.raises(ValueError, match=r"k=5 exceeds the training set size 4"):
+        KNNClassifier(KNNConfig(k=5)).fit(X, y)
+    with pytest.raises(ValueError, match="k"):
+        KNNConfig(k=0)
+    with pytest.raises(ValueError, match="weights"):
+        KNNConfig(weights="gaussian")
+    with pytest.raises(ValueError, match="block_size"):
+        KNNConfig(block_size=0)
+    m = KNNClassifier(KNNConfig(k=1)).fit(X, y)
+    with pytest.raises(ValueError, match=r"shape \(n, 2\)"):
+        m.predict(np.zeros((1, 3)))
