@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 import re
 import sys
+import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from pipelines import tracking as trk
 from pipelines.resources import ResourceMonitor
@@ -50,10 +53,51 @@ class RunResult:
 
 
 class PracticumLogger(MLFlowLogger):
-    """MLFlowLogger on a run the pipeline opened; hyperparameters are logged once, as the resolved config."""
+    """MLFlowLogger on a run the pipeline opened.
+
+    Hyperparameters are logged once, as the resolved config. Metrics survive a tracking outage: a
+    batch that cannot be sent stays in a buffer and is retried with the next one and at the end.
+    A resumed run skips (key, step) pairs the run already holds, so every step is logged exactly once.
+    """
+
+    def __init__(self, *args, logged: set[tuple[str, int]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending: list = []
+        self._logged = logged or set()
 
     def log_hyperparams(self, params: Any) -> None:
         pass
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for k, v in metrics.items():
+            key = (k, step or 0)
+            if key in self._logged:
+                continue
+            self._logged.add(key)
+            self._pending.append(Metric(k, float(v), now, step or 0))
+        self.flush(raise_on_error=False)
+
+    def flush(self, raise_on_error: bool = True, attempts: int = 1, wait_s: float = 2.0) -> None:
+        for attempt in range(attempts):
+            try:
+                while self._pending:
+                    self.experiment.log_batch(self.run_id, metrics=self._pending[:1000])
+                    del self._pending[:1000]
+                return
+            except Exception:
+                if attempt == attempts - 1:
+                    if raise_on_error:
+                        raise
+                    return
+                time.sleep(wait_s)
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        pass  # the pipeline closes the run itself, after testing and artifact upload
 
 
 class CheckpointInfo(Callback):
@@ -63,7 +107,44 @@ class CheckpointInfo(Callback):
         self.info = info
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
         checkpoint["practicum"] = dict(self.info)
+        # Plain types and tensors only, so the checkpoint stays loadable with torch.load(weights_only=True).
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["practicum_rng"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        if rng := checkpoint.get("practicum_rng"):
+            torch.set_rng_state(rng["torch"])
+            name, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(rng["python"])
+
+
+class NaNGuard(Callback):
+    """Stops at the first non-finite loss, before backward can write NaN into the weights or a checkpoint."""
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        import torch
+
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {trainer.global_step}: training stopped before the update; the last "
+                "good checkpoint is kept. Lower the learning rate, clip gradients, or check the data."
+            )
 
 
 class BestCheckpoint(ModelCheckpoint):
@@ -86,39 +167,82 @@ class Session:
         tags: dict[str, str],
         system_metrics: bool,
         log_checkpoint: bool,
+        resume_run_id: str | None = None,
     ):
         self.uri = trk.resolve_tracking_uri(uri)
         self.client = trk.MlflowClient(self.uri)
-        trk.check_reachable(self.client, self.uri)
-        self.experiment_id = trk.get_or_create_experiment(self.client, experiment, self.uri)
-        tags = {**trk.environment_tags(), **tags}
-        if run_name:
-            tags["mlflow.runName"] = run_name
-        self.run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name).info.run_id
         self.log_checkpoint = log_checkpoint
-        self.ckpt_dir = trk.STORE_DIR.resolve() / "checkpoints" / self.run_id
-        self.logger = PracticumLogger(tracking_uri=self.uri, run_id=self.run_id)
+        self.is_zero = is_rank_zero()
         self._monitor = None
+        self.resumed = resume_run_id is not None
+        if not self.is_zero:
+            # Other ranks never write to MLflow: one run, not N. Rank 0 hands its run id down through the
+            # environment (Lightning's launcher copies it) so every rank agrees on the checkpoint folder.
+            self.run_id = os.environ.get("PRACTICUM_RUN_ID", "rank-local")
+            self.ckpt_dir = trk.STORE_DIR.resolve() / "checkpoints" / self.run_id
+            self.logger = PracticumLogger(tracking_uri=self.uri, run_id=self.run_id if self.run_id != "rank-local" else None)
+            return
+        trk.check_reachable(self.client, self.uri)
+        logged: set[tuple[str, int]] = set()
+        if resume_run_id:
+            self.run_id = resume_run_id
+            run = self.client.get_run(resume_run_id)
+            for key in run.data.metrics:
+                logged |= {(key, m.step) for m in self.client.get_metric_history(resume_run_id, key)}
+            self.client.update_run(resume_run_id, status="RUNNING")
+        else:
+            self.experiment_id = trk.get_or_create_experiment(self.client, experiment, self.uri)
+            tags = {**trk.environment_tags(), **tags}
+            if run_name:
+                tags["mlflow.runName"] = run_name
+            self.run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name).info.run_id
+        os.environ["PRACTICUM_RUN_ID"] = self.run_id
+        self.ckpt_dir = trk.STORE_DIR.resolve() / "checkpoints" / self.run_id
+        self.logger = PracticumLogger(tracking_uri=self.uri, run_id=self.run_id, logged=logged)
         if system_metrics:
             try:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-                self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, tracking_uri=self.uri)
+                self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, tracking_uri=self.uri,
+                                                     resume_logging=self.resumed)
                 self._monitor.start()
             except Exception as e:  # missing psutil/pynvml parts must not stop training
                 print(f"warning: system metrics off ({e})", file=sys.stderr)
 
-    def end(self, status: str, trainer: Trainer | None = None, error: BaseException | None = None) -> None:
+    def end(self, status: str, error: BaseException | None = None) -> tuple[str, BaseException | None]:
+        """Flush metrics, upload checkpoints, set the status; returns the final (status, error).
+
+        A tracking outage at the end is waited out for a while (metrics are never dropped silently);
+        an artifact that cannot be written (full disk) turns the run FAILED with that message.
+        """
+        if not self.is_zero:
+            return status, error
         if self._monitor is not None:
             self._monitor.finish()
+        self.logger.flush(attempts=30, wait_s=2.0)
         if error is not None:
             tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
             self.client.log_text(self.run_id, tb, "error.txt")
             self.client.set_tag(self.run_id, "practicum.error", _one_line(error))
-        if self.log_checkpoint and self.ckpt_dir.is_dir():
-            for ckpt in sorted(self.ckpt_dir.glob("*.ckpt")):
-                self.client.log_artifact(self.run_id, str(ckpt), "checkpoints")
+        try:
+            if self.log_checkpoint and self.ckpt_dir.is_dir():
+                for ckpt in sorted(self.ckpt_dir.glob("*.ckpt")):
+                    self.client.log_artifact(self.run_id, str(ckpt), "checkpoints")
+        except OSError as e:
+            error = OSError(e.errno, f"could not write checkpoint artifacts of run {self.run_id}: {e.strerror or e} "
+                                     f"(the local copies stay in {self.ckpt_dir}); free space on the artifact store")
+            status = "FAILED"
+            self.client.set_tag(self.run_id, "practicum.error", _one_line(error))
         self.client.set_terminated(self.run_id, status)
+        return status, error
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0, read from the launchers' variables (torchrun, Lightning, SLURM)."""
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
+        if int(os.environ.get(var, "0") or 0) != 0:
+            return False
+    return True
 
 
 class PracticumCLI(LightningCLI):
@@ -150,6 +274,10 @@ class PracticumCLI(LightningCLI):
         parser.add_argument("--system_metrics", type=bool, default=True, help="MLflow CPU/RAM/GPU sampling")
         parser.add_argument("--checkpoint_monitor", type=Optional[str], default="val/loss")
         parser.add_argument("--checkpoint_mode", type=str, default="min")
+        parser.add_argument("--checkpoint_every_n_steps", type=Optional[int], default=None,
+                            help="also save last.ckpt every N training steps (default: at each validation)")
+        parser.add_argument("--resume", type=Optional[str], default=None,
+                            help="RUN_ID, or 'last' for the latest unfinished run of this config: continue that run")
 
     def parse_arguments(self, parser, args) -> None:
         try:
@@ -183,6 +311,10 @@ class PracticumCLI(LightningCLI):
         if self.context.get("parent_run_id"):
             tags["mlflow.parentRunId"] = self.context["parent_run_id"]
         uri = self.context.get("tracking_uri") or cfg.tracking_uri
+        self.resume_ckpt = None
+        resume_id = None
+        if cfg.resume and is_rank_zero():
+            resume_id, self.resume_ckpt = find_resume_point(cfg.resume, uri, self.context.get("config_path"))
         self.session = Session(
             uri,
             cfg.experiment or self.context.get("experiment") or project,
@@ -190,14 +322,20 @@ class PracticumCLI(LightningCLI):
             tags,
             cfg.system_metrics and self.context.get("system_metrics", True),
             cfg.log_checkpoint,
+            resume_run_id=resume_id,
         )
+        if cfg.resume and not is_rank_zero():  # rank 0 found it; the same folder holds it for every rank
+            self.resume_ckpt = str(self.session.ckpt_dir / "last.ckpt")
         try:
-            dump = self.parser.dump(cfg, skip_none=False)
             s = self.session
-            s.client.log_text(s.run_id, dump, "config.yaml")
-            params = trk.flatten(yaml.safe_load(dump))
-            params["seed"] = cfg.seed_everything
-            trk.log_params(s.client, s.run_id, params)
+            if s.is_zero and not s.resumed:
+                dump = self.parser.dump(cfg, skip_none=False)
+                s.client.log_text(s.run_id, dump, "config.yaml")
+                params = trk.flatten(yaml.safe_load(dump))
+                params["seed"] = cfg.seed_everything
+                trk.log_params(s.client, s.run_id, {k: v for k, v in params.items() if k != "resume"})
+            elif s.is_zero:
+                s.client.set_tag(s.run_id, "practicum.resumed_from", self.resume_ckpt)
             self.trainer = self.instantiate_trainer()
         except BaseException as e:
             self.session.end("FAILED", error=e)
@@ -211,16 +349,64 @@ class PracticumCLI(LightningCLI):
         info = {"class_path": cfg.model.class_path, "run_id": s.run_id, "tracking_uri": s.uri}
         if cfg.get("data"):
             info["datamodule_class_path"] = cfg.data.class_path
-        ckpt = BestCheckpoint(
-            dirpath=s.ckpt_dir, filename="best", monitor=cfg.checkpoint_monitor, mode=cfg.checkpoint_mode,
-            save_last=True, auto_insert_metric_name=False,
-        )
-        ours = [ResourceMonitor(), ckpt, OnExceptionCheckpoint(s.ckpt_dir, filename="on_exception"),
-                CheckpointInfo(info)]
+        best = BestCheckpoint(dirpath=s.ckpt_dir, filename="best", monitor=cfg.checkpoint_monitor,
+                              mode=cfg.checkpoint_mode, auto_insert_metric_name=False, enable_version_counter=False)
+        # Lightning writes checkpoints atomically (temporary file, then rename): a kill mid-save
+        # leaves the previous last.ckpt intact.
+        last = ModelCheckpoint(dirpath=s.ckpt_dir, filename="last", monitor=None, save_top_k=1,
+                               enable_version_counter=False, every_n_train_steps=cfg.checkpoint_every_n_steps)
+        ours = [NaNGuard(), ResourceMonitor(), best, last,
+                OnExceptionCheckpoint(s.ckpt_dir, filename="on_exception"), CheckpointInfo(info)]
         config["callbacks"] = list(config.get("callbacks") or []) + list(callbacks) + ours
         if config.get("enable_checkpointing") is False:
             config["callbacks"] = [c for c in config["callbacks"] if not isinstance(c, ModelCheckpoint)]
         return self.trainer_class(**config)
+
+
+def find_resume_point(resume: str, uri: str | None, config_path) -> tuple[str, str]:
+    """(run id, checkpoint path) to continue: a run id, or 'last' = the latest unfinished run of this config."""
+    client = trk.MlflowClient(trk.resolve_tracking_uri(uri))
+    if resume == "last":
+        if not config_path:
+            raise ConfigError("--resume last needs the config file the run was started with")
+        exp_ids = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(
+            exp_ids, f"tags.`practicum.config` = '{Path(config_path).resolve()}' and attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=1) if exp_ids else []
+        if not runs:
+            raise ConfigError(f"--resume last: no unfinished run of {config_path} in {client.tracking_uri}")
+        run_id = runs[0].info.run_id
+    else:
+        run_id = resume
+        try:
+            client.get_run(run_id)
+        except Exception:
+            raise ConfigError(f"--resume {run_id}: no such run in {client.tracking_uri}") from None
+    local = trk.STORE_DIR.resolve() / "checkpoints" / run_id / "last.ckpt"
+    if not local.is_file():
+        import mlflow
+
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path="checkpoints/last.ckpt", tracking_uri=client.tracking_uri))
+        except Exception:
+            raise ConfigError(f"--resume {resume}: run {run_id} has no last.ckpt to resume from "
+                              f"(neither in {local.parent} nor among its artifacts)") from None
+    check_checkpoint(local)
+    return run_id, str(local)
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """A truncated or corrupt checkpoint is a clear error, not a crash inside torch.load."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise ConfigError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
+                          "resume from an earlier checkpoint of the run or start a new run") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"checkpoint {path} holds no Lightning state_dict")
 
 
 def _scalars(d: dict) -> dict[str, float]:
@@ -309,13 +495,14 @@ def run_experiment(
     """
     argv = (["--config", str(config)] if config else []) + list(args)
     context = dict(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name, parent_run_id=parent_run_id,
-                   tags=tags or {}, system_metrics=system_metrics, config_path=config)
+                   tags=tags or {}, system_metrics=system_metrics,
+                   config_path=str(Path(config).resolve()) if config else None)
     cli = PracticumCLI(argv, context)  # ConfigError/TrackingError propagate: nothing was opened, or it is FAILED
     s, trainer, model, dm = cli.session, cli.trainer, cli.model, cli.datamodule
     status, error = "FINISHED", None
     metrics: dict[str, float] = {}
     try:
-        trainer.fit(model, datamodule=dm)
+        trainer.fit(model, datamodule=dm, ckpt_path=cli.resume_ckpt)
         metrics.update(_scalars(trainer.callback_metrics))
         if dm is not None and hasattr(dm, "fingerprint") and trainer.is_global_zero:
             s.client.log_param(s.run_id, "data.fingerprint", dm.fingerprint())
@@ -329,8 +516,7 @@ def run_experiment(
     except Exception as e:
         status, error = "FAILED", e
     finally:
-        if trainer.is_global_zero:
-            s.end(status, trainer, error)
+        status, error = s.end(status, error)
     metrics.update(_scalars(trainer.callback_metrics))
     for cb in trainer.callbacks:
         if isinstance(cb, ResourceMonitor):
