@@ -125,3 +125,20 @@ def test_bad_generate_arguments():
         m.generate(idx, 3, temperature=-1)
     with pytest.raises(ValueError, match="block_size"):
         m(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("ffn", ["mlp", "moe"])
+def test_compiled_bf16_on_gpu_matches_eager_fp32(ffn):
+    eager = model(ffn=ffn).cuda()
+    fast = model(ffn=ffn).cuda()
+    fast.load_state_dict(eager.state_dict())
+    fast.compile()
+    idx, targets = torch.randint(0, 37, (2, 4, 16), device="cuda")
+    _, ref = eager(idx, targets)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss = fast(idx, targets)
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 2e-2
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fast.parameters() if p.requires_grad)
