@@ -111,3 +111,32 @@ def test_pipeline_moe_run_logs_routing(tracking_uri):
     assert fracs == pytest.approx(1.0, abs=1e-5)
     assert m["params/active"] < m["params/total"]  # 2 of 4 experts per token
     assert "moe/expert_utilization.png" in {a.path for a in client.list_artifacts(res.run_id, "moe")}
+
+
+def test_resume_from_checkpoint_continues_the_batch_stream(tmp_path):
+    import lightning as L
+
+    class Seen(L.Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.rows.append((trainer.global_step, batch[0][0].tolist()))
+
+    def fit(steps, ckpt=None):
+        seen = Seen()
+        dm = ShakespeareDataModule(corpus="tinyshakespeare", path=str(TINY), max_chars=20000, block_size=16,
+                                   batch_size=4, val_windows=8)
+        trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, callbacks=[seen],
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            default_root_dir=tmp_path)
+        model = GPTModule(n_layer=1, n_head=2, n_embd=16, warmup_steps=1, lr_decay_steps=6, sample_tokens=0)
+        trainer.fit(model, dm, ckpt_path=ckpt)
+        return trainer, seen.rows
+
+    _, straight = fit(5)
+    first, head = fit(2)
+    first.save_checkpoint(tmp_path / "step2.ckpt")
+    _, tail = fit(5, tmp_path / "step2.ckpt")
+    assert [s for s, _ in tail] == [2, 3, 4]
+    assert head + tail == straight
