@@ -1,0 +1,117 @@
+"""The classics' Lightning modules: through the real pipeline into MLflow, checkpoints, bad input."""
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from sklearn.neighbors import KNeighborsClassifier
+
+from datamodules.tabular import TabularDataModule
+from modules.classics.module import KNNModule, LogisticRegressionModule, SklearnModule
+from pipelines.run import run_experiment
+
+CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "classics"
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def _trainer(**kw) -> L.Trainer:
+    return L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, **kw)
+
+
+def test_logreg_through_the_pipeline(tracking_uri):
+    res = run_experiment(CONFIGS / "logreg_breast_cancer.yaml",
+                         ["--trainer.max_epochs=4", "--trainer.check_val_every_n_epoch=2", *QUIET], tracking_uri)
+    assert res.status == "FINISHED", res.error
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(res.run_id)
+    m, p, t = run.data.metrics, run.data.params, run.data.tags
+    assert t["practicum.project"] == "classics"
+    dm = TabularDataModule("breast_cancer", batch_size=64, seed=0)
+    assert p["data.fingerprint"] == dm.fingerprint()
+    for key in ("train/loss", "val/loss", "val/acc", "test/acc", "test/loss", "perf/fit_time_s", "perf/predict_time_s"):
+        assert key in m, key
+    assert m["val/acc"] > 0.9 and m["test/acc"] > 0.9 and m["perf/fit_time_s"] > 0 and m["perf/predict_time_s"] > 0
+    # binary model: W (30, 1) and b (1,), float64; gradients the same; plain GD has no state
+    assert m["params/total"] == 31 and m["mem/params_bytes"] == m["mem/grads_bytes"] == 31 * 8
+    assert m["mem/optimizer_bytes"] == 0
+    n_train = len(dm.splits["train"][1])
+    assert m["mem/activations_bytes"] == 8 * (n_train % 64 or 64)  # (p - y) of the last batch
+    steps = [h.step for h in client.get_metric_history(res.run_id, "train/loss")]
+    assert len(steps) >= 3 and max(steps) <= 4 * int(np.ceil(n_train / 64))  # NumPy steps are counted
+
+
+def test_knn_and_sklearn_knn_agree_through_the_pipeline(tracking_uri):
+    """Same split, same k: identical predictions, so identical accuracies (also after the
+    pipeline reloads each module from its best checkpoint for the test)."""
+    ours = run_experiment(CONFIGS / "knn_digits.yaml", QUIET, tracking_uri)
+    theirs = run_experiment(CONFIGS / "sklearn_knn_digits.yaml", QUIET, tracking_uri)
+    assert ours.status == theirs.status == "FINISHED", (ours.error, theirs.error)
+    dm = TabularDataModule("digits", batch_size=None, seed=0)
+    dm.setup()
+    (Xtr, ytr), (Xte, yte) = dm.splits["train"], dm.splits["test"]
+    expected = np.mean(KNeighborsClassifier(5, algorithm="brute").fit(Xtr, ytr).predict(Xte) == yte)
+    assert ours.metrics["test/acc"] == theirs.metrics["test/acc"] == pytest.approx(expected, abs=1e-6)
+    assert ours.metrics["val/acc"] == theirs.metrics["val/acc"]
+    m = MlflowClient(tracking_uri).get_run(ours.run_id).data.metrics
+    assert m["mem/params_bytes"] == Xtr.nbytes + ytr.nbytes and m["params/total"] == Xtr.size + ytr.size
+    assert m["mem/activations_bytes"] == 256 * len(ytr) * 8  # one full distance block
+    assert "val/loss" not in m and m["perf/predict_time_s"] > 0
+
+
+def test_pipeline_rejects_k_larger_than_the_training_set(tracking_uri):
+    res = run_experiment(CONFIGS / "knn_digits.yaml", ["--model.init_args.k=5000", *QUIET], tracking_uri)
+    assert res.status == "FAILED" and "k=5000 exceeds the training set size 1078" in res.error
+
+
+@pytest.mark.parametrize("module", [
+    lambda: LogisticRegressionModule(penalty="l1", lam=1e-3, lr=0.5),
+    lambda: KNNModule(k=3, weights="distance"),
+    lambda: SklearnModule("sklearn.linear_model.LogisticRegression", {"max_iter": 500}, equivalent_lam=1e-2),
+])
+def test_checkpoint_round_trip_predicts_the_same(module, tmp_path):
+    dm = TabularDataModule("iris", batch_size=32)
+    model = module()
+    trainer = _trainer(max_epochs=2)
+    trainer.fit(model, dm)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    X = dm.splits["test"][0]
+    loaded = type(model).load_from_checkpoint(path, weights_only=True)
+    np.testing.assert_array_equal(loaded._predict(X)[0], model._predict(X)[0])
+    assert loaded.param_count() == model.param_count() > 0
+
+
+def test_sklearn_equivalent_lam_sets_c_from_the_training_size():
+    dm = TabularDataModule("iris", batch_size=None)
+    model = SklearnModule(equivalent_lam=0.01)
+    _trainer(max_epochs=1, limit_val_batches=0).fit(model, dm)
+    assert model.estimator.C == pytest.approx(1.0 / (0.01 * 90))
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: LogisticRegressionModule(lr=-1.0), "lr"),
+    (lambda: LogisticRegressionModule(lam=-0.1), "lam"),
+    (lambda: LogisticRegressionModule(penalty="l0"), "penalty"),
+    (lambda: KNNModule(k=0), "k"),
+    (lambda: KNNModule(weights="gaussian"), "weights"),
+    (lambda: SklearnModule("sklearn.nothing.Here"), "estimator="),
+    (lambda: SklearnModule(estimator_kwargs={"bogus": 1}), "estimator_kwargs"),
+    (lambda: SklearnModule("sklearn.neighbors.KNeighborsClassifier", equivalent_lam=0.1, log_loss=False), "C parameter"),
+    (lambda: SklearnModule("sklearn.svm.SVC"), "log_loss"),
+])
+def test_bad_arguments_name_the_field(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
+
+
+def test_logreg_without_sizes_or_datamodule_says_what_to_set():
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = DataLoader(TensorDataset(torch.zeros(4, 2, dtype=torch.float64), torch.zeros(4, dtype=torch.long)),
+                      batch_size=2)
+    with pytest.raises(ValueError, match="n_features"):
+        _trainer(max_epochs=1).fit(LogisticRegressionModule(), data)
