@@ -1,0 +1,190 @@
+"""The UNet, EMA, guidance, judge metrics, and DiffusionModule through the real pipeline on tiny sizes."""
+
+import lightning as L
+import mlflow
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from datamodules.mnist import MNISTDataModule
+from modules.classifier.model import LeNet, LeNetConfig
+from modules.classifier.module import ClassifierModule
+from modules.diffusion.model import Denoiser, DiffusionConfig
+from modules.diffusion.module import DiffusionModule, ema_with_warmup, image_grid
+from pipelines.run import run_experiment
+
+TINY = dict(block_out_channels=(8, 16), attention=(False, True), num_timesteps=50, num_sample_steps=4,
+            num_eval_samples=40, eval_batch_size=20, warmup_steps=1)
+
+
+@pytest.fixture(scope="module")
+def judge_ckpt(tmp_path_factory):
+    """A LeNet judge checkpoint made the way the real one is (ClassifierModule, judge_path), trained briefly."""
+    path = tmp_path_factory.mktemp("judge") / "lenet.ckpt"
+    torch.manual_seed(0)
+    trainer = L.Trainer(max_steps=30, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, default_root_dir=path.parent)
+    trainer.fit(ClassifierModule(judge_path=str(path)), datamodule=MNISTDataModule(batch_size=64, train_limit=1920))
+    return str(path)
+
+
+def _plain_trainer(tmp_path, steps=2):
+    return L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, limit_val_batches=2, num_sanity_val_steps=0,
+                     check_val_every_n_epoch=None, val_check_interval=steps, default_root_dir=tmp_path)
+
+
+def test_unet_shapes_parameter_counts_and_conditioning():
+    torch.manual_seed(0)
+    cpu = Denoiser(DiffusionConfig(block_out_channels=(16, 32, 64), attention=(False, False, False)))
+    assert sum(p.numel() for p in cpu.parameters()) == 637_169  # the CPU preset's UNet
+    uncond = Denoiser(DiffusionConfig(block_out_channels=(16, 32, 64), attention=(False, False, False), num_classes=0))
+    # the only difference is the label embedding: (10 labels + null) x time-embedding width (4 x 16)
+    assert sum(p.numel() for p in cpu.parameters()) - sum(p.numel() for p in uncond.parameters()) == 11 * 64
+    net = Denoiser(DiffusionConfig(image_size=32, block_out_channels=(8, 16, 16), attention=(False, True, False)))
+    x, t = torch.randn(3, 1, 32, 32), torch.tensor([0, 10, 999])
+    y = torch.tensor([1, 2, 3])
+    assert net(x, t, y).shape == x.shape
+    assert not torch.allclose(net(x, t, y), net(x, t, torch.tensor([4, 5, 6])))  # labels matter
+    torch.testing.assert_close(net(x, t), net(x, t, torch.full((3,), net.null_label)))  # None = null label
+
+
+def test_classifier_free_guidance_combination():
+    torch.manual_seed(0)
+    net = Denoiser(DiffusionConfig(block_out_channels=(8, 16), attention=(False, False)))
+    x, t, y = torch.randn(2, 1, 28, 28), torch.tensor([5, 40]), torch.tensor([3, 7])
+    eps_y, eps_null = net(x, t, y), net(x, t)
+    torch.testing.assert_close(net.guided(x, t, y, 1.0), eps_y)
+    torch.testing.assert_close(net.guided(x, t, y, 0.0), eps_null)
+    torch.testing.assert_close(net.guided(x, t, y, 3.0), eps_null + 3.0 * (eps_y - eps_null), atol=1e-5, rtol=1e-5)
+
+
+def test_ema_with_warmup_matches_the_formula():
+    ema, p = [torch.zeros(3)], [torch.ones(3)]
+    ema_with_warmup(0.999)(ema, p, torch.tensor(0))
+    torch.testing.assert_close(ema[0], torch.full((3,), 0.9))  # d = min(0.999, 1/10) = 0.1
+    ema_with_warmup(0.5)(ema, p, torch.tensor(1000))
+    torch.testing.assert_close(ema[0], torch.full((3,), 0.95))  # d capped at 0.5
+
+
+def test_image_grid_layout():
+    x = torch.stack([torch.full((1, 2, 2), v) for v in (-1.0, 0.0, 1.0)])
+    g = image_grid(x, nrow=2, pad=1)
+    assert g.shape == (7, 7) and g.dtype == np.uint8
+    assert g[1, 1] == 0 and g[1, 4] == 128 and g[4, 1] == 255 and g[4, 4] == 255  # 4th cell is empty (white)
+
+
+def test_judge_fid_agrees_with_a_scipy_reference(judge_ckpt):
+    module = DiffusionModule(**TINY, classifier_checkpoint=judge_ckpt)
+    module.setup("fit")
+    dm = MNISTDataModule()
+    dm.setup("fit")
+    real = dm._tensors("val").tensors[0][:300]
+    other = dm._tensors("train").tensors[0][:300]
+    fake = torch.rand(300, 1, 28, 28) * 2 - 1
+    m = module.judge_metrics(fake, real, reference=other)
+
+    def fid(a, b):
+        with torch.no_grad():
+            fa, fb = module.judge.features(a).double().numpy(), module.judge.features(b).double().numpy()
+        mu, cov = fa.mean(0) - fb.mean(0), np.cov(fa, rowvar=False) @ np.cov(fb, rowvar=False)
+        return mu @ mu + np.trace(np.cov(fa, rowvar=False) + np.cov(fb, rowvar=False)) - 2 * np.trace(scipy.linalg.sqrtm(cov).real)
+
+    assert m["val/fid"] == pytest.approx(fid(real, fake), rel=1e-3)
+    assert m["val/fid_floor"] == pytest.approx(fid(real, other), rel=1e-3)
+    assert m["val/fid_floor"] < m["val/fid"]  # noise is further from digits than other digits are
+    assert 0.1 <= m["val/class_coverage"] <= 1.0 and 0.1 <= m["val/classifier_confidence"] <= 1.0
+    # real digits are spread over the classes by an (even barely) trained judge
+    real_m = module.judge_metrics(real, real)
+    assert real_m["val/class_coverage"] >= 0.8 and real_m["val/fid"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_training_updates_the_ema_and_logs_without_a_judge(tmp_path):
+    torch.manual_seed(0)
+    module = DiffusionModule(**TINY)
+    init = [p.detach().clone() for p in module.net.parameters()]
+    trainer = _plain_trainer(tmp_path, steps=3)
+    with pytest.warns(UserWarning, match="classifier_checkpoint is not set"):
+        trainer.fit(module, datamodule=MNISTDataModule(batch_size=8, train_limit=64))
+    assert "val/loss" in trainer.callback_metrics and "val/fid" not in trainer.callback_metrics
+    ema_p = list(module.ema.module.parameters())
+    net_p = list(module.net.parameters())
+    assert int(module.ema.n_averaged) == 3
+    assert not torch.allclose(ema_p[0], net_p[0]) and not torch.allclose(ema_p[0], init[0])
+    x, snaps = module.sample(6, keep=3)
+    assert x.shape == (6, 1, 28, 28) and x.min() >= -1 and x.max() <= 1
+    assert snaps[0][0] == 36 and snaps[-1][0] == -1  # DDIM leading spacing over T = 50, then x_0
+
+
+def test_pipeline_run_logs_judged_metrics_and_artifacts(tmp_path, judge_ckpt):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = {"block_out_channels": "[8, 16]", "attention": "[false, true]", "num_timesteps": 50,
+                 "num_sample_steps": 4, "num_eval_samples": 40, "eval_batch_size": 20, "classifier_checkpoint": judge_ckpt}
+    res = run_experiment(
+        "configs/diffusion/ddpm_mnist_cpu.yaml",
+        [f"--model.init_args.{k}={v}" for k, v in overrides.items()]
+        + ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2",
+           "--trainer.limit_test_batches=1", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+           "--data.init_args.batch_size=16", "--data.init_args.train_limit=64", "--system_metrics=false"],
+        tracking_uri=uri,
+    )
+    assert res.status == "FINISHED", res.error
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(res.run_id)
+    m = run.data.metrics
+    for key in ("train/loss", "val/loss", "test/loss", "val/fid", "val/fid_floor", "val/class_coverage",
+                "val/classifier_confidence", "diffusion/label_accuracy"):
+        assert key in m and np.isfinite(m[key]), key
+    assert m["val/fid"] >= 0 and 0 < m["val/class_coverage"] <= 1 and 0 < m["val/classifier_confidence"] <= 1
+    assert run.data.tags["practicum.project"] == "diffusion"
+    arts = {a.path for a in client.list_artifacts(res.run_id)} | {a.path for a in client.list_artifacts(res.run_id, "samples")}
+    assert {"loss_curve.png", "samples/final.png", "samples/denoising_strip.png", "samples/step_0000002.png"} <= arts
+    # a checkpoint alone rebuilds the model (the judge is not part of it) and samples
+    ckpt = torch.load(res.checkpoint, map_location="cpu", weights_only=False)
+    assert not any("judge" in k or "lenet" in k for k in ckpt["state_dict"])
+    again = DiffusionModule.load_from_checkpoint(res.checkpoint, map_location="cpu")
+    assert again.sample(2)[0].shape == (2, 1, 28, 28)
+
+
+def test_missing_judge_and_bad_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train the judge first"):
+        DiffusionModule(**TINY, classifier_checkpoint=str(tmp_path / "none.ckpt")).setup("fit")
+    with pytest.raises(ValueError, match="cond_drop_prob"):
+        DiffusionModule(**TINY, cond_drop_prob=0.0, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="num_sample_steps"):
+        DiffusionModule(**{**TINY, "num_sample_steps": 51})
+    with pytest.raises(ValueError, match="divisible"):
+        DiffusionModule(**{**TINY, "block_out_channels": (8, 16, 16, 16), "attention": (False,) * 4})
+    with pytest.raises(ValueError, match="one bool per level"):
+        DiffusionModule(**{**TINY, "attention": (False,)})
+    module = DiffusionModule(**TINY)
+    with pytest.raises(ValueError, match="pad_to_32"):
+        module.training_step((torch.zeros(2, 1, 32, 32), torch.zeros(2, dtype=torch.long)), 0)
+
+
+CONFIGS = ["configs/diffusion/ddpm_mnist_cpu.yaml", "configs/diffusion/ddpm_mnist.yaml",
+           "configs/classifier/lenet_mnist5k.yaml", "configs/classifier/lenet_mnist.yaml"]
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_every_config_parses_and_instantiates(path):
+    cli = LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                       args=["--config", path, "--trainer.accelerator=cpu", "--trainer.logger=false",
+                             "--trainer.precision=32"], run=False, save_config_callback=None)
+    assert isinstance(cli.model, (DiffusionModule, ClassifierModule))
+    assert isinstance(cli.datamodule, MNISTDataModule)
+    if isinstance(cli.model, DiffusionModule):
+        assert cli.model.config.image_size == cli.datamodule.image_size
+
+
+def test_quick_study_variants_resolve():
+    from pipelines.study import load_study
+
+    study = load_study("configs/studies/ddpm-quick.yaml")
+    for name in study.variants:
+        base, args = study.variant_config(name)
+        cli = LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                           args=["--config", str(base), *args, "--trainer.logger=false"], run=False, save_config_callback=None)
+        assert cli.model.hparams.schedule == name and cli.model.hparams.classifier_checkpoint is None
