@@ -33,6 +33,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
@@ -215,19 +216,32 @@ def _tail(path: Path, n: int = 40) -> str:
 # ---- PostgreSQL --------------------------------------------------------------------------------
 
 
-def postgres_bindir(major: int) -> Path:
-    """Debian's binaries for this major version; a missing install is an error that says what to install."""
-    candidates = [Path(f"/usr/lib/postgresql/{major}/bin")]
+PG_ROOT = Path("/usr/lib/postgresql")
+
+
+def postgres_bindir(major: int, root: Path = PG_ROOT) -> Path:
+    """The server binaries (initdb, pg_ctl): the compose image's major version where Debian has it.
+
+    Where only another major version is installed (Debian 13 ships 17), that one serves with a
+    warning: the loopback server is the same stack, not the same files. ``PRACTICUM_PG_BINDIR``
+    picks a folder explicitly. Nothing installed is an error that says what to install.
+    """
     if os.environ.get("PRACTICUM_PG_BINDIR"):
-        candidates.insert(0, Path(os.environ["PRACTICUM_PG_BINDIR"]))
-    for d in candidates:
-        if (d / "initdb").is_file() and (d / "pg_ctl").is_file():
-            return d
+        d = Path(os.environ["PRACTICUM_PG_BINDIR"])
+        if not (d / "initdb").is_file():
+            raise FileNotFoundError(f"PRACTICUM_PG_BINDIR={d} has no initdb; point it at PostgreSQL's bin folder")
+        return d
+    if (root / str(major) / "bin" / "initdb").is_file():
+        return root / str(major) / "bin"
+    found = sorted((int(p.parent.parent.name), p.parent) for p in root.glob("*/bin/initdb") if p.parent.parent.name.isdigit())
+    if found:
+        print(f"warning: docker-compose.yml runs PostgreSQL {major}; using the installed {found[-1][0]} "
+              f"(apt-get install postgresql-{major} to match)", file=sys.stderr)
+        return found[-1][1]
     raise FileNotFoundError(
-        f"PostgreSQL {major} server binaries (initdb, pg_ctl) not found in "
-        f"{', '.join(map(str, candidates))}. The tracking server needs the same major version as the "
-        f"postgres image in docker-compose.yml. Install it: apt-get update && apt-get install -y "
-        f"postgresql-{major} (Debian), or set PRACTICUM_PG_BINDIR to a folder holding them."
+        f"PostgreSQL server binaries (initdb, pg_ctl) not found under {root}/<version>/bin: the tracking "
+        f"server runs its own PostgreSQL. Install it: apt-get update && apt-get install -y postgresql "
+        f"(Debian; postgresql-{major} matches docker-compose.yml), or set PRACTICUM_PG_BINDIR."
     )
 
 
@@ -286,6 +300,11 @@ class PostgresCluster:
                 "(e.g. /root or a pytest tmp folder). Use a state folder under /tmp or /var/tmp (--state-dir)."
             )
         if (self.data / "PG_VERSION").is_file():
+            made_by = (self.data / "PG_VERSION").read_text().strip()
+            version = subprocess.run([str(self.bindir / "initdb"), "--version"], capture_output=True, text=True).stdout
+            if not re.search(rf"\b{re.escape(made_by)}\.", version):
+                raise RuntimeError(f"{self.data} was made by PostgreSQL {made_by}, but the binaries in {self.bindir} are "
+                                   f"'{version.strip()}'. Install postgresql-{made_by}, or use another --state-dir.")
             return
         self._run(
             str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth-local=trust",
@@ -373,6 +392,10 @@ class TrackingServer:
         self.startup_timeout = startup_timeout
         self.postgres: PostgresCluster | None = None
         self._proc: subprocess.Popen | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     @property
     def uri(self) -> str:
@@ -509,15 +532,29 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     env = cli_env(a.state_dir)
     port = a.port if a.port is not None else int(env.get("MLFLOW_PORT") or 5000)
-    server = TrackingServer(a.state_dir, env, port=port or None, compose_file=a.compose_file)
-    import mlflow
-
-    if server.stack.mlflow_version and server.stack.mlflow_version != mlflow.__version__:
+    try:
+        server = TrackingServer(a.state_dir, env, port=port or None, compose_file=a.compose_file)
+    except ValueError as e:  # a bad .env value: the message names it
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    installed = metadata.version("mlflow")
+    if server.stack.mlflow_version and server.stack.mlflow_version != installed:
         print(f"warning: {a.compose_file.name} pins mlflow {server.stack.mlflow_version}, this environment has "
-              f"{mlflow.__version__}", file=sys.stderr)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+              f"{installed}", file=sys.stderr)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops it as cleanly as Ctrl-C
     print(f"starting PostgreSQL and MLflow in {a.state_dir} ...", flush=True)
-    with server:
+    try:
+        server.start()
+    except (OSError, RuntimeError) as e:  # missing binaries, busy port, unreachable folder: the message says
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # start() has already stopped what it had started
+        return 130
+    try:
         print(
             f"\nMLflow tracking server: {server.uri}  (PostgreSQL on {LOOPBACK}:{server.postgres.port}, "
             f"artifacts in {server.state_dir / 'artifacts'})\n"
@@ -526,14 +563,15 @@ def main(argv: list[str] | None = None) -> int:
             + "\nCtrl-C stops it; the data stays in the state folder.",
             flush=True,
         )
-        try:
-            while server._proc.poll() is None:
-                time.sleep(1)
-            print(f"mlflow server exited; see {server.state_dir / 'mlflow.log'}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("\nstopping ...", flush=True)
-    return 0
+        while server.running:
+            time.sleep(1)
+        print(f"mlflow server exited; see {server.state_dir / 'mlflow.log'}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+        return 0
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":
