@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.run import ConfigError
+
 
 def _import(path: str):
     mod, _, name = path.rpartition(".")
@@ -37,16 +39,16 @@ def load_checkpoint(path: str | Path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); "
+        raise ConfigError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); "
                          "use another checkpoint of the run (last.ckpt / best.ckpt)") from None
     info = ckpt.get("practicum") if isinstance(ckpt, dict) else None
     if not info:
-        raise ValueError(f"{path} is not a Practicum checkpoint (no 'practicum' entry naming its module class)")
+        raise ConfigError(f"{path} is not a Practicum checkpoint (no 'practicum' entry naming its module class)")
     cls = _import(info["class_path"])
     model = cls.load_from_checkpoint(path, map_location="cpu")
     model.eval()
     if not hasattr(model, "generate_text"):
-        raise ValueError(f"{info['class_path']} cannot generate text (it has no generate_text method)")
+        raise ConfigError(f"{info['class_path']} cannot generate text (it has no generate_text method)")
     return model
 
 

@@ -220,17 +220,17 @@ class Session:
         if self._monitor is not None:
             self._monitor.finish()
         self.logger.flush(attempts=30, wait_s=2.0)
-        if error is not None:
-            tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-            self.client.log_text(self.run_id, tb, "error.txt")
-            self.client.set_tag(self.run_id, "practicum.error", _one_line(error))
         try:
+            if error is not None:
+                self.client.set_tag(self.run_id, "practicum.error", _one_line(error))
+                tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+                self.client.log_text(self.run_id, tb, "error.txt")
             if self.log_checkpoint and self.ckpt_dir.is_dir():
                 for ckpt in sorted(self.ckpt_dir.glob("*.ckpt")):
                     self.client.log_artifact(self.run_id, str(ckpt), "checkpoints")
         except OSError as e:
-            error = OSError(e.errno, f"could not write checkpoint artifacts of run {self.run_id}: {e.strerror or e} "
-                                     f"(the local copies stay in {self.ckpt_dir}); free space on the artifact store")
+            error = OSError(e.errno, f"could not write artifacts of run {self.run_id}: {e.strerror or e} "
+                                     f"(local checkpoints stay in {self.ckpt_dir}); free space on the artifact store")
             status = "FAILED"
             self.client.set_tag(self.run_id, "practicum.error", _one_line(error))
         self.client.set_terminated(self.run_id, status)
@@ -324,6 +324,7 @@ class PracticumCLI(LightningCLI):
             cfg.log_checkpoint,
             resume_run_id=resume_id,
         )
+        self.context["session"] = self.session
         if cfg.resume and not is_rank_zero():  # rank 0 found it; the same folder holds it for every rank
             self.resume_ckpt = str(self.session.ckpt_dir / "last.ckpt")
         try:
@@ -338,7 +339,7 @@ class PracticumCLI(LightningCLI):
                 s.client.set_tag(s.run_id, "practicum.resumed_from", self.resume_ckpt)
             self.trainer = self.instantiate_trainer()
         except BaseException as e:
-            self.session.end("FAILED", error=e)
+            _, self.context["error"] = self.session.end("FAILED", error=e)
             raise
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
@@ -497,7 +498,13 @@ def run_experiment(
     context = dict(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name, parent_run_id=parent_run_id,
                    tags=tags or {}, system_metrics=system_metrics,
                    config_path=str(Path(config).resolve()) if config else None)
-    cli = PracticumCLI(argv, context)  # ConfigError/TrackingError propagate: nothing was opened, or it is FAILED
+    try:
+        cli = PracticumCLI(argv, context)
+    except Exception as e:
+        if "session" not in context:  # ConfigError, TrackingError: nothing was opened
+            raise
+        s = context["session"]  # opened, then failed while building the trainer: it is FAILED already
+        return RunResult(s.run_id, "FAILED", error=_one_line(context.get("error") or e))
     s, trainer, model, dm = cli.session, cli.trainer, cli.model, cli.datamodule
     status, error = "FINISHED", None
     metrics: dict[str, float] = {}

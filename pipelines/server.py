@@ -5,8 +5,9 @@
 run the same server where there is no Docker engine:
 
 - PostgreSQL: a cluster initialised in a folder with the Debian binaries of the compose image's
-  major version (``/usr/lib/postgresql/<major>/bin``, package ``postgresql-<major>``), started
-  with the service's ``-c`` options, its user, password and database created as the image would.
+  major version (``/usr/lib/postgresql/<major>/bin``, package ``postgresql-<major>``; another
+  installed major serves with a warning), started with the service's ``-c`` options, its user,
+  password and database created as the image would.
 - MLflow: ``mlflow server`` with the compose service's ``command`` and ``environment`` after
   compose's ``${VAR}`` interpolation. Only what belongs to containers is swapped: the bind host
   (always ``127.0.0.1``) and port, the artifact folder, and the ``postgres`` hostname inside
@@ -24,11 +25,13 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import string
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -263,6 +266,8 @@ class PostgresCluster:
         self.root, self.port, self.options = Path(root).absolute(), port, list(options)
         self.bindir = postgres_bindir(major)
         self.data, self.log = self.root / "data", self.root / "postgres.log"
+        # A Unix socket path holds at most 107 bytes: a deep state folder gets a private one in /tmp.
+        self.socket_dir = self.root if len(str(self.root)) < 80 else Path(tempfile.mkdtemp(prefix="practicum-pg-"))
         self.os_user = None
         if os.geteuid() == 0:
             import pwd
@@ -288,12 +293,13 @@ class PostgresCluster:
     def init(self) -> None:
         """``initdb`` once; later starts reuse the cluster, as the image does with its volume."""
         self.root.mkdir(parents=True, exist_ok=True)
-        if self.os_user:
-            import pwd
+        for d in {self.root, self.socket_dir}:
+            if self.os_user:
+                import pwd
 
-            pw = pwd.getpwnam(self.os_user)
-            os.chown(self.root, pw.pw_uid, pw.pw_gid)
-        self.root.chmod(0o700)
+                pw = pwd.getpwnam(self.os_user)
+                os.chown(d, pw.pw_uid, pw.pw_gid)
+            d.chmod(0o700)
         if self.os_user and subprocess.run(self._cmd("test", "-w", str(self.root))).returncode != 0:
             raise PermissionError(
                 f"the '{self.os_user}' user cannot reach {self.root}: a folder above it is closed to other users "
@@ -312,23 +318,29 @@ class PostgresCluster:
         )
 
     def start(self) -> None:
-        opts = ["-c", f"listen_addresses={LOOPBACK}", "-c", f"port={self.port}", "-k", str(self.root), *self.options]
+        # Local connections are trusted, so the socket is for the server's own OS user (and root) only.
+        opts = ["-c", f"listen_addresses={LOOPBACK}", "-c", f"port={self.port}", "-k", str(self.socket_dir),
+                "-c", "unix_socket_permissions=0700", *self.options]
         self._run(
             str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
             "-o", shlex.join(opts), "start", what=f"starting PostgreSQL on {LOOPBACK}:{self.port}",
         )
 
     def stop(self) -> None:
-        if (self.data / "postmaster.pid").exists():
+        # pg_ctl status exits 3 when no server runs (also after a crash left a stale postmaster.pid).
+        if subprocess.run(self._cmd(str(self.bindir / "pg_ctl"), "-D", str(self.data), "status"),
+                          capture_output=True).returncode == 0:
             self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop",
                       what="stopping PostgreSQL")
+        if self.socket_dir != self.root:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def ensure_database(self, user: str, password: str, db: str) -> None:
         """Create the login role and its database unless they exist (the image's POSTGRES_* on first start)."""
         import psycopg2
         from psycopg2 import sql
 
-        conn = psycopg2.connect(host=str(self.root), port=self.port, user="postgres", dbname="postgres")
+        conn = psycopg2.connect(host=str(self.socket_dir), port=self.port, user="postgres", dbname="postgres")
         conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
         try:
             with conn.cursor() as cur:
@@ -428,9 +440,9 @@ class TrackingServer:
         (self.state_dir / "artifacts").mkdir(exist_ok=True)
         self.postgres = PostgresCluster(self.state_dir / "postgres", free_port(), self.stack.postgres_major,
                                         self.stack.postgres_options)
-        self.postgres.init()
-        self.postgres.start()
         try:
+            self.postgres.init()
+            self.postgres.start()
             self.postgres.ensure_database(self.db_user, self.db_password, self.db_name)
             argv, extra_env = self.mlflow_command(self.postgres.port)
             self._write_auth_config(extra_env)

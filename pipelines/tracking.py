@@ -14,6 +14,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -71,16 +72,31 @@ def default_artifact_location(uri: str) -> str | None:
     return None
 
 
-def check_reachable(client: MlflowClient, uri: str) -> None:
-    """Fail before any training when the tracking server cannot be reached or refuses us."""
-    try:
-        client.search_experiments(max_results=1)
-    except Exception as e:  # MlflowException, requests errors: the message is what matters
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise TrackingError(
-            f"tracking server at '{uri}' is not usable: {first}. Start it (make server, or docker compose up), "
-            "check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, or use --tracking_uri."
-        ) from None
+def check_reachable(client: MlflowClient, uri: str, attempts: int = 3) -> None:
+    """Fail before any training when the tracking store cannot be reached or refuses us.
+
+    For a server it also bounds MLflow's own HTTP retries for the rest of the run (unless the user set
+    them): during an outage a metric call must fail fast so training goes on; the pipeline's buffer
+    retries it later.
+    """
+    remote = uri.startswith(("http://", "https://"))
+    if remote:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    for attempt in range(attempts if remote else 1):
+        try:
+            client.search_experiments(max_results=1)
+            return
+        except Exception as e:  # MlflowException, requests errors: the message is what matters
+            error = e
+            if "401" in str(e) or "403" in str(e):
+                break
+            time.sleep(1.0 if attempt < attempts - 1 else 0)
+    first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    raise TrackingError(
+        f"tracking store at '{uri}' is not usable: {first}. Start the server (make server, or docker compose up), "
+        "check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, or use --tracking_uri."
+    ) from None
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:

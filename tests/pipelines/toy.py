@@ -1,7 +1,10 @@
 """A tiny regression project used to exercise the pipeline itself (not a Practicum project)."""
 
+import os
+import signal
+
 import torch
-from lightning import LightningDataModule, LightningModule
+from lightning import Callback, LightningDataModule, LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -13,9 +16,10 @@ class ToyModule(LightningModule):
         hidden: width of the hidden layer.
         lr: Adam learning rate.
         fail_at_step: raise at this global step (to test that crashes end FAILED).
+        nan_at_step: return a NaN loss at this global step (to test the NaN guard).
     """
 
-    def __init__(self, hidden: int = 8, lr: float = 1e-2, fail_at_step: int = -1):
+    def __init__(self, hidden: int = 8, lr: float = 1e-2, fail_at_step: int = -1, nan_at_step: int = -1):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
@@ -27,6 +31,8 @@ class ToyModule(LightningModule):
             raise RuntimeError("injected failure")
         x, y = batch
         loss = nn.functional.mse_loss(self.net(x), y)
+        if self.global_step == self.hparams.nan_at_step:
+            loss = loss * float("nan")
         self.log("train/loss", loss, on_step=True, on_epoch=False)
         return loss
 
@@ -77,3 +83,30 @@ class ToyDataModule(LightningDataModule):
 
     def test_dataloader(self):
         return DataLoader(self.ds, batch_size=self.batch_size)
+
+
+class SignalAt(Callback):
+    """Sends this process a signal after the given training step: a real kill, for fault-tolerance tests.
+
+    Args:
+        step: global step after which the signal is sent.
+        sig: signal name, e.g. SIGKILL or SIGTERM.
+    """
+
+    def __init__(self, step: int, sig: str = "SIGKILL"):
+        self.step, self.sig = step, getattr(signal, sig)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.sig)
+
+
+HOOKS: dict = {}
+
+
+class CallAt(Callback):
+    """Calls ``HOOKS[step]()`` after that training step (tests put server stop/start functions there)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if fn := HOOKS.get(trainer.global_step):
+            fn()
