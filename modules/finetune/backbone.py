@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -97,11 +98,33 @@ def download_run_checkpoint(run_id: str, cache_dir: str | Path) -> str:
     return str(local.resolve())
 
 
+@contextmanager
+def own_hparams() -> Iterator[None]:
+    """Build a LightningModule inside another one's __init__ with its own hyper-parameters.
+
+    LightningCLI passes the module it instantiates its arguments through a context variable that
+    `save_hyperparameters` reads instead of the caller's frame; a GPTModule built while that is set
+    (loading or pretraining the base inside FinetuneModule.__init__) would save FinetuneModule's
+    arguments as its own and break. Lightning has no public switch for this, hence the private name.
+    """
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # a Lightning without the mechanism needs no guard
+        yield
+        return
+    token = _given_hyperparameters.set(None)
+    try:
+        yield
+    finally:
+        _given_hyperparameters.reset(token)
+
+
 def load_minigpt(checkpoint: str) -> tuple[torch.nn.Module, Any]:
     """(GPT, tokenizer) from a Project 1 checkpoint, which carries its tokenizer."""
     from modules.gpt.module import GPTModule
 
-    gm = GPTModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    with own_hparams():
+        gm = GPTModule.load_from_checkpoint(checkpoint, map_location="cpu")
     return gm.model, gm.tokenizer
 
 
@@ -171,7 +194,8 @@ def pretrained_base(config_path: str, cache_dir: str | Path) -> str:
     parser.add_subclass_arguments(L.LightningDataModule, "data")
     cfg = parser.parse_string(text)
     L.seed_everything(cfg.seed_everything, workers=True)
-    objs = parser.instantiate(cfg)
+    with own_hparams():
+        objs = parser.instantiate(cfg)
     trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if k not in ("logger", "callbacks")}
     trainer = L.Trainer(
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

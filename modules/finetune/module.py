@@ -24,6 +24,7 @@ from modules.finetune.backbone import (
     RUN_ID,
     load_hf,
     load_minigpt,
+    own_hparams,
     pretrained_base,
     resolve_backbone,
     torch_dtype,
@@ -321,12 +322,15 @@ class FinetuneModule(L.LightningModule):
         if self.method == "full":
             raise ValueError("method='full' has no adapter; use save_merged")
         folder = Path(folder)
-        # the mini-GPT has no vocabulary config for PEFT to inspect; its embeddings are never adapted
-        self.backbone.save_pretrained(folder, save_embedding_layers="auto" if self.kind == "hf" else False)
+        self._save_lora(folder)
         if self.kind == "hf":
             self.tokenizer.save_pretrained(folder)
         write_loader_marker(folder)
         return folder
+
+    def _save_lora(self, folder: Path) -> None:
+        # the mini-GPT has no vocabulary config for PEFT to inspect; its embeddings are never adapted
+        self.backbone.save_pretrained(folder, save_embedding_layers="auto" if self.kind == "hf" else False)
 
     def save_merged(self, folder: str | Path) -> Path:
         """A standalone model with the adapters folded in (W + alpha/r B A), loadable without PEFT.
@@ -342,7 +346,7 @@ class FinetuneModule(L.LightningModule):
             from peft import PeftModel
 
             with tempfile.TemporaryDirectory() as tmp:
-                self.backbone.save_pretrained(tmp)
+                self._save_lora(Path(tmp))
                 base, _ = self._load_base(quantize=False)
                 model = PeftModel.from_pretrained(base, tmp).merge_and_unload()
         if self.kind == "hf":
@@ -395,7 +399,8 @@ def save_minigpt(gpt: torch.nn.Module, tokenizer: Any, path: Path) -> None:
 
     config = dataclasses.asdict(gpt.config)
     accepted = inspect.signature(GPTModule.__init__).parameters
-    gm = GPTModule(**{k: v for k, v in config.items() if k in accepted})
+    with own_hparams():
+        gm = GPTModule(**{k: v for k, v in config.items() if k in accepted})
     gm.model.load_state_dict(gpt.state_dict())
     gm.tokenizer = tokenizer
     checkpoint = {

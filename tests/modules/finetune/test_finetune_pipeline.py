@@ -1,0 +1,81 @@
+"""The fine-tuning project through the real pipeline into a temporary MLflow store, and every
+shipped config (run configs and the study) parsed against the classes' signatures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+from jsonargparse import ArgumentParser
+from mlflow.tracking import MlflowClient
+
+from pipelines.run import run_experiment
+from pipelines.study import load_study
+
+ROOT = Path(__file__).resolve().parents[3]
+CONFIGS = sorted((ROOT / "configs" / "finetune").glob("*.yaml"))
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(exit_on_error=False)
+    p.add_argument("--config", action="config")
+    p.add_argument("--seed_everything", type=int, default=0)
+    p.add_argument("--trainer", type=dict, default={})
+    p.add_subclass_arguments(L.LightningModule, "model")
+    p.add_subclass_arguments(L.LightningDataModule, "data")
+    return p
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_parses(path):
+    # parsing checks every class_path and init_args name and type; instantiating the HF configs
+    # would download models, so the run test below instantiates the mini-GPT one for real
+    cfg = parser().parse_args(["--config", str(path)])
+    assert cfg.model.class_path.startswith(("modules.finetune.", "modules.gpt."))
+
+
+def test_study_variants_parse():
+    study = load_study(ROOT / "configs" / "studies" / "lora-vs-full.yaml")
+    assert set(study.variants) == {"full", "lora-r8", "lora-r64"}
+    methods = {}
+    for name in study.variants:
+        config, args = study.variant_config(name)
+        cfg = parser().parse_args(["--config", str(config), *args])
+        methods[name] = (cfg.model.init_args.method, cfg.model.init_args.r)
+        assert cfg.trainer == parser().parse_args(["--config", str(study.base)]).trainer  # equal steps
+    assert methods == {"full": ("full", 8), "lora-r8": ("lora", 8), "lora-r64": ("lora", 64)}
+
+
+def test_lora_run_through_the_pipeline(tracking_uri, tiny_minigpt_ckpt):
+    res = run_experiment(
+        ROOT / "configs" / "finetune" / "minigpt_lora.yaml",
+        [
+            f"--model.init_args.backbone={tiny_minigpt_ckpt}",
+            "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=2",
+            "--trainer.log_every_n_steps=1",
+            "--data.init_args.max_length=32", "--data.init_args.batch_size=4", "--data.init_args.max_records=6",
+        ],
+        tracking_uri=tracking_uri,
+        system_metrics=False,
+    )
+    assert res.status == "FINISHED", res.error
+    run = MlflowClient(tracking_uri).get_run(res.run_id)
+    m = run.data.metrics
+    for key in ("train/loss", "val/loss", "val/ppl", "val/loss_before", "val/ppl_before", "params/trainable",
+                "params/trainable_pct", "mem/grads_bytes", "mem/optimizer_bytes", "disk/adapter_bytes",
+                "disk/full_checkpoint_bytes", "perf/tokens_per_s"):
+        assert key in m, key
+    assert run.data.tags["practicum.project"] == "finetune"
+    assert len(run.data.params["data.fingerprint"]) == 64
+    assert m["mem/grads_bytes"] == 4 * m["params/trainable"]  # fp32 gradients of the adapters only
+    assert m["disk/adapter_bytes"] < m["disk/full_checkpoint_bytes"]
+    client = MlflowClient(tracking_uri)
+    artifacts = {a.path for d in ("adapter", "merged") for a in client.list_artifacts(res.run_id, d)}
+    assert {"adapter/adapter_model.safetensors", "adapter/practicum.json", "merged/model.ckpt"} <= artifacts
+    # the run's own checkpoint (adapters only) rebuilds the model for `practicum generate`
+    from pipelines.generate import load_generator
+
+    gen = load_generator(res.checkpoint)
+    assert type(gen).__name__ == "FinetuneModule" and gen.method == "lora"
+    assert gen.generate_text("x = ", 5, seed=0).startswith("x = ")
