@@ -228,7 +228,8 @@ def test_pipeline_run_against_the_server(server, admin, tmp_path, monkeypatch):
         model: {class_path: tests.pipelines.toy.ToyModule, init_args: {hidden: 6}}
         data: {class_path: tests.pipelines.toy.ToyDataModule, init_args: {n: 32, batch_size: 8}}
     """))
-    result = run_experiment(config, [], tracking_uri=server.uri, experiment="server-e2e", system_metrics=False)
+    # No tracking_uri: practicum finds the server through MLFLOW_TRACKING_URI/_USERNAME/_PASSWORD alone.
+    result = run_experiment(config, [], experiment="server-e2e", system_metrics=False)
     assert result.status == "FINISHED", result.error
 
     run = admin.get_run(result.run_id)  # a fresh read through the server, not the pipeline's own values
