@@ -336,7 +336,11 @@ class PostgresCluster:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def ensure_database(self, user: str, password: str, db: str) -> None:
-        """Create the login role and its database unless they exist (the image's POSTGRES_* on first start)."""
+        """Create the login role and its database unless they exist (the image's POSTGRES_* on first start).
+
+        Unlike the image, the role's password follows the current settings on every start, so
+        editing POSTGRES_PASSWORD in .env does not lock MLflow out of a kept local cluster.
+        """
         import psycopg2
         from psycopg2 import sql
 
@@ -345,9 +349,9 @@ class PostgresCluster:
         try:
             with conn.cursor() as cur:
                 cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (user,))
-                if cur.fetchone() is None:
-                    cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                        sql.Identifier(user), sql.Literal(password)))
+                verb = "CREATE" if cur.fetchone() is None else "ALTER"
+                cur.execute(sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(user), sql.Literal(password)))
                 cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
                 if cur.fetchone() is None:
                     cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(db), sql.Identifier(user)))

@@ -165,11 +165,15 @@ def test_cli_generates_missing_secrets_once(tmp_path, monkeypatch):
 # ---- a real stack -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server():
+def _state_dir() -> Path:
     # Not pytest's tmp_path: as root, PostgreSQL runs as the postgres user, who cannot enter
     # pytest's 0700 folders.
-    state = Path(tempfile.mkdtemp(prefix="practicum-server-"))
+    return Path(tempfile.mkdtemp(prefix="practicum-server-"))
+
+
+@pytest.fixture(scope="module")
+def server():
+    state = _state_dir()
     try:
         with srv.TrackingServer(state, _env()) as s:
             yield s
@@ -195,6 +199,25 @@ def test_requests_without_or_with_wrong_credentials_get_401(server):
     assert _search(server, (server.admin_username, server.admin_password + "x")).status_code == 401
     assert _search(server, ("nobody", server.admin_password)).status_code == 401
     assert _search(server, (server.admin_username, server.admin_password)).status_code == 200
+
+
+def test_postgres_needs_the_password_over_tcp_and_follows_a_changed_one(server):
+    import psycopg2
+
+    pg = server.postgres
+    pg.ensure_database("probe", "first-password", "probe")  # a role of its own: mlflow's stays untouched
+
+    def login(password):
+        psycopg2.connect(host="127.0.0.1", port=pg.port, user="probe", password=password, dbname="probe").close()
+
+    login("first-password")
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        login("wrong-password")
+    pg.ensure_database("probe", "second-password", "probe")  # .env edited between two starts
+    login("second-password")
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        login("first-password")
+    assert oct(pg.socket_dir.stat().st_mode)[-3:] == "700"  # local connections are trusted: owner only
 
 
 def test_user_without_permission_on_an_experiment_cannot_write_to_it(server, admin):
