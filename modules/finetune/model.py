@@ -177,7 +177,8 @@ def sample(
         out = core.gpt.generate(input_ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=g)
         return out[:, input_ids.size(1) :]
     torch.manual_seed(seed)
-    kwargs = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens}
+    # use_cache: training switches the config's KV cache off; sampling wants it back
+    kwargs = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens, "use_cache": True}
     if temperature > 0:
         kwargs.update(temperature=temperature, top_k=top_k or 0)
     out = model.generate(

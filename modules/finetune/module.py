@@ -22,6 +22,7 @@ from torchmetrics import MeanMetric
 
 from modules.finetune.backbone import (
     RUN_ID,
+    find_config,
     load_hf,
     load_minigpt,
     own_hparams,
@@ -124,7 +125,10 @@ class FinetuneModule(L.LightningModule):
             raise ValueError("FinetuneModule.use_dora applies to method='lora' or 'qlora', not 'full'")
         self.method = method
         self.export, self.export_dir = export, export_dir
+        # absolute, so a checkpoint loaded from another working directory finds the same cache
+        self.hparams.cache_dir = cache_dir = str(Path(cache_dir).expanduser().resolve())
         if backbone is None:
+            self.hparams.base_config = base_config = str(find_config(base_config).resolve())
             self.kind, self.source = "minigpt", pretrained_base(base_config, cache_dir)
         else:
             self.kind, self.source = resolve_backbone(backbone, cache_dir)
@@ -155,8 +159,6 @@ class FinetuneModule(L.LightningModule):
         self.n_trainable = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
         self.n_total = n_total
         self.lr = lr if lr is not None else default_lr(method, n_total)
-        # LoRA checkpoints keep only what was trained; the frozen base is rebuilt from `backbone`
-        self.strict_loading = method == "full"
         self.val_nll = MeanMetric()
         self.exported: dict[str, str] = {}
 
@@ -290,10 +292,15 @@ class FinetuneModule(L.LightningModule):
             del sd[k]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint["state_dict"]
         trained = {n for n, p in self.named_parameters() if p.requires_grad}
-        missing = trained - set(checkpoint["state_dict"])
+        missing = trained - set(sd)
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} trained tensors, e.g. {sorted(missing)[:3]}")
+        # a LoRA checkpoint holds the adapters only: the frozen base this module was just rebuilt
+        # from `backbone` fills in the rest, so loading stays strict
+        for k, v in self.state_dict().items():
+            sd.setdefault(k, v)
 
     # ------------------------------------------------------------------ export and generation
 
