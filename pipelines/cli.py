@@ -60,8 +60,11 @@ def cmd_run(args: list[str]) -> int:
     config, rest = (None, args) if args[0].startswith("-") else (args[0], args[1:])
     if config and not Path(config).is_file():
         raise FileNotFoundError(f"config file '{config}' does not exist (configs live under configs/<project>/)")
+    from pipelines.run import is_rank_zero
+
     res = run_experiment(config, rest)
-    _print_result(res)
+    if is_rank_zero():  # under DDP every rank returns here; one prints
+        _print_result(res)
     return 0 if res.status == "FINISHED" else 1
 
 

@@ -296,6 +296,7 @@ class PracticumCLI(LightningCLI):
         self.model = self.config_init["model"]
         if self.context.get("dry_run"):  # parse and build the project only: no run, no trainer
             return
+        check_strategy(self.config.trainer)
         cfg = self.config
         model_path = cfg.model.class_path
         project = _project_of(model_path)
@@ -362,6 +363,29 @@ class PracticumCLI(LightningCLI):
         if config.get("enable_checkpointing") is False:
             config["callbacks"] = [c for c in config["callbacks"] if not isinstance(c, ModelCheckpoint)]
         return self.trainer_class(**config)
+
+
+def check_strategy(trainer_cfg) -> None:
+    """Strategies that cannot run here fail before a run opens, with the fix in the message."""
+    import importlib.util
+
+    import torch
+
+    strategy = trainer_cfg.get("strategy")
+    shown = strategy if isinstance(strategy, str) else getattr(strategy, "class_path", "") or ""
+    name = shown.lower()
+    accel = str(trainer_cfg.get("accelerator") or "auto").lower()
+    cuda = torch.cuda.is_available() and accel in ("auto", "gpu", "cuda")
+    if "deepspeed" in name:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(f"trainer.strategy={shown} needs DeepSpeed, an optional extra: "
+                              "pip install -e '.[deepspeed]' (CUDA only)")
+        if not cuda:
+            raise ConfigError(f"trainer.strategy={shown} runs on CUDA GPUs only; use trainer.strategy=ddp on CPU")
+    if "fsdp" in name and not cuda:
+        raise ConfigError(f"trainer.strategy={shown}: Lightning's FSDP needs CUDA GPUs (this machine: "
+                          f"accelerator={accel}, CUDA {'available' if torch.cuda.is_available() else 'absent'}); "
+                          "use trainer.strategy=ddp on CPU")
 
 
 def find_resume_point(resume: str, uri: str | None, config_path) -> tuple[str, str]:

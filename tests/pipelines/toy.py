@@ -110,3 +110,22 @@ class CallAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if fn := HOOKS.get(trainer.global_step):
             fn()
+
+
+class RecordBatches(Callback):
+    """Writes a hash of every training sample each rank sees to ``<folder>/rank<R>.txt`` (DDP sharding tests).
+
+    Args:
+        folder: where the per-rank files go.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import hashlib
+
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        with open(os.path.join(self.folder, f"rank{trainer.global_rank}.txt"), "a") as f:
+            for row in x.detach().cpu():
+                f.write(f"{trainer.global_step} {hashlib.sha1(row.numpy().tobytes()).hexdigest()}\n")
