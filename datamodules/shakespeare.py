@@ -185,6 +185,8 @@ class ShakespeareDataModule(L.LightningDataModule):
         for name, value in (("block_size", block_size), ("batch_size", batch_size), ("val_windows", val_windows)):
             if value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
+        if max_chars is not None and max_chars <= 0:
+            raise ValueError(f"max_chars must be a positive number of characters or null (all), got {max_chars}")
         if not 0.0 < train_frac < 1.0:
             raise ValueError(f"train_frac must be in (0, 1), got {train_frac}")
         # no save_hyperparameters(): Lightning would refuse to merge block_size with the model's
