@@ -68,12 +68,26 @@ def pick_checkpoint(paths: list[str]) -> str:
     return max(sorted(paths), key=step)
 
 
+def current_tracking_uri() -> str:
+    """MLflow's tracking URI when one was set (mlflow.set_tracking_uri, MLFLOW_TRACKING_URI),
+    else Practicum's default store (where `practicum run` records runs)."""
+    from mlflow.tracking import get_tracking_uri, is_tracking_uri_set
+
+    if is_tracking_uri_set():
+        return get_tracking_uri()
+    try:
+        from pipelines.tracking import resolve_tracking_uri
+    except ImportError:
+        return get_tracking_uri()
+    return resolve_tracking_uri()
+
+
 def download_run_checkpoint(run_id: str, cache_dir: str | Path) -> str:
     """The checkpoint artifact of MLflow run `run_id`, downloaded (once) under cache_dir."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri = mlflow.get_tracking_uri()
+    uri = current_tracking_uri()
     client = MlflowClient(uri)
     try:
         client.get_run(run_id)
@@ -91,10 +105,12 @@ def download_run_checkpoint(run_id: str, cache_dir: str | Path) -> str:
         raise FileNotFoundError(f"MLflow run {run_id} has no .ckpt artifact to fine-tune from")
     chosen = pick_checkpoint(ckpts)
     dst = Path(cache_dir) / f"mlflow-{run_id}"
-    local = dst / chosen
+    local = dst / Path(chosen).name  # a single-file download lands flat in dst_path
     if not local.exists():
         dst.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=chosen, dst_path=str(dst), tracking_uri=uri)
+        local = Path(mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=chosen, dst_path=str(dst), tracking_uri=uri
+        ))
     return str(local.resolve())
 
 

@@ -79,3 +79,30 @@ def test_lora_run_through_the_pipeline(tracking_uri, tiny_minigpt_ckpt):
     gen = load_generator(res.checkpoint)
     assert type(gen).__name__ == "FinetuneModule" and gen.method == "lora"
     assert gen.generate_text("x = ", 5, seed=0).startswith("x = ")
+
+
+@pytest.fixture
+def current_uri(tracking_uri):
+    """MLflow's process-wide tracking URI pointed at the test store (as inside a pipeline run)."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    yield tracking_uri
+    mlflow.set_tracking_uri(before)
+
+
+def test_backbone_from_an_mlflow_run_id(current_uri, tiny_minigpt_ckpt, tmp_path):
+    from modules.finetune.backbone import resolve_backbone
+    from modules.finetune.module import FinetuneModule
+
+    client = MlflowClient(current_uri)
+    run_id = client.create_run(client.create_experiment("gpt")).info.run_id
+    client.log_artifact(run_id, tiny_minigpt_ckpt, "checkpoints")
+    kind, path = resolve_backbone(run_id, tmp_path / "cache")
+    assert kind == "minigpt" and Path(path).read_bytes() == Path(tiny_minigpt_ckpt).read_bytes()
+    assert resolve_backbone(f"runs:/{run_id}", tmp_path / "cache") == (kind, path)
+    module = FinetuneModule(backbone=run_id, method="lora", r=2, cache_dir=str(tmp_path / "cache"))
+    assert module.backbone.peft_config["default"].base_model_name_or_path == run_id  # the adapter's base
+    with pytest.raises(ValueError, match="MLflow run id"):
+        resolve_backbone("0" * 32, tmp_path / "cache")
