@@ -2,7 +2,8 @@
 
 Distances use ||a - b||^2 = ||a||^2 - 2 a.b + ||b||^2: one matrix product per block of
 queries instead of an (n_query, n_train, d) difference tensor, so a block costs
-(block rows x n_train) floats of memory and the product runs in BLAS.
+(block rows x n_train) floats of memory and the product runs in BLAS. The k smallest per
+row are found without sorting or partitioning whole rows (`_k_smallest`).
 
 How scikit-learn (1.3+, brute force, dense float64) breaks ties, and how this file matches it:
 
@@ -12,22 +13,26 @@ How scikit-learn (1.3+, brute force, dense float64) breaks ties, and how this fi
   maximum is rejected, and a point that enters sifts down only past strictly larger
   children (ties going left). When more than k points share the k-th smallest distance,
   which of them survive therefore depends on that heap's history, not simply on the
-  lowest indices. Here the k smallest are taken with argpartition; only for the query rows
-  where such a tie exists (rare on real data) is scikit-learn's heap replayed exactly
-  (`_replay_heap`, vectorised over those rows). Rows without a boundary tie have a unique
-  neighbour set, so both agree by construction.
+  lowest indices (a "lowest index wins" rule disagrees with scikit-learn on many of the
+  grid ties in the tests). Only for the query rows where such a boundary tie exists
+  (rare on real data) is scikit-learn's heap replayed exactly (`_replay_heap`, vectorised
+  over those rows); rows without one have a unique neighbour set.
 * Which class. Uniform weights: votes per class, argmax, so the lowest class index wins a tie
   (scikit-learn's ArgKminClassMode + argmax). Distance weights: w = 1/d, and a query at
   distance 0 from some training points gives weight 1 to those and 0 to the others
   (`_get_weights`); class scores are summed as `weighted_mode` sums them (np.sum over the
   distance-sorted neighbours), the strictly larger score wins, so again the lowest class.
 
-Caveat, scikit-learn's side: with distance weights and more than 256 training points,
-scikit-learn may split the training set across OpenMP threads with one heap each and then
-merge the heaps (`strategy="parallel_on_Y"`), so which of several equally distant boundary
-neighbours it keeps can depend on its thread count. This file follows the single-heap order,
-which is scikit-learn's result for uniform weights always, and for distance weights on one
-OpenMP thread or up to 256 training points.
+Limits of "identical". (1) Ties are ties only if both sides compute equal distances. They
+do when the arithmetic is exact (integer-valued data, as in the tie tests) and, in practice,
+on real data without duplicate rows (digits and mnist5k agree on every prediction). For
+duplicated float rows the norm expansion leaves ~1e-13 instead of 0, not always the same
+for each copy, while scikit-learn's uniform path subtracts directly and gets exact zeros,
+so ties among the copies can break differently. (2) With distance weights, more than 256
+training points and several OpenMP threads, scikit-learn gives each thread its own heap
+and merges them (`strategy="parallel_on_Y"`). This file replays the single heap, which is
+scikit-learn's order for uniform weights always and for distance weights on one thread;
+the merged result agreed with it in every case tried (tests: 700 points, 2 threads).
 """
 
 from __future__ import annotations
@@ -64,17 +69,29 @@ class KNNConfig:
             raise ValueError(f"block_size (query rows per distance block) must be >= 1, got {self.block_size}")
 
 
-def squared_distances(A: np.ndarray, B: np.ndarray, B_sqnorm: np.ndarray | None = None) -> np.ndarray:
-    """||a_i - b_j||^2 for all pairs, (n_a, n_b), via the norm expansion, clipped at 0.
+def squared_distances(
+    A: np.ndarray,
+    B: np.ndarray,
+    A_sqnorm: np.ndarray | None = None,
+    B_sqnorm: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+    clip: bool = True,
+) -> np.ndarray:
+    """||a_i - b_j||^2 for all pairs, (n_a, n_b), via the norm expansion.
 
     The sum is formed as (||a||^2 - 2 a.b) + ||b||^2, the order scikit-learn's
-    EuclideanArgKmin uses; the clip removes tiny negatives from cancellation.
+    EuclideanArgKmin uses. The -2 scales the small query block before the product, which
+    is exact (a power of two) and saves a pass over the (n_a, n_b) result; everything after
+    the product is in place, into `out` when given. `clip` removes tiny negatives left by
+    cancellation (the k-NN search clips only the rows that have any, see `_k_smallest`).
     """
-    a2 = np.einsum("ij,ij->i", A, A)  # (n_a,)
+    a2 = np.einsum("ij,ij->i", A, A) if A_sqnorm is None else A_sqnorm  # (n_a,)
     b2 = np.einsum("ij,ij->i", B, B) if B_sqnorm is None else B_sqnorm  # (n_b,)
-    d = a2[:, None] + (-2.0 * (A @ B.T))
-    d += b2[None, :]
-    np.maximum(d, 0.0, out=d)
+    d = np.matmul(-2.0 * A, B.T, out=out)
+    d += a2[:, None]
+    d += b2
+    if clip:
+        np.maximum(d, 0.0, out=d)
     return d
 
 
@@ -124,6 +141,69 @@ def _replay_heap(D: np.ndarray, k: int) -> np.ndarray:
     return idx
 
 
+def _k_smallest(D: np.ndarray, k: int, group: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column indices of the k smallest entries of each row of D, and the rows with a tie.
+
+    A full argpartition of every row is the slow part of brute-force k-NN, so candidates are
+    cut first. The first g * group columns (g = n // group) form g interleaved groups,
+    group i = columns {i, i + g, i + 2g, ...}; their minima come from `group` element-wise
+    minimum passes (b, g). With u the k-th smallest group minimum, k distinct columns lie
+    at or below u, so each of the k nearest lies in a group whose minimum is <= u (or in the
+    < group leftover columns): only those few groups (typically exactly k) are gathered and
+    ordered, k * group candidates instead of n.
+
+    Rows of D with negative entries (cancellation) are clipped to 0 here, in place, as
+    scikit-learn clips before its heap: clipped values tie at 0 in both.
+
+    Args:
+        D: Squared distances (b, n), possibly unclipped; modified in place.
+        k: Neighbours per row.
+        group: Columns per group (= passes of the pre-filter).
+
+    Returns:
+        (part (b, k) indices of the k smallest, any order; their values (b, k); rows (m,)
+        where more than k entries are <= the k-th smallest, i.e. where the choice among
+        equal distances is open).
+    """
+    b, n = D.shape
+    g = n // group
+    if g < k:  # small training set: plain selection
+        np.maximum(D, 0.0, out=D)
+        cand_idx = np.broadcast_to(np.arange(n), D.shape)
+        cand = D
+    else:
+        gmin = D[:, :g].copy()  # (b, g)
+        for j in range(1, group):
+            np.minimum(gmin, D[:, j * g : (j + 1) * g], out=gmin)
+        low = gmin.min(axis=1)
+        if g * group < n:
+            low = np.minimum(low, D[:, g * group :].min(axis=1))
+        neg = np.flatnonzero(low < 0.0)  # rows with a cancellation negative: clip them
+        if neg.size:
+            D[neg] = np.maximum(D[neg], 0.0)
+            gmin[neg] = np.maximum(gmin[neg], 0.0)  # min of clipped values = clipped min
+        gsel = np.argpartition(gmin, k - 1, axis=1)[:, :k]  # the k groups with the smallest minima
+        u = np.take_along_axis(gmin, gsel, axis=1).max(axis=1)  # (b,) bound on the k-th smallest
+        count = np.count_nonzero(gmin <= u[:, None], axis=1)  # >= k; > k when minima tie at u
+        valid = None
+        if (count > k).any():
+            # take every group at or below u: those first in each row (stable), then padding
+            gsel = np.argsort(gmin > u[:, None], axis=1, kind="stable")[:, : int(count.max())]
+            valid = np.arange(gsel.shape[1])[None, :] < count[:, None]  # (b, m)
+        cols = gsel[:, :, None] + g * np.arange(group)  # (b, m, group)
+        vals = np.take_along_axis(D, cols.reshape(b, -1), axis=1).reshape(cols.shape)
+        if valid is not None:
+            vals[~valid] = np.inf
+        tail = np.arange(g * group, n)  # leftover columns: always candidates
+        cand = np.concatenate([vals.reshape(b, -1), D[:, tail]], axis=1)
+        cand_idx = np.concatenate([cols.reshape(b, -1), np.broadcast_to(tail, (b, tail.size))], axis=1)
+    sel = np.argpartition(cand, k - 1, axis=1)[:, :k]
+    d = np.take_along_axis(cand, sel, axis=1)
+    # every entry <= the k-th smallest is a candidate (it is <= u), so ties are counted on cand
+    tied = np.flatnonzero(np.count_nonzero(cand <= d.max(axis=1)[:, None], axis=1) > k)
+    return np.take_along_axis(cand_idx, sel, axis=1), d, tied
+
+
 class KNNClassifier:
     """Brute-force k-NN classifier with Euclidean distance.
 
@@ -153,6 +233,8 @@ class KNNClassifier:
         y = np.asarray(y)
         if X.ndim != 2 or y.shape != (X.shape[0],):
             raise ValueError(f"X must be (n, d) and y (n,), got {X.shape} and {y.shape}")
+        if not np.isfinite(X).all():
+            raise ValueError("X contains NaN or infinity")
         if self.config.k > X.shape[0]:
             raise ValueError(
                 f"k={self.config.k} exceeds the training set size {X.shape[0]}: "
@@ -177,21 +259,26 @@ class KNNClassifier:
         X = np.ascontiguousarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.X.shape[1]:
             raise ValueError(f"X must have shape (n, {self.X.shape[1]}), got {X.shape}")
+        if not np.isfinite(X).all():
+            raise ValueError("X contains NaN or infinity")
         k, bs = self.config.k, self.config.block_size
-        dist = np.empty((X.shape[0], k))
-        ind = np.empty((X.shape[0], k), dtype=np.intp)
-        for s in range(0, X.shape[0], bs):
-            D = squared_distances(X[s : s + bs], self.X, self.sqnorm)  # (b, n_train)
+        n = X.shape[0]
+        dist = np.empty((n, k))
+        ind = np.empty((n, k), dtype=np.intp)
+        a2 = np.einsum("ij,ij->i", X, X)
+        # one buffer for every block: fresh multi-MB temporaries cost more in page faults
+        # than the arithmetic on them
+        buf = np.empty((min(bs, n), self.X.shape[0]))
+        for s in range(0, n, bs):
+            D = squared_distances(
+                X[s : s + bs], self.X, a2[s : s + bs], self.sqnorm, out=buf[: min(bs, n - s)], clip=False
+            )  # (b, n_train)
             self.block_bytes = max(self.block_bytes, D.nbytes)
-            rows = np.arange(D.shape[0])[:, None]
-            part = np.argpartition(D, k - 1, axis=1)[:, :k]  # (b, k), k smallest, any order
-            kth = D[rows, part].max(axis=1)  # k-th smallest distance
-            n_le = np.count_nonzero(D <= kth[:, None], axis=1)
-            tied = np.flatnonzero(n_le > k)  # more candidates than slots: heap decides
+            part, d, tied = _k_smallest(D, k)
             if tied.size:
                 part[tied] = _replay_heap(D[tied], k)
+                d[tied] = np.take_along_axis(D[tied], part[tied], axis=1)
                 self.n_replayed += tied.size
-            d = D[rows, part]
             # nearest first; ties in order of index (equal distances carry equal weights,
             # so their order does not change any vote)
             order = np.lexsort((part, d), axis=1)
@@ -214,11 +301,15 @@ class KNNClassifier:
         """Summed votes per class, (n, n_classes)."""
         dist, ind = self.kneighbors(X)
         labels = self.y[ind]  # (n, k)
+        n_classes = len(self.classes_)
+        if self.config.weights == "uniform":
+            # integer vote counts are exact in any order: one bincount over (row, class) cells
+            cells = labels + n_classes * np.arange(len(labels))[:, None]
+            return np.bincount(cells.ravel(), minlength=len(labels) * n_classes).reshape(-1, n_classes).astype(float)
         w = self._weights(dist)
         # one column per class, summed like scikit-learn's weighted_mode (np.sum over k)
-        return np.stack(
-            [np.sum(np.where(labels == c, w, 0.0), axis=1) for c in range(len(self.classes_))], axis=1
-        )
+        # float sums depend on association: sum exactly as weighted_mode does (np.sum over k)
+        return np.stack([np.sum(np.where(labels == c, w, 0.0), axis=1) for c in range(n_classes)], axis=1)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         s = self.class_scores(X)

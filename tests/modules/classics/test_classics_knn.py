@@ -6,7 +6,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from threadpoolctl import threadpool_limits
 
 from datamodules.tabular import TabularDataModule
-from modules.classics.knn import KNNClassifier, KNNConfig, _replay_heap, squared_distances
+from modules.classics.knn import KNNClassifier, KNNConfig, _k_smallest, _replay_heap, squared_distances
 
 
 def _sk(k, weights, X, y):
@@ -18,6 +18,20 @@ def test_squared_distances_match_the_definition():
     A, B = rng.normal(size=(7, 5)), rng.normal(size=(11, 5))
     np.testing.assert_allclose(squared_distances(A, B), ((A[:, None] - B[None]) ** 2).sum(-1), atol=1e-12)
     assert squared_distances(B, B).min() >= 0.0  # cancellation clipped
+
+
+@pytest.mark.parametrize("n, k", [(10, 3), (100, 1), (333, 5), (1000, 7)])
+def test_k_smallest_prefilter_finds_the_k_smallest(n, k):
+    """The group-minimum pre-filter against a full sort; tail columns and negatives included."""
+    rng = np.random.default_rng(n)
+    D = rng.random((40, n))
+    D[::7, -1] = -1e-14  # a cancellation negative, in the leftover tail columns when there are any
+    D[3, :5] = 1e-3 * rng.random(5)  # the nearest all in one group
+    part, d, tied = _k_smallest(D.copy(), k)
+    expected = np.sort(np.argsort(np.maximum(D, 0.0), axis=1)[:, :k], axis=1)
+    np.testing.assert_array_equal(np.sort(part, axis=1), expected)
+    np.testing.assert_array_equal(np.sort(d, axis=1), np.sort(np.take_along_axis(np.maximum(D, 0.0), expected, 1), 1))
+    assert tied.size == 0 and d.min() >= 0.0
 
 
 def test_heap_order_decides_boundary_ties():
@@ -61,13 +75,14 @@ def test_identical_to_sklearn_with_constructed_ties(weights, seed):
 
 
 def test_identical_to_sklearn_beyond_one_distance_chunk():
-    """More than 256 training points: scikit-learn splits them into chunks (and threads)."""
+    """More than 256 training points: scikit-learn splits them into chunks (and threads);
+    here the candidate pre-filter of `_k_smallest` is active too."""
     rng = np.random.default_rng(7)
     X = rng.integers(0, 3, size=(700, 2)).astype(float)
     y = rng.integers(0, 4, size=700)
     Q = rng.integers(0, 3, size=(40, 2)) + rng.choice([0.0, 0.5], size=(40, 2))
     for weights in ("uniform", "distance"):
-        for k in (3, 6):
+        for k in (1, 3, 6, 10):
             sk = _sk(k, weights, X, y)
             ours = KNNClassifier(KNNConfig(k=k, weights=weights)).fit(X, y)
             np.testing.assert_array_equal(ours.predict(Q), sk.predict(Q))
