@@ -323,6 +323,7 @@ class DiffusionModule(L.LightningModule):
                 ax.plot(np.arange(k - 1, len(losses)), np.convolve(losses, np.ones(k) / k, mode="valid"), label=f"mean of {k}")
             ax.set(xlabel="step", ylabel="L_simple", yscale="log", title="DDPM training loss")
             ax.legend()
+            fig.tight_layout()
             log_figure(self.trainer, fig, "loss_curve.png")
             plt.close(fig)
 
