@@ -2,22 +2,25 @@
 
 Run from the repository root (by hand, not part of the tests):
 
-    .venv/bin/python benchmarks/gpt_throughput.py --steps 300 [--path ../shared/data/tinyshakespeare.txt]
+    .venv/bin/python benchmarks/gpt_throughput.py --steps 400 [--path ../shared/data/tinyshakespeare.txt]
 
 Both sides train the CPU preset's model (configs/gpt/shakespeare_char_cpu.yaml) on the same
 step-seeded batches with the same AdamW, schedule and gradient clipping, in this one process.
 The pipeline side is `run_experiment` (LightningCLI, Trainer, MLflow logging, the resource
-callback, checkpointing); it is timed by wall clock from the end of step `warmup` to the end
-of the last step, so data loading, logging and every callback hook are inside the window.
-Validation is switched off for both, as the bare loop has none. The bare loop runs before and
-after the pipeline and the mean is used, so drifting load on a shared machine hits both sides.
+callback, checkpointing, system metrics). On a shared machine the load drifts by more than the
+5% being measured, so the two sides are interleaved: after every `block` pipeline steps a
+callback runs `block` bare steps. Pipeline time is wall clock between those pauses, so data
+loading, logging and every hook of every callback are inside it; the bare blocks are outside.
+Validation is switched off for both, as the bare loop has none. (The run's own
+perf/tokens_per_s is not reported: the bare blocks run inside a batch-end hook, so the resource
+callback's step timer counts them.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -29,67 +32,63 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "gpt" / "shakespeare_char_cpu.yaml"
 
 
-class WallClock(Callback):
-    """Wall time between the end of step `warmup` and the end of the last training step."""
+class BareLoop:
+    """nanoGPT's CPU training step in plain PyTorch, on the datamodule's batch stream."""
 
-    warmup = 20
-    result: dict = {}
+    def __init__(self, dm, model_kwargs: dict, total_steps: int):
+        from modules.gpt.model import GPT, GPTConfig
+        from modules.gpt.module import cosine_lr
+
+        torch.manual_seed(1337)
+        self.model = GPT(GPTConfig(vocab_size=dm.tokenizer.vocab_size, block_size=dm.block_size, **model_kwargs))
+        self.params = list(self.model.parameters())
+        groups = [{"params": [p for p in self.params if p.dim() >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in self.params if p.dim() < 2], "weight_decay": 0.0}]
+        self.opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99))
+        warmup = min(100, total_steps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: cosine_lr(s, 1e-3, 1e-4, warmup, total_steps) / 1e-3)
+        self.stream = iter(dm.train_dataloader())
+
+    def run(self, steps: int) -> float:
+        """Seconds for `steps` training steps."""
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            x, y = next(self.stream)
+            _, loss = self.model(x, y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            self.sched.step()
+        return time.perf_counter() - t0
+
+
+class Interleave(Callback):
+    """Times pipeline blocks of `block` steps and runs a bare block after each."""
+
+    bare: BareLoop
+    warmup, block = 20, 25
+    pipe_s: list[float] = []
+    bare_s: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
+        step, now = trainer.global_step, time.perf_counter()
+        if step < self.warmup:
+            return
+        if step > self.warmup and (step - self.warmup) % self.block == 0:
+            Interleave.pipe_s.append(now - self.mark)
+            Interleave.bare_s.append(self.bare.run(self.block))
         if step == self.warmup:
-            self.t0 = time.perf_counter()
-        elif step > self.warmup:
-            WallClock.result = {"steps": step - self.warmup, "seconds": time.perf_counter() - self.t0,
-                                "tokens_per_step": batch[0].numel()}
-
-
-def pipeline_tokens_per_s(steps: int, warmup: int, data_args: list[str], uri: str) -> tuple[float, dict]:
-    from pipelines.run import run_experiment
-
-    WallClock.warmup = warmup
-    args = [*data_args, f"--trainer.max_steps={steps + warmup}", f"--model.init_args.lr_decay_steps={steps + warmup}",
-            f"--model.init_args.warmup_steps={min(100, steps + warmup)}",
-            "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
-            "--model.init_args.sample_tokens=0", "--trainer.callbacks+=__main__.WallClock"]
-    res = run_experiment(CONFIG, args, tracking_uri=uri)
-    if res.status != "FINISHED":
-        raise SystemExit(f"pipeline run {res.status}: {res.error}")
-    r = WallClock.result
-    return r["steps"] * r["tokens_per_step"] / r["seconds"], res.metrics
-
-
-def bare_tokens_per_s(steps: int, warmup: int, dm, model_kwargs: dict) -> float:
-    """The same training step written out in plain PyTorch (what nanoGPT's train.py does on CPU)."""
-    from modules.gpt.model import GPT, GPTConfig
-    from modules.gpt.module import cosine_lr
-
-    torch.manual_seed(1337)
-    model = GPT(GPTConfig(vocab_size=dm.tokenizer.vocab_size, block_size=dm.block_size, **model_kwargs))
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99))
-    total = steps + warmup
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, 1e-3, 1e-4, min(100, total), total) / 1e-3)
-    stream = iter(dm.train_dataloader())
-    for step in range(total):
-        if step == warmup:
-            t0 = time.perf_counter()
-        x, y = next(stream)
-        _, loss = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-    return steps * dm.batch_size * dm.block_size / (time.perf_counter() - t0)
+            self.bare.run(self.warmup)  # the bare side gets the same warm-up
+        if step == self.warmup or (step - self.warmup) % self.block == 0:
+            self.mark = time.perf_counter()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300, help="timed steps per side")
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--steps", type=int, default=400, help="timed steps per side")
+    p.add_argument("--block", type=int, default=25, help="steps per interleaved block")
     p.add_argument("--path", default=str(ROOT / ".." / "shared" / "data" / "tinyshakespeare.txt"),
                    help="tiny Shakespeare text (the shared test copy by default)")
     ns = p.parse_args()
@@ -97,29 +96,35 @@ def main() -> None:
     import yaml
 
     from datamodules.shakespeare import ShakespeareDataModule
+    from pipelines.run import run_experiment
 
     cfg = yaml.safe_load(CONFIG.read_text())
     model_kwargs = {k: cfg["model"]["init_args"][k] for k in ("n_layer", "n_head", "n_embd", "dropout", "bias")}
     dm = ShakespeareDataModule(**{**cfg["data"]["init_args"], "path": ns.path})
     dm.setup()
-    data_args = [f"--data.init_args.path={ns.path}", f"--seed_everything={cfg['seed_everything']}"]
-
+    total = Interleave.warmup + ns.steps
+    Interleave.bare, Interleave.block = BareLoop(dm, model_kwargs, total), ns.block
+    args = [f"--data.init_args.path={ns.path}", f"--trainer.max_steps={total}",
+            f"--model.init_args.lr_decay_steps={total}", f"--model.init_args.warmup_steps={min(100, total)}",
+            "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0", "--model.init_args.sample_tokens=0",
+            "--trainer.callbacks+=__main__.Interleave"]
     with tempfile.TemporaryDirectory() as tmp:
-        uri = f"sqlite:///{tmp}/mlflow.db"
-        bare1 = bare_tokens_per_s(ns.steps, ns.warmup, dm, model_kwargs)
-        pipe, metrics = pipeline_tokens_per_s(ns.steps, ns.warmup, data_args, uri)
-        bare2 = bare_tokens_per_s(ns.steps, ns.warmup, dm, model_kwargs)
-    bare = (bare1 + bare2) / 2
+        res = run_experiment(CONFIG, args, tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    if res.status != "FINISHED":
+        raise SystemExit(f"pipeline run {res.status}: {res.error}")
+    tokens = ns.block * dm.batch_size * dm.block_size
+    pipe, bare = Interleave.pipe_s, Interleave.bare_s
     out = {
         "torch_threads": torch.get_num_threads(),
-        "steps": ns.steps,
-        "bare_tokens_per_s": [round(bare1), round(bare2)],
-        "pipeline_tokens_per_s": round(pipe),
-        "pipeline_perf/tokens_per_s (resource callback, in-step time only)": round(metrics.get("perf/tokens_per_s", 0)),
-        "ratio_pipeline_over_bare": round(pipe / bare, 4),
+        "blocks": len(pipe),
+        "block_steps": ns.block,
+        "bare_tokens_per_s": round(len(bare) * tokens / sum(bare)),
+        "pipeline_tokens_per_s": round(len(pipe) * tokens / sum(pipe)),
+        "ratio_pipeline_over_bare": round(sum(bare) / sum(pipe), 4),
+        "ratio_median_of_blocks": round(statistics.median(b / p for b, p in zip(bare, pipe)), 4),
     }
     print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
