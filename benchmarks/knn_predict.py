@@ -8,10 +8,12 @@ Both sides predict the test split of the same TabularDataModule split (digits: 1
 360 test, 64 features; mnist5k: 3,000 train / 1,000 test, 784 features), from the same fitted
 float64 arrays. Timings are the minimum over `repeats` interleaved runs (ours, theirs, ours,
 ...), so drifting load on a shared machine hits both sides alike. Predictions are checked to
-be identical before anything is timed. Two thread settings are measured: the libraries'
-defaults (BLAS threads for the NumPy side, OpenMP threads for scikit-learn's Cython) and
-everything limited to one thread, which removes the OpenMP spin-waits that a busy machine
-punishes. ratio = ours / scikit-learn: below 1 means the NumPy version is faster.
+be identical before anything is timed. Two thread settings are measured: the defaults (one
+worker thread per CPU for the NumPy side, each with a one-thread BLAS; OpenMP threads for
+scikit-learn's Cython) and everything on one thread. On a machine shared with other busy
+processes the default (multi-threaded) numbers mostly measure how fast idle threads get a
+core back, so the one-thread line is the like-for-like comparison there; the load average
+is printed. ratio = ours / scikit-learn: below 1 means the NumPy version is faster.
 
 Some machines set OPENBLAS_CORETYPE (and OPENBLAS_L2_SIZE) to work around old OpenBLAS bugs,
 which slows a current NumPy's matrix products; to measure without them, unset both for this
@@ -58,7 +60,8 @@ def main() -> None:
     blas = [f"{i['internal_api']} {i.get('version')} {i.get('architecture')} x{i['num_threads']}"
             for i in threadpool_info() if i["user_api"] == "blas"]
     omp = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "openmp"]
-    print(f"env: {env}; BLAS: {blas}; OpenMP threads: {omp}")
+    print(f"env: {env}; BLAS: {blas}; OpenMP threads: {omp}; CPUs: {len(os.sched_getaffinity(0))}; "
+          f"load average: {os.getloadavg()}")
     print(f"{'dataset':<9} {'weights':<9} {'threads':<8} {'numpy_s':>9} {'sklearn_s':>10} {'ratio':>7}")
     worst = 0.0
     for name in args.datasets:
@@ -66,11 +69,14 @@ def main() -> None:
         dm.setup()
         (Xtr, ytr), (Xte, _) = dm.splits["train"], dm.splits["test"]
         for weights in ("uniform", "distance"):
-            ours = KNNClassifier(KNNConfig(k=args.k, weights=weights)).fit(Xtr, ytr)
             theirs = KNeighborsClassifier(n_neighbors=args.k, weights=weights, algorithm="brute").fit(Xtr, ytr)
-            if not np.array_equal(ours.predict(Xte), theirs.predict(Xte)):
-                raise SystemExit(f"{name}/{weights}: predictions differ from scikit-learn's")
             for threads in ("default", "1"):
+                # default: one worker thread per CPU (n_jobs=None); "1": n_jobs=1 and every
+                # thread pool (BLAS, OpenMP) limited to one thread
+                ours = KNNClassifier(KNNConfig(k=args.k, weights=weights, n_jobs=1 if threads == "1" else None))
+                ours.fit(Xtr, ytr)
+                if not np.array_equal(ours.predict(Xte), theirs.predict(Xte)):
+                    raise SystemExit(f"{name}/{weights}: predictions differ from scikit-learn's")
                 limit = threadpool_limits(1) if threads == "1" else contextlib.nullcontext()
                 with limit:
                     t = best_of({"numpy": lambda: ours.predict(Xte), "sklearn": lambda: theirs.predict(Xte)},

@@ -37,12 +37,33 @@ the merged result agreed with it in every case tried (tests: 700 points, 2 threa
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 WEIGHTS = ("uniform", "distance")
 _DBL_MAX = np.finfo(np.float64).max
+_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
+_CONTROLLER: list = []
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool per size: starting threads per call would cost more than a block."""
+    if workers not in _EXECUTORS:
+        _EXECUTORS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="knn")
+    return _EXECUTORS[workers]
+
+
+def _blas_threads(n: int):
+    """Context limiting BLAS to n threads (threadpoolctl; the controller is built once, it scans
+    the loaded libraries)."""
+    if not _CONTROLLER:
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0].limit(limits=n, user_api="blas")
 
 
 @dataclass
@@ -53,12 +74,16 @@ class KNNConfig:
         k: Number of neighbours (>= 1, <= training set size).
         weights: "uniform" (one vote each) or "distance" (vote 1/distance).
         block_size: Query rows per distance block; memory per block is
-            block_size * n_train * 8 bytes.
+            block_size * n_train * 8 bytes (per worker).
+        n_jobs: Worker threads, each taking a contiguous share of the queries with a
+            one-thread BLAS (scikit-learn's own layout: OpenMP over chunks, BLAS limited to
+            one thread). None: the CPUs this process may use.
     """
 
     k: int = 5
     weights: str = "uniform"
     block_size: int = 256
+    n_jobs: int | None = None
 
     def __post_init__(self) -> None:
         if int(self.k) < 1:
@@ -67,6 +92,8 @@ class KNNConfig:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
         if int(self.block_size) < 1:
             raise ValueError(f"block_size (query rows per distance block) must be >= 1, got {self.block_size}")
+        if self.n_jobs is not None and int(self.n_jobs) < 1:
+            raise ValueError(f"n_jobs (worker threads) must be >= 1 or None (all CPUs), got {self.n_jobs}")
 
 
 def squared_distances(
@@ -261,30 +288,50 @@ class KNNClassifier:
             raise ValueError(f"X must have shape (n, {self.X.shape[1]}), got {X.shape}")
         if not np.isfinite(X).all():
             raise ValueError("X contains NaN or infinity")
-        k, bs = self.config.k, self.config.block_size
-        n = X.shape[0]
+        n, k = X.shape[0], self.config.k
         dist = np.empty((n, k))
         ind = np.empty((n, k), dtype=np.intp)
         a2 = np.einsum("ij,ij->i", X, X)
+        jobs = self.config.n_jobs or len(os.sched_getaffinity(0))
+        # each worker needs at least a few dozen rows to be worth a thread
+        parts = max(1, min(jobs, n // 32))
+        bounds = np.linspace(0, n, parts + 1).astype(int)
+        args = [(X[lo:hi], a2[lo:hi], dist[lo:hi], ind[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        if parts == 1:
+            stats = [self._kneighbors_part(*args[0])]
+        else:
+            # BLAS limited to one thread while the workers run, as scikit-learn does: a
+            # multi-threaded BLAS inside threads oversubscribes the cores
+            with _blas_threads(1):
+                stats = list(_executor(parts).map(lambda a: self._kneighbors_part(*a), args))
+        self.block_bytes = max(self.block_bytes, sum(b for b, _ in stats))
+        self.n_replayed += sum(r for _, r in stats)
+        return dist, ind
+
+    def _kneighbors_part(
+        self, X: np.ndarray, a2: np.ndarray, dist: np.ndarray, ind: np.ndarray
+    ) -> tuple[int, int]:
+        """kneighbors for one worker's rows, written into dist/ind; returns (block bytes, replayed rows)."""
+        k, bs, n = self.config.k, self.config.block_size, X.shape[0]
         # one buffer for every block: fresh multi-MB temporaries cost more in page faults
         # than the arithmetic on them
         buf = np.empty((min(bs, n), self.X.shape[0]))
+        replayed = 0
         for s in range(0, n, bs):
             D = squared_distances(
                 X[s : s + bs], self.X, a2[s : s + bs], self.sqnorm, out=buf[: min(bs, n - s)], clip=False
             )  # (b, n_train)
-            self.block_bytes = max(self.block_bytes, D.nbytes)
             part, d, tied = _k_smallest(D, k)
             if tied.size:
                 part[tied] = _replay_heap(D[tied], k)
                 d[tied] = np.take_along_axis(D[tied], part[tied], axis=1)
-                self.n_replayed += tied.size
+                replayed += tied.size
             # nearest first; ties in order of index (equal distances carry equal weights,
             # so their order does not change any vote)
             order = np.lexsort((part, d), axis=1)
             ind[s : s + bs] = np.take_along_axis(part, order, axis=1)
             dist[s : s + bs] = np.sqrt(np.take_along_axis(d, order, axis=1))
-        return dist, ind
+        return buf.nbytes, replayed
 
     def _weights(self, dist: np.ndarray) -> np.ndarray:
         if self.config.weights == "uniform":

@@ -234,13 +234,15 @@ class KNNModule(_NumpyClassifierModule):
     Args:
         k: Number of neighbours.
         weights: "uniform" or "distance".
-        block_size: Query rows per distance block (bounds memory to block_size * n_train floats).
+        block_size: Query rows per distance block (bounds memory to block_size * n_train floats
+            per worker).
+        n_jobs: Worker threads for prediction; None uses every CPU this process may use.
     """
 
-    def __init__(self, k: int = 5, weights: str = "uniform", block_size: int = 256) -> None:
+    def __init__(self, k: int = 5, weights: str = "uniform", block_size: int = 256, n_jobs: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.core = KNNClassifier(KNNConfig(k=k, weights=weights, block_size=block_size))
+        self.core = KNNClassifier(KNNConfig(k=k, weights=weights, block_size=block_size, n_jobs=n_jobs))
         self._n_classes: int | None = None
 
     def setup(self, stage: str) -> None:

@@ -106,14 +106,18 @@ def test_identical_to_sklearn_on_digits(weights):
         np.testing.assert_allclose(d_ours, d_sk, rtol=1e-9)
 
 
-def test_block_size_bounds_memory_without_changing_results():
+def test_block_size_and_workers_bound_memory_without_changing_results():
     rng = np.random.default_rng(2)
     X, y = rng.normal(size=(50, 3)), rng.integers(0, 3, size=50)
-    Q = rng.normal(size=(33, 3))
-    small = KNNClassifier(KNNConfig(k=4, block_size=5)).fit(X, y)
-    big = KNNClassifier(KNNConfig(k=4, block_size=1000)).fit(X, y)
-    np.testing.assert_array_equal(small.predict(Q), big.predict(Q))
-    assert small.block_bytes == 5 * 50 * 8 and big.block_bytes == 33 * 50 * 8
+    Q = rng.normal(size=(100, 3))
+    small = KNNClassifier(KNNConfig(k=4, block_size=5, n_jobs=1)).fit(X, y)
+    big = KNNClassifier(KNNConfig(k=4, block_size=1000, n_jobs=1)).fit(X, y)
+    threads = KNNClassifier(KNNConfig(k=4, block_size=20, n_jobs=3)).fit(X, y)
+    expected = small.predict(Q)
+    np.testing.assert_array_equal(big.predict(Q), expected)
+    np.testing.assert_array_equal(threads.predict(Q), expected)
+    assert small.block_bytes == 5 * 50 * 8 and big.block_bytes == 100 * 50 * 8
+    assert threads.block_bytes == 3 * 20 * 50 * 8  # one block buffer per worker
 
 
 def test_bad_input_names_the_field():
@@ -126,6 +130,8 @@ def test_bad_input_names_the_field():
         KNNConfig(weights="gaussian")
     with pytest.raises(ValueError, match="block_size"):
         KNNConfig(block_size=0)
+    with pytest.raises(ValueError, match="n_jobs"):
+        KNNConfig(n_jobs=0)
     m = KNNClassifier(KNNConfig(k=1)).fit(X, y)
     with pytest.raises(ValueError, match=r"shape \(n, 2\)"):
         m.predict(np.zeros((1, 3)))

@@ -46,7 +46,7 @@ def test_logreg_through_the_pipeline(tracking_uri):
 def test_knn_and_sklearn_knn_agree_through_the_pipeline(tracking_uri):
     """Same split, same k: identical predictions, so identical accuracies (also after the
     pipeline reloads each module from its best checkpoint for the test)."""
-    ours = run_experiment(CONFIGS / "knn_digits.yaml", QUIET, tracking_uri)
+    ours = run_experiment(CONFIGS / "knn_digits.yaml", ["--model.init_args.n_jobs=1", *QUIET], tracking_uri)
     theirs = run_experiment(CONFIGS / "sklearn_knn_digits.yaml", QUIET, tracking_uri)
     assert ours.status == theirs.status == "FINISHED", (ours.error, theirs.error)
     dm = TabularDataModule("digits", batch_size=None, seed=0)
@@ -57,7 +57,7 @@ def test_knn_and_sklearn_knn_agree_through_the_pipeline(tracking_uri):
     assert ours.metrics["val/acc"] == theirs.metrics["val/acc"]
     m = MlflowClient(tracking_uri).get_run(ours.run_id).data.metrics
     assert m["mem/params_bytes"] == Xtr.nbytes + ytr.nbytes and m["params/total"] == Xtr.size + ytr.size
-    assert m["mem/activations_bytes"] == 256 * len(ytr) * 8  # one full distance block
+    assert m["mem/activations_bytes"] == 256 * len(ytr) * 8  # one full distance block (one worker)
     assert "val/loss" not in m and m["perf/predict_time_s"] > 0
 
 
