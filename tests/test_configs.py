@@ -3,9 +3,10 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from pipelines.run import load_experiment
+from pipelines.run import ConfigError, load_experiment
 from pipelines.study import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,9 +24,19 @@ def test_there_are_configs():
     assert EXPERIMENTS and STUDIES
 
 
+def _needs_cuda(path: Path) -> bool:
+    """Configs that only make sense on CUDA (QLoRA's 4-bit kernels) say so in their model arguments."""
+    init = (yaml.safe_load(path.read_text()).get("model") or {}).get("init_args") or {}
+    return init.get("method") == "qlora"
+
+
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=_id)
 def test_experiment_config_instantiates(path, monkeypatch):
     monkeypatch.chdir(ROOT)  # configs may name files relative to the repository root
+    if _needs_cuda(path) and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="needs a CUDA GPU"):  # the clear error, before any work
+            load_experiment(path)
+        return
     cli = load_experiment(path)
     assert cli.model is not None
     assert cli.config.model.class_path.startswith("modules.")
