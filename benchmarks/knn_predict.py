@@ -60,7 +60,7 @@ def main() -> None:
     blas = [f"{i['internal_api']} {i.get('version')} {i.get('architecture')} x{i['num_threads']}"
             for i in threadpool_info() if i["user_api"] == "blas"]
     omp = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "openmp"]
-    print(f"env: {env}; BLAS: {blas}; OpenMP threads: {omp}; CPUs: {len(os.sched_getaffinity(0))}; "
+    print(f"env: {env}; BLAS: {blas}; OpenMP threads: {omp}; CPUs: {os.cpu_count()}; "
           f"load average: {os.getloadavg()}")
     print(f"{'dataset':<9} {'weights':<9} {'threads':<8} {'numpy_s':>9} {'sklearn_s':>10} {'ratio':>7}")
     worst = 0.0

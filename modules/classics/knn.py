@@ -56,14 +56,23 @@ def _executor(workers: int) -> ThreadPoolExecutor:
     return _EXECUTORS[workers]
 
 
-def _blas_threads(n: int):
-    """Context limiting BLAS to n threads (threadpoolctl; the controller is built once, it scans
-    the loaded libraries)."""
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _controller():
+    """threadpoolctl's controller, built once: building it scans the loaded libraries."""
     if not _CONTROLLER:
         from threadpoolctl import ThreadpoolController
 
         _CONTROLLER.append(ThreadpoolController())
-    return _CONTROLLER[0].limit(limits=n, user_api="blas")
+    return _CONTROLLER[0]
+
+
+def _blas_threads(n: int):
+    """Context limiting BLAS to n threads."""
+    return _controller().limit(limits=n, user_api="blas")
 
 
 @dataclass
@@ -273,6 +282,8 @@ class KNNClassifier:
             raise ValueError("y holds labels that are not in `classes`")
         self.X = X
         self.sqnorm = np.einsum("ij,ij->i", X, X)
+        if self.config.n_jobs != 1:
+            _controller()  # one-off library scan (~10 ms) belongs to fitting, not to predict
         return self
 
     def kneighbors(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -292,7 +303,7 @@ class KNNClassifier:
         dist = np.empty((n, k))
         ind = np.empty((n, k), dtype=np.intp)
         a2 = np.einsum("ij,ij->i", X, X)
-        jobs = self.config.n_jobs or len(os.sched_getaffinity(0))
+        jobs = self.config.n_jobs or _usable_cpus()
         # each worker needs at least a few dozen rows to be worth a thread
         parts = max(1, min(jobs, n // 32))
         bounds = np.linspace(0, n, parts + 1).astype(int)
@@ -333,9 +344,8 @@ class KNNClassifier:
             dist[s : s + bs] = np.sqrt(np.take_along_axis(d, order, axis=1))
         return buf.nbytes, replayed
 
-    def _weights(self, dist: np.ndarray) -> np.ndarray:
-        if self.config.weights == "uniform":
-            return np.ones_like(dist)
+    @staticmethod
+    def _distance_weights(dist: np.ndarray) -> np.ndarray:
         with np.errstate(divide="ignore"):
             w = 1.0 / dist
         inf = np.isinf(w)
@@ -353,7 +363,7 @@ class KNNClassifier:
             # integer vote counts are exact in any order: one bincount over (row, class) cells
             cells = labels + n_classes * np.arange(len(labels))[:, None]
             return np.bincount(cells.ravel(), minlength=len(labels) * n_classes).reshape(-1, n_classes).astype(float)
-        w = self._weights(dist)
+        w = self._distance_weights(dist)
         # one column per class, summed like scikit-learn's weighted_mode (np.sum over k)
         # float sums depend on association: sum exactly as weighted_mode does (np.sum over k)
         return np.stack([np.sum(np.where(labels == c, w, 0.0), axis=1) for c in range(n_classes)], axis=1)
