@@ -91,7 +91,7 @@ class KNNConfig:
 
     k: int = 5
     weights: str = "uniform"
-    block_size: int = 256
+    block_size: int = 512
     n_jobs: int | None = None
 
     def __post_init__(self) -> None:

@@ -239,7 +239,7 @@ class KNNModule(_NumpyClassifierModule):
         n_jobs: Worker threads for prediction; None uses every CPU this process may use.
     """
 
-    def __init__(self, k: int = 5, weights: str = "uniform", block_size: int = 256, n_jobs: int | None = None) -> None:
+    def __init__(self, k: int = 5, weights: str = "uniform", block_size: int = 512, n_jobs: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.core = KNNClassifier(KNNConfig(k=k, weights=weights, block_size=block_size, n_jobs=n_jobs))
