@@ -128,7 +128,7 @@ def test_l1_converges_to_a_sparse_kkt_point():
 
 
 @pytest.mark.parametrize(
-    "dataset, lam, epochs", [("digits", 1e-3, 800), ("breast_cancer", 1e-2, 400)]
+    "dataset, lam, epochs", [("digits", 1e-2, 600), ("breast_cancer", 1e-2, 400)]
 )
 def test_test_accuracy_within_one_point_of_sklearn(dataset, lam, epochs):
     dm = TabularDataModule(dataset, seed=0)
@@ -143,7 +143,7 @@ def test_test_accuracy_within_one_point_of_sklearn(dataset, lam, epochs):
     # the same problem (C = 1/(lam n)): our objective reaches scikit-learn's optimum
     ref = LogisticRegression(m.config)
     ref.W, ref.b = sk.coef_.T.copy(), sk.intercept_.copy()
-    assert m.objective(Xtr, ytr) == pytest.approx(ref.objective(Xtr, ytr), rel=1e-2)
+    assert m.objective(Xtr, ytr) == pytest.approx(ref.objective(Xtr, ytr), rel=1e-3)
     assert m.objective(Xtr, ytr) >= ref.objective(Xtr, ytr) - 1e-6  # cannot beat the optimum
 
 
