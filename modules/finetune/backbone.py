@@ -114,34 +114,30 @@ def download_run_checkpoint(run_id: str, cache_dir: str | Path) -> str:
     return str(local.resolve())
 
 
-@contextmanager
-def own_hparams() -> Iterator[None]:
-    """Build a LightningModule inside another one's __init__ with its own hyper-parameters.
-
-    LightningCLI passes the module it instantiates its arguments through a context variable that
-    `save_hyperparameters` reads instead of the caller's frame; a GPTModule built while that is set
-    (loading or pretraining the base inside FinetuneModule.__init__) would save FinetuneModule's
-    arguments as its own and break. Lightning has no public switch for this, hence the private name.
-    """
-    try:
-        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-    except ImportError:  # a Lightning without the mechanism needs no guard
-        yield
-        return
-    token = _given_hyperparameters.set(None)
-    try:
-        yield
-    finally:
-        _given_hyperparameters.reset(token)
-
-
-def load_minigpt(checkpoint: str) -> tuple[torch.nn.Module, Any]:
-    """(GPT, tokenizer) from a Project 1 checkpoint, which carries its tokenizer."""
+def load_minigpt(checkpoint: str) -> torch.nn.Module:
+    """The GPT of a Project 1 checkpoint."""
     from modules.gpt.module import GPTModule
 
-    with own_hparams():
-        gm = GPTModule.load_from_checkpoint(checkpoint, map_location="cpu")
-    return gm.model, gm.tokenizer
+    return GPTModule.load_from_checkpoint(checkpoint, map_location="cpu").model
+
+
+def load_tokenizer(kind: str, source: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a resolved backbone, without its weights.
+
+    A data module tokenises in `setup`, which Lightning calls before `configure_model` builds
+    the model, so the tokenizer has to come on its own: a Project 1 checkpoint carries it
+    (`GPTModule.on_save_checkpoint`), a Hugging Face model has its tokenizer files.
+    """
+    if kind == "hf":
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    from modules.gpt.tokenizer import tokenizer_from_state
+
+    state = torch.load(source, map_location="cpu", weights_only=False, mmap=True).get("tokenizer")
+    if state is None:
+        raise ValueError(f"mini-GPT checkpoint {source} carries no tokenizer; save it from a GPTModule fit")
+    return tokenizer_from_state(state)
 
 
 def torch_dtype(name: str) -> torch.dtype | str:
@@ -159,9 +155,9 @@ def load_hf(
     attn_implementation: str | None = None,
     quantize_4bit: bool = False,
     trust_remote_code: bool = False,
-) -> tuple[torch.nn.Module, Any]:
-    """(AutoModelForCausalLM, AutoTokenizer) from a folder or hub id; 4-bit NF4 for QLoRA."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+) -> torch.nn.Module:
+    """AutoModelForCausalLM from a folder or hub id; 4-bit NF4 for QLoRA."""
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation:
@@ -175,9 +171,7 @@ def load_hf(
             bnb_4bit_compute_dtype=compute,
         )
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    return model, tokenizer
+    return AutoModelForCausalLM.from_pretrained(source, **kwargs)
 
 
 def find_config(path: str) -> Path:
@@ -193,15 +187,20 @@ def find_config(path: str) -> Path:
 def pretrained_base(config_path: str, cache_dir: str | Path) -> str:
     """Checkpoint of the mini-GPT that `config_path` (a Project 1 run config) trains; trained
     once, then reused: the cache key is the sha256 of the config text and the torch version."""
-    import lightning as L
-    from jsonargparse import ArgumentParser
-
     cfg_file = find_config(config_path)
     text = cfg_file.read_text()
     key = hashlib.sha256((text + torch.__version__).encode()).hexdigest()[:16]
     target = Path(cache_dir) / f"minigpt-{key}" / "base.ckpt"
     if target.exists():
         return str(target.resolve())
+
+    with global_rng_kept():
+        return _pretrain(text, target)
+
+
+def _pretrain(text: str, target: Path) -> str:
+    import lightning as L
+    from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--seed_everything", type=int, default=0)
@@ -210,8 +209,7 @@ def pretrained_base(config_path: str, cache_dir: str | Path) -> str:
     parser.add_subclass_arguments(L.LightningDataModule, "data")
     cfg = parser.parse_string(text)
     L.seed_everything(cfg.seed_everything, workers=True)
-    with own_hparams():
-        objs = parser.instantiate(cfg)
+    objs = parser.instantiate(cfg)
     trainer_kwargs = {k: v for k, v in dict(cfg.trainer).items() if k not in ("logger", "callbacks")}
     trainer = L.Trainer(
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -224,3 +222,32 @@ def pretrained_base(config_path: str, cache_dir: str | Path) -> str:
     (target.parent / "config.yaml").write_text(text)
     tmp.replace(target)  # atomic: a concurrent run never reads a half-written file
     return str(target.resolve())
+
+
+@contextmanager
+def global_rng_kept() -> Iterator[None]:
+    """Put Python's, NumPy's and torch's global RNGs (and Lightning's seed variables) back afterwards.
+
+    Pretraining the base reseeds and draws from them; the fine-tune that asked for the base must
+    then draw the same numbers (LoRA init, data order) whether the base came from the cache or not.
+    """
+    import random
+
+    import numpy as np
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    env = {k: os.environ.get(k) for k in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -6,6 +6,12 @@ the base and trains PEFT's low-rank adapters (optionally DoRA); `qlora` does the
 (`val/loss_before`, `val/ppl_before`) and as usual afterwards (`val/loss`, `val/ppl`). After
 training, the adapter alone and the merged model are exported and logged as artifacts with
 their sizes on disk.
+
+Construction only checks and stores the arguments, so a config instantiates offline in
+milliseconds. The work waits for Lightning's hooks: `prepare_data` pretrains the default base or
+downloads a backbone (one process per node), `configure_model` loads the weights and wraps
+them (inside the strategy's init contexts, so FSDP/DeepSpeed can shard large models). Outside a
+Trainer, call `configure_model()` yourself; `load_for_generation` and `load_from_checkpoint` do.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from modules.finetune.backbone import (
     find_config,
     load_hf,
     load_minigpt,
-    own_hparams,
+    load_tokenizer,
     pretrained_base,
     resolve_backbone,
     torch_dtype,
@@ -106,7 +112,7 @@ class FinetuneModule(L.LightningModule):
         if method not in METHODS:
             raise ValueError(f"FinetuneModule.method must be one of {METHODS}, got {method!r}")
         if method == "qlora":
-            # before any loading or pretraining: 4-bit NF4 kernels exist only for CUDA
+            # before anything else: 4-bit NF4 kernels exist only for CUDA
             if not torch.cuda.is_available():
                 raise RuntimeError(
                     "FinetuneModule.method='qlora' needs a CUDA GPU (bitsandbytes 4-bit NF4 kernels), and none "
@@ -126,66 +132,72 @@ class FinetuneModule(L.LightningModule):
         self.method = method
         self.export, self.export_dir = export, export_dir
         # absolute, so a checkpoint loaded from another working directory finds the same cache
-        self.hparams.cache_dir = cache_dir = str(Path(cache_dir).expanduser().resolve())
+        self.hparams.cache_dir = str(Path(cache_dir).expanduser().resolve())
+        # Only what needs neither the network nor training is settled here: the default base's
+        # config must exist; a local path must be a checkpoint or a model folder; a hub id is just
+        # a name. Pretraining the base and downloading a run's checkpoint wait for `prepare_data`
+        # (or the first use of the tokenizer), the weights for `configure_model`.
+        self.kind, self.source = "minigpt", None
         if backbone is None:
-            self.hparams.base_config = base_config = str(find_config(base_config).resolve())
-            self.kind, self.source = "minigpt", pretrained_base(base_config, cache_dir)
-        else:
-            self.kind, self.source = resolve_backbone(backbone, cache_dir)
-        # what an exported adapter records as its base: a run id stays a run id (portable across
-        # machines sharing the tracking server), anything local becomes an absolute path
-        self.backbone_spec = backbone if backbone is not None and RUN_ID.match(backbone) else self.source
-        self.backbone, self.tokenizer = self._load_base(quantize=method == "qlora")
-
-        if method != "full":
-            from peft import get_peft_model, prepare_model_for_kbit_training
-
-            if method == "qlora" and self.kind == "hf":
-                self.backbone = prepare_model_for_kbit_training(
-                    self.backbone, use_gradient_checkpointing=gradient_checkpointing
-                )
-            config = lora_config(
-                r, lora_alpha, lora_dropout, target_modules, use_dora, minigpt=self.kind == "minigpt",
-                task_type="CAUSAL_LM",
-            )
-            self.backbone = get_peft_model(self.backbone, config)
-        if gradient_checkpointing and self.kind == "hf":
-            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.kind == "hf" and hasattr(self.backbone, "config"):
-            self.backbone.config.use_cache = False  # no KV cache while training
-
-        self.backbone.train()  # from_pretrained hands models back in eval mode
-        n_total = sum(p.numel() for p in self.backbone.parameters())
-        self.n_trainable = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
-        self.n_total = n_total
-        self.lr = lr if lr is not None else default_lr(method, n_total)
+            self.hparams.base_config = str(find_config(base_config).resolve())
+        elif not RUN_ID.match(backbone):
+            self.kind, self.source = resolve_backbone(backbone, self.hparams.cache_dir)
+        if self.kind == "minigpt" and dtype == "auto":
+            raise ValueError("FinetuneModule.dtype='auto' is for Hugging Face models; use 'float32' or 'bfloat16'")
+        # PEFT's config, made (and so checked: rank, dropout) now and applied in configure_model
+        self.lora = None if method == "full" else lora_config(
+            r, lora_alpha, lora_dropout, target_modules, use_dora, minigpt=self.kind == "minigpt", task_type="CAUSAL_LM",
+        )
+        self.backbone: torch.nn.Module | None = None  # built by configure_model
+        self._tokenizer: Any = None
+        self.n_total = self.n_trainable = 0
+        self.lr = lr  # None: the method's default, known once configure_model has counted the weights
         self.val_nll = MeanMetric()
         self.exported: dict[str, str] = {}
 
     # ------------------------------------------------------------------ building
 
-    def _load_base(self, quantize: bool = False) -> tuple[torch.nn.Module, Any]:
-        h = self.hparams
-        if self.kind == "hf":
-            return load_hf(self.source, h.dtype, h.attn_implementation, quantize, h.trust_remote_code)
-        gpt, tokenizer = load_minigpt(self.source)
-        if h.dtype == "auto":
-            raise ValueError("FinetuneModule.dtype='auto' is for Hugging Face models; use 'float32' or 'bfloat16'")
-        gpt = gpt.to(torch_dtype(h.dtype))
-        if quantize:
-            gpt = quantize_nf4_(gpt)
-        return MiniGPTForCausalLM(gpt, name_or_path=self.backbone_spec), tokenizer
+    def _resolve(self) -> str:
+        """The backbone's local checkpoint, folder or hub id: pretrains (once, cached) the default
+        base or downloads a run's checkpoint the first time it is asked for."""
+        if self.source is None:
+            h = self.hparams
+            if h.backbone is None:
+                self.source = pretrained_base(h.base_config, h.cache_dir)
+            else:
+                self.kind, self.source = resolve_backbone(h.backbone, h.cache_dir)
+        return self.source
 
     @property
-    def max_length(self) -> int | None:
-        """Longest sequence the backbone accepts (the mini-GPT's block_size), None if unbounded here."""
-        if self.kind == "minigpt":
-            core = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
-            return core.block_size
-        return None
+    def backbone_spec(self) -> str:
+        """What an exported adapter records as its base: a run id stays a run id (portable across
+        machines sharing the tracking server), anything local becomes an absolute path."""
+        spec = self.hparams.backbone
+        return spec if spec is not None and RUN_ID.match(spec) else self._resolve()
 
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
+    @property
+    def tokenizer(self) -> Any:
+        """The backbone's tokenizer, loaded without its weights (a data module needs it in `setup`,
+        before Lightning calls `configure_model`)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.kind, self._resolve(), self.hparams.trust_remote_code)
+        return self._tokenizer
+
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process per node while the others wait: the place to
+        # pretrain the default base or download a backbone, so ranks never race to do it
+        self._resolve()
+
+    def configure_model(self) -> None:
+        """Build the backbone: load (and quantise) the base, wrap it with LoRA, count parameters.
+
+        Lightning calls this before fit/validate/test inside the strategy's init contexts (so
+        FSDP/DeepSpeed can shard at init), after the `setup` hooks, and `load_from_checkpoint`
+        calls it before loading the state dict. Idempotent: later calls keep the first model.
+        """
+        if self.backbone is None:
+            self._build()
+        dm = self._trainer.datamodule if self._trainer is not None else None
         length = getattr(dm, "max_length", None)
         if self.max_length is not None and length is not None and length > self.max_length:
             raise ValueError(
@@ -193,9 +205,52 @@ class FinetuneModule(L.LightningModule):
                 f"set --data.init_args.max_length={self.max_length} or less"
             )
 
+    def _build(self) -> None:
+        h = self.hparams
+        backbone = self._load_base(quantize=self.method == "qlora")
+        if self.method != "full":
+            from peft import get_peft_model, prepare_model_for_kbit_training
+
+            if self.method == "qlora" and self.kind == "hf":
+                backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=h.gradient_checkpointing)
+            backbone = get_peft_model(backbone, self.lora)
+        if h.gradient_checkpointing and self.kind == "hf":
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.kind == "hf" and hasattr(backbone, "config"):
+            backbone.config.use_cache = False  # no KV cache while training
+        backbone.train()  # from_pretrained hands models back in eval mode
+        self.backbone = backbone
+        self.n_total = sum(p.numel() for p in backbone.parameters())
+        self.n_trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
+        if self.lr is None:
+            self.lr = default_lr(self.method, self.n_total)
+
+    def _load_base(self, quantize: bool = False) -> torch.nn.Module:
+        h = self.hparams
+        source = self._resolve()  # also settles the kind of a run-id backbone
+        if self.kind == "hf":
+            return load_hf(source, h.dtype, h.attn_implementation, quantize, h.trust_remote_code)
+        gpt = load_minigpt(source).to(torch_dtype(h.dtype))
+        if quantize:
+            gpt = quantize_nf4_(gpt)
+        return MiniGPTForCausalLM(gpt, name_or_path=self.backbone_spec)
+
+    @property
+    def max_length(self) -> int | None:
+        """Longest sequence the built backbone accepts (the mini-GPT's block_size), None if unbounded here."""
+        if self.kind == "minigpt" and self.backbone is not None:
+            core = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+            return core.block_size
+        return None
+
     # ------------------------------------------------------------------ training
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.backbone is None:
+            raise RuntimeError(
+                "FinetuneModule has no backbone yet: the Trainer builds it (configure_model) in fit/validate/test; "
+                "outside one call module.configure_model() first, or use load_for_generation"
+            )
         return logits_of(self.backbone, input_ids, attention_mask)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -292,6 +347,7 @@ class FinetuneModule(L.LightningModule):
             del sd[k]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()  # already built by load_from_checkpoint and by the Trainer; a no-op then
         sd = checkpoint["state_dict"]
         trained = {n for n, p in self.named_parameters() if p.requires_grad}
         missing = trained - set(sd)
@@ -328,6 +384,7 @@ class FinetuneModule(L.LightningModule):
         """The LoRA weights alone (PEFT format: adapter_config.json names the base)."""
         if self.method == "full":
             raise ValueError("method='full' has no adapter; use save_merged")
+        self.configure_model()
         folder = Path(folder)
         self._save_lora(folder)
         if self.kind == "hf":
@@ -345,6 +402,7 @@ class FinetuneModule(L.LightningModule):
         The adapter is merged into a freshly loaded full-precision base rather than into the
         training copy, so a 4-bit QLoRA base is not merged lossily and training state is untouched.
         """
+        self.configure_model()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if self.method == "full":
@@ -354,7 +412,7 @@ class FinetuneModule(L.LightningModule):
 
             with tempfile.TemporaryDirectory() as tmp:
                 self._save_lora(Path(tmp))
-                base, _ = self._load_base(quantize=False)
+                base = self._load_base(quantize=False)
                 model = PeftModel.from_pretrained(base, tmp).merge_and_unload()
         if self.kind == "hf":
             model.save_pretrained(folder)
@@ -371,6 +429,7 @@ class FinetuneModule(L.LightningModule):
         """The prompt followed by up to max_new_tokens sampled tokens, decoded (like GPTModule's)."""
         from datamodules.instruct import encode, special_ids
 
+        self.configure_model()
         bos, eos, pad = special_ids(self.tokenizer)
         ids = ([bos] if bos is not None else []) + encode(self.tokenizer, prompt)
         if not ids:
@@ -406,8 +465,7 @@ def save_minigpt(gpt: torch.nn.Module, tokenizer: Any, path: Path) -> None:
 
     config = dataclasses.asdict(gpt.config)
     accepted = inspect.signature(GPTModule.__init__).parameters
-    with own_hparams():
-        gm = GPTModule(**{k: v for k, v in config.items() if k in accepted})
+    gm = GPTModule(**{k: v for k, v in config.items() if k in accepted})
     gm.model.load_state_dict(gpt.state_dict())
     gm.tokenizer = tokenizer
     checkpoint = {
@@ -438,12 +496,15 @@ def load_for_generation(path: str | Path, **overrides: Any) -> FinetuneModule:
         if not base:
             raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path; cannot rebuild the base")
         module = FinetuneModule(backbone=base, method="full", export=False, **overrides)
+        module.configure_model()
         module.backbone = PeftModel.from_pretrained(module.backbone, str(path))
         module.method = "lora"
     elif path.is_file() and path.suffix == ".ckpt" and _is_finetune_checkpoint(path):
+        # load_from_checkpoint builds the backbone (configure_model) before loading the state dict
         module = FinetuneModule.load_from_checkpoint(path, map_location="cpu", export=False, **overrides)
     else:
         module = FinetuneModule(backbone=str(path), method="full", export=False, **overrides)
+        module.configure_model()
     return module.eval()
 
 

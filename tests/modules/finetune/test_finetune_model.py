@@ -92,3 +92,28 @@ def test_weights_bytes_counts_weight_files_only(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}" * 50)
     (tmp_path / "README.md").write_text("hello")
     assert weights_bytes(tmp_path) == 100
+
+
+def test_pretraining_the_base_leaves_the_global_rngs_as_they_were(monkeypatch):
+    """A fine-tune draws the same LoRA init and data order whether its base was cached or just
+    pretrained (which reseeds): pretrained_base runs under global_rng_kept."""
+    import os
+    import random
+
+    import lightning as L
+    import numpy as np
+
+    from modules.finetune.backbone import global_rng_kept
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+    L.seed_everything(7)
+    expected = draws()
+    L.seed_everything(7)
+    with global_rng_kept():
+        L.seed_everything(1337, workers=True)
+        draws()
+    assert draws() == expected
+    assert os.environ["PL_GLOBAL_SEED"] == "7"

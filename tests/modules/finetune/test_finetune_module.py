@@ -45,8 +45,11 @@ def trained(tiny_llama_dir, tmp_path_factory):
     lora = FinetuneModule(
         backbone=str(tiny_llama_dir), method="lora", r=4, lora_dropout=0.0, lr=1e-2, export_dir=str(tmp / "export"),
     )
+    lora.configure_model()  # built here to snapshot the base; fit's own call must keep this model
+    built = lora.backbone
     frozen_before = {n: p.detach().clone() for n, p in lora.named_parameters() if not p.requires_grad}
     lora_trainer, lora_ledger, dm = fit(lora, tmp / "lora")
+    assert lora.backbone is built
     full = FinetuneModule(backbone=str(tiny_llama_dir), method="full", export=False)
     full_trainer, full_ledger, _ = fit(full, tmp / "full")
     return dict(lora=lora, full=full, lora_ledger=lora_ledger, full_ledger=full_ledger, frozen=frozen_before,
@@ -100,7 +103,9 @@ def test_merged_and_adapter_exports_equal_base_plus_adapter(trained, tiny_llama_
     lora.eval()
     with torch.no_grad():
         ours = lora(x)
-        base = FinetuneModule(backbone=str(tiny_llama_dir), method="full", export=False).eval()(x)
+        base = FinetuneModule(backbone=str(tiny_llama_dir), method="full", export=False)
+        base.configure_model()
+        base = base.eval()(x)
         merged = load_for_generation(export / "merged")
         adapter = load_for_generation(export / "adapter")
         assert merged.method == "full" and not any("lora" in n for n, _ in merged.named_parameters())
@@ -146,6 +151,9 @@ def test_qlora_without_cuda_fails_before_any_work(monkeypatch):
         (dict(method="lora", dtype="float8"), ValueError, "dtype must be one of"),
         (dict(method="full", use_dora=True), ValueError, "use_dora"),
         (dict(method="lora", backbone="/does/not/exist.ckpt"), FileNotFoundError, "does not exist"),
+        # a hub id is only a name at construction, so these reach the LoRA checks without loading
+        (dict(method="lora", backbone="some/model", r=0), ValueError, "rank r must be >= 1"),
+        (dict(method="lora", backbone="some/model", lora_dropout=1.0), ValueError, "lora_dropout"),
     ],
 )
 def test_bad_arguments_get_clear_errors(kwargs, error, match):
@@ -167,3 +175,48 @@ def test_qlora_runs_and_peaks_below_lora_on_gpu(tiny_llama_dir, tmp_path):
         peaks[method] = torch.cuda.max_memory_allocated()
         del module
     assert peaks["qlora"] < peaks["lora"], peaks
+
+
+def test_construction_only_checks_arguments(tmp_path, monkeypatch):
+    import transformers
+
+    from tests.modules.finetune.conftest import TINY_BASE_YAML
+
+    def offline(*args, **kwargs):
+        raise AssertionError("construction must not load anything")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", offline)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    hub = FinetuneModule(backbone="HuggingFaceTB/SmolLM2-135M", method="lora")
+    assert (hub.kind, hub.source, hub.backbone) == ("hf", "HuggingFaceTB/SmolLM2-135M", None)
+    (tmp_path / "base.yaml").write_text(TINY_BASE_YAML)
+    default = FinetuneModule(base_config=str(tmp_path / "base.yaml"), cache_dir=str(tmp_path / "cache"))
+    assert default.backbone is None and not (tmp_path / "cache").exists()  # nothing pretrained yet
+    with pytest.raises(FileNotFoundError, match="base_config"):
+        FinetuneModule(base_config=str(tmp_path / "missing.yaml"))
+    with pytest.raises(ValueError, match="dtype='auto' is for Hugging Face"):
+        FinetuneModule(base_config=str(tmp_path / "base.yaml"), dtype="auto")
+    with pytest.raises(RuntimeError, match="configure_model"):
+        default(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_default_base_is_pretrained_by_the_trainer_hooks(tmp_path):
+    """backbone None: prepare_data pretrains the base into the cache, the data module takes the
+    module's tokenizer in setup, configure_model builds the model, all inside fit."""
+    from tests.modules.finetune.conftest import TINY_BASE_YAML
+
+    (tmp_path / "base.yaml").write_text(TINY_BASE_YAML)
+    module = FinetuneModule(
+        base_config=str(tmp_path / "base.yaml"), cache_dir=str(tmp_path / "cache"), r=2, export=False,
+    )
+    trainer, _, dm = fit(module, tmp_path, steps=2)
+    assert len(list((tmp_path / "cache").glob("minigpt-*/base.ckpt"))) == 1
+    assert dm.tokenizer is module.tokenizer
+    assert 0 < module.n_trainable < module.n_total and module.lr == pytest.approx(2e-3)
+    assert "val/loss" in trainer.callback_metrics
+    # the data/model length check runs once the model exists (Lightning's setup hooks come first)
+    too_long = InstructDataModule(source="python-docs", mode="text", max_length=64, batch_size=4, max_records=8)
+    again = FinetuneModule(base_config=str(tmp_path / "base.yaml"), cache_dir=str(tmp_path / "cache"), export=False)
+    with pytest.raises(ValueError, match="exceeds the mini-GPT's block_size=32"):
+        L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=tmp_path).fit(again, datamodule=too_long)

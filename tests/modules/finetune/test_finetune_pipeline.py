@@ -103,6 +103,7 @@ def test_backbone_from_an_mlflow_run_id(current_uri, tiny_minigpt_ckpt, tmp_path
     assert kind == "minigpt" and Path(path).read_bytes() == Path(tiny_minigpt_ckpt).read_bytes()
     assert resolve_backbone(f"runs:/{run_id}", tmp_path / "cache") == (kind, path)
     module = FinetuneModule(backbone=run_id, method="lora", r=2, cache_dir=str(tmp_path / "cache"))
+    module.configure_model()
     assert module.backbone.peft_config["default"].base_model_name_or_path == run_id  # the adapter's base
     with pytest.raises(ValueError, match="MLflow run id"):
         resolve_backbone("0" * 32, tmp_path / "cache")
