@@ -207,7 +207,7 @@ class InstructDataModule(LightningDataModule):
         self.dropped = 0  # instruct examples whose prompt left no room for a target
         self.train_set: TokenDataset | None = None
         self.val_set: TokenDataset | None = None
-        self._check_source()
+        self._check_source()  # local paths only: a dataset or tokenizer on the hub is fetched in prepare_data
 
     # ----------------------------------------------------------------- source reading
 
@@ -254,6 +254,12 @@ class InstructDataModule(LightningDataModule):
                 raise ValueError(f"InstructDataModule.source {path}: unknown file type {path.suffix!r}")
             frame = readers[path.suffix](path)
             return frame.to_dict(orient="records")
+        return list(self._hf_dataset())
+
+    def _is_hf_dataset(self) -> bool:
+        return self.source != PYTHON_DOCS and not Path(self.source).expanduser().exists()
+
+    def _hf_dataset(self):
         try:
             import datasets
         except ImportError:
@@ -261,7 +267,17 @@ class InstructDataModule(LightningDataModule):
                 f"InstructDataModule.source {self.source!r} is neither a file nor {PYTHON_DOCS!r}, so it is read "
                 "as a Hugging Face dataset name, which needs `pip install datasets` (and the network)"
             ) from None
-        return list(datasets.load_dataset(self.source, split=self.hf_split))
+        return datasets.load_dataset(self.source, split=self.hf_split)
+
+    def prepare_data(self) -> None:
+        # Lightning runs this on one process per node while the others wait: hub downloads land
+        # in the Hugging Face caches once, and every rank's setup then reads them locally
+        if self._is_hf_dataset():
+            self._hf_dataset()
+        if self.tokenizer_name is not None:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(self.tokenizer_name)
 
     # ----------------------------------------------------------------- tokenisation
 

@@ -141,6 +141,20 @@ def test_hugging_face_dataset_name_goes_through_load_dataset(monkeypatch):
     assert len(dm.train_set) + len(dm.val_set) == len(RECORDS)
 
 
+def test_hub_names_are_fetched_in_prepare_data_not_at_construction(monkeypatch):
+    import transformers
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=lambda name, split: calls.append(("dataset", name)) or RECORDS))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda name, **kw: calls.append(("tokenizer", name)) or ByteTokenizer())
+    dm = InstructDataModule(source="someone/qa-set", tokenizer="someone/model", fields=FIELDS, template=TEMPLATE)
+    assert calls == []  # a config instantiates offline
+    dm.prepare_data()
+    assert calls == [("dataset", "someone/qa-set"), ("tokenizer", "someone/model")]
+
+
 def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         InstructDataModule(source=str(tmp_path / "missing.jsonl"))
