@@ -179,7 +179,7 @@ class Session:
             # Other ranks never write to MLflow: one run, not N. Rank 0 hands its run id down through the
             # environment (Lightning's launcher copies it) so every rank agrees on the checkpoint folder.
             self.run_id = os.environ.get("PRACTICUM_RUN_ID", "rank-local")
-            self.ckpt_dir = trk.STORE_DIR.resolve() / "checkpoints" / self.run_id
+            self.ckpt_dir = trk.local_dir(self.uri) / "checkpoints" / self.run_id
             self.logger = PracticumLogger(tracking_uri=self.uri, run_id=self.run_id if self.run_id != "rank-local" else None)
             return
         trk.check_reachable(self.client, self.uri)
@@ -197,7 +197,7 @@ class Session:
                 tags["mlflow.runName"] = run_name
             self.run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name).info.run_id
         os.environ["PRACTICUM_RUN_ID"] = self.run_id
-        self.ckpt_dir = trk.STORE_DIR.resolve() / "checkpoints" / self.run_id
+        self.ckpt_dir = trk.local_dir(self.uri) / "checkpoints" / self.run_id
         self.logger = PracticumLogger(tracking_uri=self.uri, run_id=self.run_id, logged=logged)
         if system_metrics:
             try:
@@ -347,7 +347,7 @@ class PracticumCLI(LightningCLI):
         s = self.session
         cfg = self.config
         config["logger"] = s.logger
-        config.setdefault("default_root_dir", str(trk.STORE_DIR.resolve()))
+        config.setdefault("default_root_dir", str(trk.local_dir(s.uri)))
         info = {"class_path": cfg.model.class_path, "run_id": s.run_id, "tracking_uri": s.uri}
         if cfg.get("data"):
             info["datamodule_class_path"] = cfg.data.class_path
@@ -390,7 +390,8 @@ def check_strategy(trainer_cfg) -> None:
 
 def find_resume_point(resume: str, uri: str | None, config_path) -> tuple[str, str]:
     """(run id, checkpoint path) to continue: a run id, or 'last' = the latest unfinished run of this config."""
-    client = trk.MlflowClient(trk.resolve_tracking_uri(uri))
+    uri = trk.resolve_tracking_uri(uri)
+    client = trk.MlflowClient(uri)
     if resume == "last":
         if not config_path:
             raise ConfigError("--resume last needs the config file the run was started with")
@@ -407,7 +408,7 @@ def find_resume_point(resume: str, uri: str | None, config_path) -> tuple[str, s
             client.get_run(run_id)
         except Exception:
             raise ConfigError(f"--resume {run_id}: no such run in {client.tracking_uri}") from None
-    local = trk.STORE_DIR.resolve() / "checkpoints" / run_id / "last.ckpt"
+    local = trk.local_dir(uri) / "checkpoints" / run_id / "last.ckpt"
     if not local.is_file():
         import mlflow
 

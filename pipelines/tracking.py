@@ -65,6 +65,13 @@ def _ensure_writable(folder: Path) -> None:
         ) from None
 
 
+def local_dir(uri: str) -> Path:
+    """Where a run's local files (checkpoints) live: beside a SQLite store, else ./mlruns."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :]).resolve().parent
+    return STORE_DIR.resolve()
+
+
 def default_artifact_location(uri: str) -> str | None:
     """Artifacts of the local SQLite store live beside it in ``<store>/artifacts``; servers decide their own."""
     if uri.startswith("sqlite:///"):
