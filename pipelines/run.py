@@ -386,6 +386,9 @@ def check_strategy(trainer_cfg) -> None:
         raise ConfigError(f"trainer.strategy={shown}: Lightning's FSDP needs CUDA GPUs (this machine: "
                           f"accelerator={accel}, CUDA {'available' if torch.cuda.is_available() else 'absent'}); "
                           "use trainer.strategy=ddp on CPU")
+    if accel in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accel}, but this machine has no CUDA GPU; "
+                          "use --trainer.accelerator=cpu (or auto), and a CPU preset where the project has one")
 
 
 def find_resume_point(resume: str, uri: str | None, config_path) -> tuple[str, str]:
