@@ -38,6 +38,7 @@ the merged result agreed with it in every case tried (tests: 700 points, 2 threa
 from __future__ import annotations
 
 import os
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -306,6 +307,9 @@ class KNNClassifier:
         jobs = self.config.n_jobs or _usable_cpus()
         # each worker needs at least a few dozen rows to be worth a thread
         parts = max(1, min(jobs, n // 32))
+        # below ~1e8 multiply-adds OpenBLAS keeps a product on one thread by itself, so re-limiting
+        # it costs more than it saves
+        small = n * self.X.shape[0] * self.X.shape[1] < 1e8
         bounds = np.linspace(0, n, parts + 1).astype(int)
         args = [(X[lo:hi], a2[lo:hi], dist[lo:hi], ind[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
         if parts == 1:
@@ -313,7 +317,7 @@ class KNNClassifier:
         else:
             # BLAS limited to one thread while the workers run, as scikit-learn does: a
             # multi-threaded BLAS inside threads oversubscribes the cores
-            with _blas_threads(1):
+            with contextlib.nullcontext() if small else _blas_threads(1):
                 stats = list(_executor(parts).map(lambda a: self._kneighbors_part(*a), args))
         self.block_bytes = max(self.block_bytes, sum(b for b, _ in stats))
         self.n_replayed += sum(r for _, r in stats)
