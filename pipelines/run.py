@@ -170,18 +170,20 @@ class Session:
         resume_run_id: str | None = None,
     ):
         self.uri = trk.resolve_tracking_uri(uri)
-        self.client = trk.MlflowClient(self.uri)
         self.log_checkpoint = log_checkpoint
         self.is_zero = is_rank_zero()
         self._monitor = None
         self.resumed = resume_run_id is not None
         if not self.is_zero:
-            # Other ranks never write to MLflow: one run, not N. Rank 0 hands its run id down through the
-            # environment (Lightning's launcher copies it) so every rank agrees on the checkpoint folder.
+            # Other ranks never touch MLflow (not even to open the store: under torchrun every rank
+            # starts at once, and two processes creating one SQLite schema collide): one run, not N.
+            # Lightning's own launcher hands rank 0's run id down through the environment; under
+            # torchrun ModelCheckpoint broadcasts rank 0's folder.
             self.run_id = os.environ.get("PRACTICUM_RUN_ID", "rank-local")
             self.ckpt_dir = trk.local_dir(self.uri) / "checkpoints" / self.run_id
-            self.logger = PracticumLogger(tracking_uri=self.uri, run_id=self.run_id if self.run_id != "rank-local" else None)
+            self.client, self.logger = None, None
             return
+        self.client = trk.MlflowClient(self.uri)
         trk.check_reachable(self.client, self.uri)
         logged: set[tuple[str, int]] = set()
         if resume_run_id:
@@ -346,7 +348,7 @@ class PracticumCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         s = self.session
         cfg = self.config
-        config["logger"] = s.logger
+        config["logger"] = s.logger if s.logger is not None else False
         config.setdefault("default_root_dir", str(trk.local_dir(s.uri)))
         info = {"class_path": cfg.model.class_path, "run_id": s.run_id, "tracking_uri": s.uri}
         if cfg.get("data"):

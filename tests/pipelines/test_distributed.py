@@ -102,3 +102,29 @@ def test_fsdp_single_gpu_run_and_resume(tmp_path, tracking_uri):
     fsdp = ["--config", str(ROOT / "configs/trainer/fsdp.yaml"), "--trainer.devices=1", "--system_metrics=false"]
     res = run_experiment(cfg, fsdp + ["--checkpoint_every_n_steps=5"], tracking_uri)
     assert res.status == "FINISHED", res.error
+
+
+def test_torchrun_launch_gives_one_run(tmp_path, tracking_uri):
+    """Under torchrun every rank starts at once: only rank 0 may open the store (a fresh SQLite schema
+    created by two processes collides) and create the run."""
+    from tests.pipelines.test_run import TOY
+
+    cfg = tmp_path / "toy.yaml"
+    cfg.write_text(yaml.safe_dump(TOY))
+    (tmp_path / "fresh").mkdir()
+    uri = f"sqlite:///{tmp_path}/fresh/mlflow.db"  # not created yet
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", f"--master_port={port}",
+         "--master_addr=127.0.0.1",
+         "-m", "pipelines", "run", str(cfg), "--trainer.strategy=ddp", "--trainer.devices=2",
+         "--trainer.accelerator=cpu", "--system_metrics=false", f"--tracking_uri={uri}"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = _runs(uri)
+    assert run.info.status == "FINISHED" and "val/loss" in run.data.metrics
