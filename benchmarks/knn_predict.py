@@ -7,7 +7,7 @@ Run from the repository root (by hand, not part of the tests):
 Both sides predict the test split of the same TabularDataModule split (digits: 1,078 train /
 360 test, 64 features; mnist5k: 3,000 train / 1,000 test, 784 features), from the same fitted
 float64 arrays. Timings are the minimum over `repeats` runs, the two sides alternating in blocks of five
-calls, so drifting load on a shared machine hits both sides alike. Predictions are checked to
+calls after a short pause, so drifting load on a shared machine hits both sides alike. Predictions are checked to
 be identical before anything is timed. Two thread settings are measured: the defaults (one
 worker thread per CPU for the NumPy side, each with a one-thread BLAS; OpenMP threads for
 scikit-learn's Cython) and everything on one thread. On a machine shared with other busy
@@ -39,16 +39,18 @@ from datamodules.tabular import TabularDataModule
 from modules.classics.knn import KNNClassifier, KNNConfig
 
 
-def best_of(fns: dict[str, callable], repeats: int, block: int = 5) -> dict[str, float]:
-    """Minimum per-call time, the sides alternating in blocks of `block` calls.
+def best_of(fns: dict[str, callable], repeats: int, block: int = 5, pause_s: float = 0.3) -> dict[str, float]:
+    """Minimum per-call time, the sides alternating in blocks of `block` calls, a pause before each.
 
-    Blocks rather than single calls: scikit-learn's OpenMP threads keep spinning for a while after
-    each call, and a call of ours placed right after one would be timed against those spinning
-    threads (with OMP_WAIT_POLICY=PASSIVE the per-call interleaving shows no such gap).
+    scikit-learn's OpenMP threads keep spinning for a while after each call (OMP_WAIT_POLICY
+    active); a call of ours placed right after one is timed against those spinning threads. The
+    pause lets them go idle, so each side is timed on a quiet machine (with OMP_WAIT_POLICY=PASSIVE
+    per-call interleaving shows the same picture).
     """
     times = {name: float("inf") for name in fns}
     for _ in range(max(1, repeats // block)):
         for name, fn in fns.items():
+            time.sleep(pause_s)
             for _ in range(block):
                 t = time.perf_counter()
                 fn()
