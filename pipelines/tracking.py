@@ -8,8 +8,6 @@ relative to the working directory. ``MLFLOW_TRACKING_URI`` or ``--tracking_uri``
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 import platform
 import subprocess
@@ -178,13 +176,6 @@ def hardware_tags() -> dict[str, str]:
     return tags
 
 
-def fingerprint_bytes(*chunks: bytes) -> str:
-    h = hashlib.sha256()
-    for c in chunks:
-        h.update(c)
-    return h.hexdigest()
-
-
 # ---- artifact helpers for modules: no-ops without an MLflow logger or off rank 0 -------------------
 
 
@@ -218,14 +209,3 @@ def log_file(trainer, local_path: str | os.PathLike, artifact_path: str | None =
     if run := _run(trainer):
         p = Path(local_path)
         (run[0].log_artifacts if p.is_dir() else run[0].log_artifact)(run[1], str(p), artifact_path)
-
-
-def log_dict(trainer, data: dict, artifact_file: str) -> None:
-    if run := _run(trainer):
-        run[0].log_dict(run[1], data, artifact_file)
-
-
-def figure_png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()

@@ -14,14 +14,7 @@ from modules.gpt.model import GPT, GPTConfig
 from modules.gpt.moe import STAT_NAMES
 from modules.gpt.tokenizer import Tokenizer, tokenizer_from_state
 
-try:  # artifact helpers of the pipeline; no-ops without an MLflow logger
-    from pipelines.tracking import log_figure, log_text
-except ImportError:  # pragma: no cover - only while the pipeline package is incomplete
-    def log_text(trainer, text, artifact_file):  # type: ignore[no-redef]
-        return None
-
-    def log_figure(trainer, fig, artifact_file):  # type: ignore[no-redef]
-        return None
+from pipelines.tracking import log_figure, log_text  # no-ops without an MLflow logger
 
 
 def cosine_lr(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
