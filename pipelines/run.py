@@ -229,7 +229,10 @@ class Session:
                 self.client.log_text(self.run_id, tb, "error.txt")
             if self.log_checkpoint and self.ckpt_dir.is_dir():
                 for ckpt in sorted(self.ckpt_dir.glob("*.ckpt")):
-                    self.client.log_artifact(self.run_id, str(ckpt), "checkpoints")
+                    if ckpt.is_dir():  # a sharded (FSDP) checkpoint is a folder of shards
+                        self.client.log_artifacts(self.run_id, str(ckpt), f"checkpoints/{ckpt.name}")
+                    else:
+                        self.client.log_artifact(self.run_id, str(ckpt), "checkpoints")
         except OSError as e:
             error = OSError(e.errno, f"could not write artifacts of run {self.run_id}: {e.strerror or e} "
                                      f"(local checkpoints stay in {self.ckpt_dir}); free space on the artifact store")
@@ -414,6 +417,10 @@ def find_resume_point(resume: str, uri: str | None, config_path) -> tuple[str, s
         except Exception:
             raise ConfigError(f"--resume {run_id}: no such run in {client.tracking_uri}") from None
     local = trk.local_dir(uri) / "checkpoints" / run_id / "last.ckpt"
+    if local.is_dir():  # a sharded (FSDP) checkpoint: Lightning's strategy reads the folder itself
+        if not any(local.iterdir()):
+            raise ConfigError(f"--resume {resume}: the sharded checkpoint {local} is empty")
+        return run_id, str(local)
     if not local.is_file():
         import mlflow
 

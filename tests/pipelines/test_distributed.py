@@ -102,6 +102,12 @@ def test_fsdp_single_gpu_run_and_resume(tmp_path, tracking_uri):
     fsdp = ["--config", str(ROOT / "configs/trainer/fsdp.yaml"), "--trainer.devices=1", "--system_metrics=false"]
     res = run_experiment(cfg, fsdp + ["--checkpoint_every_n_steps=5"], tracking_uri)
     assert res.status == "FINISHED", res.error
+    last = Path(tracking_uri.removeprefix("sqlite:///")).parent / "checkpoints" / res.run_id / "last.ckpt"
+    assert last.is_dir() and any(last.iterdir())  # sharded: a folder of shards
+    more = run_experiment(cfg, fsdp + [f"--resume={res.run_id}", "--trainer.max_steps=15"], tracking_uri)
+    assert more.status == "FINISHED" and more.run_id == res.run_id, more.error
+    steps = [m.step for m in MlflowClient(tracking_uri).get_metric_history(res.run_id, "train/loss")]
+    assert len(steps) == len(set(steps)) and max(steps) >= 14
 
 
 def test_torchrun_launch_gives_one_run(tmp_path, tracking_uri):
