@@ -63,7 +63,7 @@ class PracticumLogger(MLFlowLogger):
     def __init__(self, *args, logged: set[tuple[str, int]] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._pending: list = []
-        self._logged = logged or set()
+        self._logged = frozenset(logged or ())  # only what the run held before; new steps need no record
 
     def log_hyperparams(self, params: Any) -> None:
         pass
@@ -74,10 +74,8 @@ class PracticumLogger(MLFlowLogger):
 
         now = int(time.time() * 1000)
         for k, v in metrics.items():
-            key = (k, step or 0)
-            if key in self._logged:
+            if (k, step or 0) in self._logged:  # already in the run before a resume
                 continue
-            self._logged.add(key)
             self._pending.append(Metric(k, float(v), now, step or 0))
         self.flush(raise_on_error=False)
 
