@@ -10,9 +10,7 @@ import importlib
 import json
 from pathlib import Path
 
-import torch
-
-from pipelines.run import ConfigError
+from pipelines.run import ConfigError, check_checkpoint
 
 
 def _import(path: str):
@@ -36,12 +34,7 @@ def load_generator(source: str, tracking_uri: str | None = None):
 
 def load_checkpoint(path: str | Path):
     """Rebuild the LightningModule recorded in a Practicum checkpoint; a damaged file is a clear error."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ConfigError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); "
-                         "use another checkpoint of the run (last.ckpt / best.ckpt)") from None
-    info = ckpt.get("practicum") if isinstance(ckpt, dict) else None
+    info = check_checkpoint(path).get("practicum")
     if not info:
         raise ConfigError(f"{path} is not a Practicum checkpoint (no 'practicum' entry naming its module class)")
     cls = _import(info["class_path"])

@@ -432,17 +432,19 @@ def find_resume_point(resume: str, uri: str | None, config_path) -> tuple[str, s
     return run_id, str(local)
 
 
-def check_checkpoint(path: str | Path) -> None:
-    """A truncated or corrupt checkpoint is a clear error, not a crash inside torch.load."""
+def check_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's contents (memory-mapped); a truncated or corrupt file is a clear error, not a
+    crash inside torch.load."""
     import torch
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:
-        raise ConfigError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}); "
-                          "resume from an earlier checkpoint of the run or start a new run") from None
+        raise ConfigError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); "
+                          "use an earlier checkpoint of the run (last.ckpt / best.ckpt) or start a new run") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ConfigError(f"checkpoint {path} holds no Lightning state_dict")
+    return ckpt
 
 
 def _scalars(d: dict) -> dict[str, float]:
