@@ -8,9 +8,10 @@ Both sides predict the test split of the same TabularDataModule split (digits: 1
 360 test, 64 features; mnist5k: 3,000 train / 1,000 test, 784 features), from the same fitted
 float64 arrays. Timings are the minimum over `repeats` runs, the two sides alternating in blocks of five
 calls after a short pause, so drifting load on a shared machine hits both sides alike. Predictions are checked to
-be identical before anything is timed. Two thread settings are measured: the defaults (one
-worker thread per CPU for the NumPy side, each with a one-thread BLAS; OpenMP threads for
-scikit-learn's Cython) and everything on one thread. On a machine shared with other busy
+be identical before anything is timed. Two thread settings are measured: the defaults (for the
+NumPy side one worker thread per CPU, each with a one-thread BLAS, on large searches such as
+mnist5k, and one thread with BLAS's own threads on small ones such as digits; OpenMP threads
+for scikit-learn's Cython) and everything on one thread. On a machine shared with other busy
 processes the default (multi-threaded) numbers mostly measure how fast idle threads get a
 core back, so the one-thread line is the like-for-like comparison there; the load average
 is printed. ratio = ours / scikit-learn: below 1 means the NumPy version is faster.

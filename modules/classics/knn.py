@@ -1,9 +1,10 @@
 """k-nearest-neighbour classification in NumPy, tie for tie with scikit-learn's brute force.
 
-Distances use ||a - b||^2 = ||a||^2 - 2 a.b + ||b||^2: one matrix product per block of
-queries instead of an (n_query, n_train, d) difference tensor, so a block costs
-(block rows x n_train) floats of memory and the product runs in BLAS. The k smallest per
-row are found without sorting or partitioning whole rows (`_k_smallest`).
+Distances use ||a - b||^2 = ||a||^2 - 2 a.b + ||b||^2 in one matrix product per block of
+queries, the norms carried as two extra columns ([-2a, ||a||^2, 1] . [b, 1, ||b||^2]), instead
+of an (n_query, n_train, d) difference tensor: a block costs (block rows x n_train) floats of
+memory and all its arithmetic runs in BLAS. The k smallest per row are found without sorting
+or partitioning whole rows (`_k_smallest`).
 
 How scikit-learn (1.3+, brute force, dense float64) breaks ties, and how this file matches it:
 
@@ -24,11 +25,13 @@ How scikit-learn (1.3+, brute force, dense float64) breaks ties, and how this fi
   distance-sorted neighbours), the strictly larger score wins, so again the lowest class.
 
 Limits of "identical". (1) Ties are ties only if both sides compute equal distances. They
-do when the arithmetic is exact (integer-valued data, as in the tie tests) and, in practice,
-on real data without duplicate rows (digits and mnist5k agree on every prediction). For
-duplicated float rows the norm expansion leaves ~1e-13 instead of 0, not always the same
-for each copy, while scikit-learn's uniform path subtracts directly and gets exact zeros,
-so ties among the copies can break differently. (2) With distance weights, more than 256
+do when the arithmetic is exact (integer-valued data, as in the tie tests). On real data the
+two sides round differently in the last bits (scikit-learn adds the norms after its product,
+here they are summed inside it), which could only matter where two distances lie within a
+few ulps of each other at the k-th place; digits and mnist5k agree on every prediction and
+neighbour. For duplicated float rows the norm expansion leaves ~1e-13 instead of 0, not
+always the same for each copy, while scikit-learn's uniform path subtracts directly and gets
+exact zeros, so ties among the copies can break differently. (2) With distance weights, more than 256
 training points and several OpenMP threads, scikit-learn gives each thread its own heap
 and merges them (`strategy="parallel_on_Y"`). This file replays the single heap, which is
 scikit-learn's order for uniform weights always and for distance weights on one thread;
@@ -38,7 +41,6 @@ the merged result agreed with it in every case tried (tests: 700 points, 2 threa
 from __future__ import annotations
 
 import os
-import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -87,7 +89,9 @@ class KNNConfig:
             block_size * n_train * 8 bytes (per worker).
         n_jobs: Worker threads, each taking a contiguous share of the queries with a
             one-thread BLAS (scikit-learn's own layout: OpenMP over chunks, BLAS limited to
-            one thread). None: the CPUs this process may use.
+            one thread). None: one worker per usable CPU when the distance product is large
+            (>= 1e8 multiply-adds), else a single thread whose matrix product BLAS
+            parallelises.
     """
 
     k: int = 5
@@ -103,7 +107,25 @@ class KNNConfig:
         if int(self.block_size) < 1:
             raise ValueError(f"block_size (query rows per distance block) must be >= 1, got {self.block_size}")
         if self.n_jobs is not None and int(self.n_jobs) < 1:
-            raise ValueError(f"n_jobs (worker threads) must be >= 1 or None (all CPUs), got {self.n_jobs}")
+            raise ValueError(f"n_jobs (worker threads) must be >= 1 or None (automatic), got {self.n_jobs}")
+
+
+def _query_side(A: np.ndarray, A_sqnorm: np.ndarray) -> np.ndarray:
+    """[-2 A, ||a||^2, 1] (n_a, d + 2): the query half of the one-product distance."""
+    out = np.empty((A.shape[0], A.shape[1] + 2))
+    np.multiply(A, -2.0, out=out[:, :-2])  # exact: a power of two
+    out[:, -2] = A_sqnorm
+    out[:, -1] = 1.0
+    return out
+
+
+def _train_side(B: np.ndarray, B_sqnorm: np.ndarray) -> np.ndarray:
+    """[B, 1, ||b||^2] (n_b, d + 2): the training half, built once at fit."""
+    out = np.empty((B.shape[0], B.shape[1] + 2))
+    out[:, :-2] = B
+    out[:, -2] = 1.0
+    out[:, -1] = B_sqnorm
+    return out
 
 
 def squared_distances(
@@ -111,22 +133,19 @@ def squared_distances(
     B: np.ndarray,
     A_sqnorm: np.ndarray | None = None,
     B_sqnorm: np.ndarray | None = None,
-    out: np.ndarray | None = None,
     clip: bool = True,
 ) -> np.ndarray:
-    """||a_i - b_j||^2 for all pairs, (n_a, n_b), via the norm expansion.
+    """||a_i - b_j||^2 for all pairs, (n_a, n_b), via the norm expansion in one product.
 
-    The sum is formed as (||a||^2 - 2 a.b) + ||b||^2, the order scikit-learn's
-    EuclideanArgKmin uses. The -2 scales the small query block before the product, which
-    is exact (a power of two) and saves a pass over the (n_a, n_b) result; everything after
-    the product is in place, into `out` when given. `clip` removes tiny negatives left by
-    cancellation (the k-NN search clips only the rows that have any, see `_k_smallest`).
+    [-2a, ||a||^2, 1] . [b, 1, ||b||^2] = ||a||^2 - 2 a.b + ||b||^2: the norms ride along as
+    two extra columns of the matrix product, so BLAS forms the whole sum and no pass over
+    the (n_a, n_b) result is spent adding them (a third of the k-NN search time on digits
+    when added separately). `clip` removes tiny negatives left by cancellation (the k-NN
+    search clips only the rows that have any, see `_k_smallest`).
     """
     a2 = np.einsum("ij,ij->i", A, A) if A_sqnorm is None else A_sqnorm  # (n_a,)
     b2 = np.einsum("ij,ij->i", B, B) if B_sqnorm is None else B_sqnorm  # (n_b,)
-    d = np.matmul(-2.0 * A, B.T, out=out)
-    d += a2[:, None]
-    d += b2
+    d = _query_side(A, a2) @ _train_side(B, b2).T
     if clip:
         np.maximum(d, 0.0, out=d)
     return d
@@ -179,15 +198,16 @@ def _replay_heap(D: np.ndarray, k: int) -> np.ndarray:
 
 
 def _k_smallest(D: np.ndarray, k: int, group: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Column indices of the k smallest entries of each row of D, and the rows with a tie.
+    """The k smallest entries of each row of D, nearest first, and the rows with a boundary tie.
 
-    A full argpartition of every row is the slow part of brute-force k-NN, so candidates are
-    cut first. The first g * group columns (g = n // group) form g interleaved groups,
+    Partitioning whole rows is the slow part of brute-force k-NN (numpy's argpartition costs
+    about 10 us per 1,000-column row), so a bound is found first and only the entries under it
+    are ordered. The first g * group columns (g = n // group) form g interleaved groups,
     group i = columns {i, i + g, i + 2g, ...}; their minima come from `group` element-wise
-    minimum passes (b, g). With u the k-th smallest group minimum, k distinct columns lie
-    at or below u, so each of the k nearest lies in a group whose minimum is <= u (or in the
-    < group leftover columns): only those few groups (typically exactly k) are gathered and
-    ordered, k * group candidates instead of n.
+    minimum passes (b, g). With u the k-th smallest group minimum (a cheap value partition of
+    g entries per row), k distinct columns lie at or below u, so the k nearest are among the
+    entries <= u: typically a handful per row. Those are gathered flat and sorted once by
+    (row, distance, column index), so the first k of each row are its neighbours in order.
 
     Rows of D with negative entries (cancellation) are clipped to 0 here, in place, as
     scikit-learn clips before its heap: clipped values tie at 0 in both.
@@ -198,16 +218,15 @@ def _k_smallest(D: np.ndarray, k: int, group: int = 16) -> tuple[np.ndarray, np.
         group: Columns per group (= passes of the pre-filter).
 
     Returns:
-        (part (b, k) indices of the k smallest, any order; their values (b, k); rows (m,)
-        where more than k entries are <= the k-th smallest, i.e. where the choice among
-        equal distances is open).
+        (ind (b, k) column indices of the k smallest, nearest first and equal distances by
+        index; their values (b, k); rows (m,) where more than k entries are <= the k-th
+        smallest, i.e. where the choice among equal distances is open).
     """
     b, n = D.shape
     g = n // group
-    if g < k:  # small training set: plain selection
+    if g < k:  # small training set: the bound is the k-th smallest itself
         np.maximum(D, 0.0, out=D)
-        cand_idx = np.broadcast_to(np.arange(n), D.shape)
-        cand = D
+        u = np.partition(D, k - 1, axis=1)[:, k - 1]
     else:
         gmin = D[:, :g].copy()  # (b, g)
         for j in range(1, group):
@@ -219,26 +238,19 @@ def _k_smallest(D: np.ndarray, k: int, group: int = 16) -> tuple[np.ndarray, np.
         if neg.size:
             D[neg] = np.maximum(D[neg], 0.0)
             gmin[neg] = np.maximum(gmin[neg], 0.0)  # min of clipped values = clipped min
-        gsel = np.argpartition(gmin, k - 1, axis=1)[:, :k]  # the k groups with the smallest minima
-        u = np.take_along_axis(gmin, gsel, axis=1).max(axis=1)  # (b,) bound on the k-th smallest
-        count = np.count_nonzero(gmin <= u[:, None], axis=1)  # >= k; > k when minima tie at u
-        valid = None
-        if (count > k).any():
-            # take every group at or below u: those first in each row (stable), then padding
-            gsel = np.argsort(gmin > u[:, None], axis=1, kind="stable")[:, : int(count.max())]
-            valid = np.arange(gsel.shape[1])[None, :] < count[:, None]  # (b, m)
-        cols = gsel[:, :, None] + g * np.arange(group)  # (b, m, group)
-        vals = np.take_along_axis(D, cols.reshape(b, -1), axis=1).reshape(cols.shape)
-        if valid is not None:
-            vals[~valid] = np.inf
-        tail = np.arange(g * group, n)  # leftover columns: always candidates
-        cand = np.concatenate([vals.reshape(b, -1), D[:, tail]], axis=1)
-        cand_idx = np.concatenate([cols.reshape(b, -1), np.broadcast_to(tail, (b, tail.size))], axis=1)
-    sel = np.argpartition(cand, k - 1, axis=1)[:, :k]
-    d = np.take_along_axis(cand, sel, axis=1)
-    # every entry <= the k-th smallest is a candidate (it is <= u), so ties are counted on cand
-    tied = np.flatnonzero(np.count_nonzero(cand <= d.max(axis=1)[:, None], axis=1) > k)
-    return np.take_along_axis(cand_idx, sel, axis=1), d, tied
+        u = np.partition(gmin, k - 1, axis=1)[:, k - 1]  # (b,) bound on the k-th smallest
+    # flat indices, row-major: >= k entries per row (flatnonzero is ~15x faster than a 2-D nonzero)
+    flat = np.flatnonzero(D <= u[:, None])
+    rows, cols = np.divmod(flat, n)
+    vals = D.ravel()[flat]
+    order = np.lexsort((cols, vals, rows))
+    counts = np.bincount(rows, minlength=b)
+    starts = np.cumsum(counts) - counts
+    sel = order[starts[:, None] + np.arange(k)]  # (b, k) the first k of each row
+    d = vals[sel]
+    nxt = vals[order[np.minimum(starts + k, order.size - 1)]]  # the (k+1)-th, where a row has one
+    tied = np.flatnonzero((counts > k) & (nxt == d[:, -1]))
+    return cols[sel], d, tied
 
 
 class KNNClassifier:
@@ -250,10 +262,10 @@ class KNNClassifier:
 
     def __init__(self, config: KNNConfig) -> None:
         self.config = config
-        self.X: np.ndarray | None = None
+        self.X: np.ndarray | None = None  # (n, d) view into `train_side`
         self.y: np.ndarray | None = None  # encoded labels in [0, n_classes)
         self.classes_: np.ndarray | None = None
-        self.sqnorm: np.ndarray | None = None
+        self.train_side: np.ndarray | None = None  # [X, 1, ||x||^2], the stored training set
         self.block_bytes = 0  # bytes of the largest distance block, for the memory ledger
         self.n_replayed = 0  # query rows that needed the tie replay (diagnostics)
 
@@ -281,8 +293,8 @@ class KNNClassifier:
         self.y = np.searchsorted(self.classes_, y)
         if np.any(self.classes_[np.minimum(self.y, len(self.classes_) - 1)] != y):
             raise ValueError("y holds labels that are not in `classes`")
-        self.X = X
-        self.sqnorm = np.einsum("ij,ij->i", X, X)
+        self.train_side = _train_side(X, np.einsum("ij,ij->i", X, X))
+        self.X = self.train_side[:, :-2]
         if self.config.n_jobs != 1:
             _controller()  # one-off library scan (~10 ms) belongs to fitting, not to predict
         return self
@@ -303,49 +315,55 @@ class KNNClassifier:
         n, k = X.shape[0], self.config.k
         dist = np.empty((n, k))
         ind = np.empty((n, k), dtype=np.intp)
-        a2 = np.einsum("ij,ij->i", X, X)
-        jobs = self.config.n_jobs or _usable_cpus()
-        # each worker needs at least a few dozen rows to be worth a thread
-        parts = max(1, min(jobs, n // 32))
-        # below ~1e8 multiply-adds OpenBLAS keeps a product on one thread by itself, so re-limiting
-        # it costs more than it saves
-        small = n * self.X.shape[0] * self.X.shape[1] < 1e8
+        Q = _query_side(X, np.einsum("ij,ij->i", X, X))
+        jobs = self.config.n_jobs
+        if jobs is None:
+            # Worker threads pay off only for large products: each call wakes them, which on
+            # a virtual machine costs more than a small search (digits, 360 x 1078 x 64:
+            # 2.2 ms with two workers against 1.4 ms in one thread whose product BLAS
+            # threads by itself). Each worker needs a few dozen rows too.
+            big = n * self.X.shape[0] * self.X.shape[1] >= 1e8
+            jobs = max(1, min(_usable_cpus(), n // 32)) if big else 1
+        parts = max(1, min(jobs, n))
         bounds = np.linspace(0, n, parts + 1).astype(int)
-        args = [(X[lo:hi], a2[lo:hi], dist[lo:hi], ind[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        args = [(Q[lo:hi], dist[lo:hi], ind[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
         if parts == 1:
             stats = [self._kneighbors_part(*args[0])]
         else:
             # BLAS limited to one thread while the workers run, as scikit-learn does: a
-            # multi-threaded BLAS inside threads oversubscribes the cores
-            with contextlib.nullcontext() if small else _blas_threads(1):
-                stats = list(_executor(parts).map(lambda a: self._kneighbors_part(*a), args))
+            # multi-threaded BLAS inside threads oversubscribes the cores, and two threads
+            # calling OpenBLAS at once queue on its lock (digits: 2.0 ms -> 1.5 ms per predict)
+            with _blas_threads(1):
+                # the calling thread takes the first share itself: one thread fewer to wake
+                futures = [_executor(parts - 1).submit(self._kneighbors_part, *a) for a in args[1:]]
+                stats = [self._kneighbors_part(*args[0])] + [f.result() for f in futures]
         self.block_bytes = max(self.block_bytes, sum(b for b, _ in stats))
         self.n_replayed += sum(r for _, r in stats)
         return dist, ind
 
-    def _kneighbors_part(
-        self, X: np.ndarray, a2: np.ndarray, dist: np.ndarray, ind: np.ndarray
-    ) -> tuple[int, int]:
-        """kneighbors for one worker's rows, written into dist/ind; returns (block bytes, replayed rows)."""
-        k, bs, n = self.config.k, self.config.block_size, X.shape[0]
+    def _kneighbors_part(self, Q: np.ndarray, dist: np.ndarray, ind: np.ndarray) -> tuple[int, int]:
+        """kneighbors for one worker's query rows Q ([-2x, ||x||^2, 1]), written into dist/ind;
+        returns (block bytes, replayed rows)."""
+        k, bs, n = self.config.k, self.config.block_size, Q.shape[0]
         # one buffer for every block: fresh multi-MB temporaries cost more in page faults
         # than the arithmetic on them
         buf = np.empty((min(bs, n), self.X.shape[0]))
         replayed = 0
         for s in range(0, n, bs):
-            D = squared_distances(
-                X[s : s + bs], self.X, a2[s : s + bs], self.sqnorm, out=buf[: min(bs, n - s)], clip=False
-            )  # (b, n_train)
+            D = np.matmul(Q[s : s + bs], self.train_side.T, out=buf[: min(bs, n - s)])  # (b, n_train)
             part, d, tied = _k_smallest(D, k)
             if tied.size:
-                part[tied] = _replay_heap(D[tied], k)
-                d[tied] = np.take_along_axis(D[tied], part[tied], axis=1)
+                # scikit-learn's choice among the tied, then nearest first, ties in order of
+                # index like the other rows (equal distances carry equal weights, so their
+                # order does not change any vote)
+                p = _replay_heap(D[tied], k)
+                v = np.take_along_axis(D[tied], p, axis=1)
+                order = np.lexsort((p, v), axis=1)
+                part[tied] = np.take_along_axis(p, order, axis=1)
+                d[tied] = np.take_along_axis(v, order, axis=1)
                 replayed += tied.size
-            # nearest first; ties in order of index (equal distances carry equal weights,
-            # so their order does not change any vote)
-            order = np.lexsort((part, d), axis=1)
-            ind[s : s + bs] = np.take_along_axis(part, order, axis=1)
-            dist[s : s + bs] = np.sqrt(np.take_along_axis(d, order, axis=1))
+            ind[s : s + bs] = part
+            dist[s : s + bs] = np.sqrt(d)
         return buf.nbytes, replayed
 
     @staticmethod

@@ -236,7 +236,7 @@ class KNNModule(_NumpyClassifierModule):
         weights: "uniform" or "distance".
         block_size: Query rows per distance block (bounds memory to block_size * n_train floats
             per worker).
-        n_jobs: Worker threads for prediction; None uses every CPU this process may use.
+        n_jobs: Worker threads for prediction; None: one per usable CPU for large searches, else one.
     """
 
     def __init__(self, k: int = 5, weights: str = "uniform", block_size: int = 512, n_jobs: int | None = None) -> None:
@@ -270,7 +270,7 @@ class KNNModule(_NumpyClassifierModule):
         return 0 if self.core.X is None else int(self.core.X.size + self.core.y.size)
 
     def memory_ledger(self) -> dict[str, int]:
-        stored = 0 if self.core.X is None else self.core.X.nbytes + self.core.y.nbytes
+        stored = 0 if self.core.X is None else self.core.train_side.nbytes + self.core.y.nbytes
         return {"params_bytes": stored, "grads_bytes": 0, "optimizer_bytes": 0, "activations_bytes": self.core.block_bytes}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -278,7 +278,7 @@ class KNNModule(_NumpyClassifierModule):
         if c.X is None:
             return  # nothing stored yet
         checkpoint["classics"] = {
-            "X": torch.from_numpy(c.X),
+            "X": torch.from_numpy(np.ascontiguousarray(c.X)),
             "y": torch.from_numpy(c.classes_[c.y]),
             "classes": torch.from_numpy(c.classes_),
         }

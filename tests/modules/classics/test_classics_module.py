@@ -56,7 +56,10 @@ def test_knn_and_sklearn_knn_agree_through_the_pipeline(tracking_uri):
     assert ours.metrics["test/acc"] == theirs.metrics["test/acc"] == pytest.approx(expected, abs=1e-6)
     assert ours.metrics["val/acc"] == theirs.metrics["val/acc"]
     m = MlflowClient(tracking_uri).get_run(ours.run_id).data.metrics
-    assert m["mem/params_bytes"] == Xtr.nbytes + ytr.nbytes and m["params/total"] == Xtr.size + ytr.size
+    # the training set is held with two more columns (1 and ||x||^2) that carry the norms into
+    # the distance product
+    assert m["mem/params_bytes"] == Xtr.nbytes + 2 * 8 * len(Xtr) + ytr.nbytes
+    assert m["params/total"] == Xtr.size + ytr.size
     # read at the end of fit: one worker, one block of the validation split x the training rows
     assert m["mem/activations_bytes"] == len(dm.splits["val"][1]) * len(ytr) * 8
     assert "val/loss" not in m and m["perf/predict_time_s"] > 0
