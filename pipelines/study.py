@@ -10,6 +10,11 @@ A study file::
     variants:                      # name -> dotted overrides; `base` switches that variant's config
       dense: {}
       moe: {model.init_args.ffn: moe}
+      moe-gpu: {requires: cuda, trainer.accelerator: gpu}   # skipped, with a note, where unmet
+
+`requires` (a name or a list; known: cuda) keeps a variant out of a study on machines that
+cannot run it, so one study file serves a laptop and a GPU node alike; skipped variants are
+printed and listed in the parent run's `practicum.skipped` tag.
 """
 
 from __future__ import annotations
@@ -30,6 +35,24 @@ from pipelines import tracking as trk  # noqa: E402
 from pipelines.compare import render, study_table  # noqa: E402
 from pipelines.run import ConfigError, RunResult, run_experiment  # noqa: E402
 
+REQUIREMENTS = {"cuda": "a CUDA GPU"}
+
+
+def unmet_requirements(requires: Any) -> list[str]:
+    """The requirements in `requires` this machine does not meet; unknown names raise ConfigError."""
+    names = [requires] if isinstance(requires, str) else list(requires or [])
+    unknown = [r for r in names if r not in REQUIREMENTS]
+    if unknown:
+        raise ConfigError(f"unknown requirement(s) {unknown}; known: {sorted(REQUIREMENTS)}")
+    return [f"needs {REQUIREMENTS[r]}, none here" for r in names if r == "cuda" and not _cuda_available()]
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 MEMORY_KEYS = ("mem/params_bytes", "mem/grads_bytes", "mem/optimizer_bytes", "mem/activations_bytes")
 PEAK_KEYS = ("mem/device_peak_allocated_bytes", "mem/host_peak_rss_bytes")
 THROUGHPUT_KEYS = ("perf/tokens_per_s", "perf/samples_per_s")
@@ -48,6 +71,7 @@ class Study:
     def variant_config(self, name: str) -> tuple[Path, list[str]]:
         """(config file, CLI overrides) of one variant: study overrides first, the variant's win."""
         v = dict(self.variants[name] or {})
+        v.pop("requires", None)
         base = (self.path.parent / v.pop("base")).resolve() if "base" in v else self.base
         if not base.is_file():
             raise ConfigError(f"study '{self.name}', variant '{name}': base config {base} does not exist")
@@ -75,6 +99,11 @@ def load_study(path: str | Path) -> Study:
     base = (path.parent / raw["base"]).resolve()
     if not base.is_file():
         raise ConfigError(f"study {path}: base config {base} does not exist")
+    for name, v in raw["variants"].items():
+        try:
+            unmet_requirements((v or {}).get("requires"))
+        except ConfigError as e:
+            raise ConfigError(f"study {path}, variant '{name}': {e}") from None
     return Study(
         name=str(raw["name"]),
         base=base,
@@ -104,6 +133,15 @@ def run_study(
     missing = [n for n in names if n not in study.variants]
     if missing:
         raise ConfigError(f"study '{study.name}' has no variant(s) {missing}; variants: {list(study.variants)}")
+    skipped = {}
+    for n in names:
+        unmet = unmet_requirements((study.variants[n] or {}).get("requires"))
+        if unmet:
+            skipped[n] = "; ".join(unmet)
+            tqdm.write(f"[{study.name}] {n}: skipped ({skipped[n]})")
+    names = [n for n in names if n not in skipped]
+    if not names:
+        raise ConfigError(f"study '{study.name}': every variant was skipped: {skipped}")
     uri = trk.resolve_tracking_uri(tracking_uri)
     client = trk.MlflowClient(uri)
     trk.check_reachable(client, uri)
@@ -115,6 +153,7 @@ def run_study(
         "practicum.variants": json.dumps(names),
         "practicum.columns": json.dumps(study.columns),
         "practicum.primary_metric": study.primary_metric,
+        **({"practicum.skipped": json.dumps(skipped)} if skipped else {}),
     }
     parent = client.create_run(exp_id, tags=tags, run_name=study.name).info.run_id
     client.log_text(parent, Path(path).read_text(), "study.yaml")

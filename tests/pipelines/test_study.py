@@ -75,3 +75,33 @@ def test_compare_unknown_study_names_known_ones(study_file, tracking_uri, capsys
     run_study(study_file, ["--system_metrics=false"], tracking_uri, only=["narrow"])
     assert main(["compare", "no-such-study", "--tracking_uri", tracking_uri]) == 2
     assert "Known studies: toy-study" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_variant_requirements_skip_or_run(tmp_path, study_file, tracking_uri, monkeypatch, capsys, cuda):
+    """`requires: cuda` keeps a variant out where there is no GPU and in where there is one.
+
+    The study's GPU probe is faked both ways; the variant itself runs on the CPU, so both paths
+    run here."""
+    monkeypatch.setattr("pipelines.study._cuda_available", lambda: cuda)
+    raw = yaml.safe_load(study_file.read_text())
+    raw["variants"] = {"narrow": {"model.init_args.hidden": 4},
+                       "gpu-only": {"requires": "cuda", "model.init_args.hidden": 8}}
+    study_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    parent_id, df = run_study(study_file, ["--system_metrics=false"], tracking_uri)
+    tags = MlflowClient(tracking_uri).get_run(parent_id).data.tags
+    if cuda:
+        assert list(df["variant"]) == ["narrow", "gpu-only"] and list(df["status"]) == ["FINISHED"] * 2
+        assert "practicum.skipped" not in tags
+    else:
+        assert list(df["variant"]) == ["narrow"]
+        assert json.loads(tags["practicum.skipped"]) == {"gpu-only": "needs a CUDA GPU, none here"}
+        assert "gpu-only: skipped (needs a CUDA GPU, none here)" in capsys.readouterr().out
+
+
+def test_unknown_requirement_is_named(tmp_path, study_file):
+    raw = yaml.safe_load(study_file.read_text())
+    raw["variants"]["wide"]["requires"] = ["tpu"]
+    study_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"variant 'wide': unknown requirement\(s\) \['tpu'\]; known: \['cuda'\]"):
+        load_study(study_file)

@@ -37,14 +37,15 @@ def test_config_parses(path):
 
 def test_study_variants_parse():
     study = load_study(ROOT / "configs" / "studies" / "lora-vs-full.yaml")
-    assert set(study.variants) == {"full", "lora-r8", "lora-r64"}
+    assert set(study.variants) == {"full", "lora-r8", "lora-r64", "qlora-r64"}
+    assert study.variants["qlora-r64"]["requires"] == "cuda"  # skipped, with a note, on CPU machines
     methods = {}
     for name in study.variants:
         config, args = study.variant_config(name)
         cfg = parser().parse_args(["--config", str(config), *args])
         methods[name] = (cfg.model.init_args.method, cfg.model.init_args.r)
         assert cfg.trainer == parser().parse_args(["--config", str(study.base)]).trainer  # equal steps
-    assert methods == {"full": ("full", 8), "lora-r8": ("lora", 8), "lora-r64": ("lora", 64)}
+    assert methods == {"full": ("full", 8), "lora-r8": ("lora", 8), "lora-r64": ("lora", 64), "qlora-r64": ("qlora", 64)}
 
 
 def test_lora_run_through_the_pipeline(tracking_uri, tiny_minigpt_ckpt):
