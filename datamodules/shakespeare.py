@@ -148,7 +148,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         bpe_vocab_size: int = 512,
         block_size: int = 64,
         batch_size: int = 12,
-        val_windows: int = 480,
+        val_windows: int | None = 480,
         val_batch_size: int | None = None,
         train_frac: float = 0.9,
         max_chars: int | None = None,
@@ -168,7 +168,10 @@ class ShakespeareDataModule(L.LightningDataModule):
             bpe_vocab_size: Vocabulary size of the BPE tokenizer.
             block_size: Window length T in tokens.
             batch_size: Windows per training batch on each device.
-            val_windows: Size of the fixed validation set (windows drawn once with `seed`).
+            val_windows: Size of the fixed validation set (windows drawn once with `seed`), or
+                None for the whole validation split cut into consecutive non-overlapping
+                windows: every validation token scored once, the exact val loss (a 480-window
+                sample of tiny Shakespeare reads about 0.01 above it).
             val_batch_size: Validation batch size; default batch_size.
             train_frac: Leading fraction of the text used for training; the rest is validation.
             max_chars: Use only the first max_chars characters of the corpus (quick runs, tests).
@@ -183,7 +186,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         if tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
         for name, value in (("block_size", block_size), ("batch_size", batch_size), ("val_windows", val_windows)):
-            if value <= 0:
+            if value is not None and value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
         if max_chars is not None and max_chars <= 0:
             raise ValueError(f"max_chars must be a positive number of characters or null (all), got {max_chars}")
@@ -273,8 +276,11 @@ class ShakespeareDataModule(L.LightningDataModule):
 
     def val_windows_tensor(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The fixed validation set: (x, y), each (val_windows, block_size)."""
-        g = torch.Generator().manual_seed(self.seed)
-        ix = torch.randint(len(self.val_data) - self.block_size, (self.val_windows,), generator=g)
+        if self.val_windows is None:  # the whole split, consecutive windows
+            ix = torch.arange(0, len(self.val_data) - self.block_size, self.block_size)
+        else:
+            g = torch.Generator().manual_seed(self.seed)
+            ix = torch.randint(len(self.val_data) - self.block_size, (self.val_windows,), generator=g)
         offsets = torch.arange(self.block_size)
         return self.val_data[ix[:, None] + offsets], self.val_data[ix[:, None] + offsets + 1]
 

@@ -115,6 +115,16 @@ def test_validation_windows_fixed_and_fingerprint():
     assert sum(x.size(0) for x, _ in batches) == 10
 
 
+def test_whole_split_validation_scores_every_token_once():
+    dm = tiny_dm(val_windows=None)
+    dm.setup()
+    x, y = dm.val_windows_tensor()
+    n = (len(dm.val_data) - 1) // 16  # consecutive windows of 16 that still have a next token
+    assert x.shape == y.shape == (n, 16)
+    torch.testing.assert_close(x.reshape(-1), dm.val_data[: n * 16])
+    torch.testing.assert_close(y.reshape(-1), dm.val_data[1 : n * 16 + 1])
+
+
 def test_download_checks_md5(tmp_path, monkeypatch):
     def fake_fetch(url, dest):
         assert url == sh.TINYSHAKESPEARE_URL
