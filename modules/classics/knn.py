@@ -28,14 +28,15 @@ Limits of "identical". (1) Ties are ties only if both sides compute equal distan
 do when the arithmetic is exact (integer-valued data, as in the tie tests). On real data the
 two sides round differently in the last bits (scikit-learn adds the norms after its product,
 here they are summed inside it), which could only matter where two distances lie within a
-few ulps of each other at the k-th place; digits and mnist5k agree on every prediction and
-neighbour. For duplicated float rows the norm expansion leaves ~1e-13 instead of 0, not
-always the same for each copy, while scikit-learn's uniform path subtracts directly and gets
-exact zeros, so ties among the copies can break differently. (2) With distance weights, more than 256
-training points and several OpenMP threads, scikit-learn gives each thread its own heap
-and merges them (`strategy="parallel_on_Y"`). This file replays the single heap, which is
-scikit-learn's order for uniform weights always and for distance weights on one thread;
-the merged result agreed with it in every case tried (tests: 700 points, 2 threads).
+few ulps of each other at the k-th place; on digits every neighbour agrees (tests) and on
+mnist5k every prediction (benchmarks/knn_predict.py checks before timing). For duplicated
+float rows the norm expansion leaves ~1e-13 instead of 0, not always the same for each copy,
+while scikit-learn's uniform path subtracts directly and gets exact zeros, so ties among the
+copies can break differently. (2) With distance weights, more than 256 training points and
+several OpenMP threads, scikit-learn gives each thread its own heap and merges them
+(`strategy="parallel_on_Y"`). This file replays the single heap, which is scikit-learn's
+order for uniform weights always and for distance weights on one thread; the merged result
+agreed with it in every case tried (tests: 700 points, 2 threads).
 """
 
 from __future__ import annotations
