@@ -28,8 +28,8 @@ Limits of "identical". (1) Ties are ties only if both sides compute equal distan
 do when the arithmetic is exact (integer-valued data, as in the tie tests). On real data the
 two sides round differently in the last bits (scikit-learn adds the norms after its product,
 here they are summed inside it), which could only matter where two distances lie within a
-few ulps of each other at the k-th place; on digits every neighbour agrees (tests) and on
-mnist5k every prediction (benchmarks/knn_predict.py checks before timing). For duplicated
+few ulps of each other at the k-th place; on digits every neighbour agrees and on mnist5k
+every prediction (both tested). For duplicated
 float rows the norm expansion leaves ~1e-13 instead of 0, not always the same for each copy,
 while scikit-learn's uniform path subtracts directly and gets exact zeros, so ties among the
 copies can break differently. (2) With distance weights, more than 256 training points and

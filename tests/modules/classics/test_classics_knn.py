@@ -106,6 +106,17 @@ def test_identical_to_sklearn_on_digits(weights):
         np.testing.assert_allclose(d_ours, d_sk, rtol=1e-9)
 
 
+@pytest.mark.parametrize("weights", ["uniform", "distance"])
+def test_identical_to_sklearn_on_mnist5k(weights):
+    """784 features and 3,000 training rows: the threaded path (a product over 1e8 multiply-adds)."""
+    dm = TabularDataModule("mnist5k")
+    dm.setup()
+    (Xtr, ytr), (Xte, _) = dm.splits["train"], dm.splits["test"]
+    ours = KNNClassifier(KNNConfig(k=5, weights=weights)).fit(Xtr, ytr)
+    with threadpool_limits(1, user_api="openmp"):
+        np.testing.assert_array_equal(ours.predict(Xte), _sk(5, weights, Xtr, ytr).predict(Xte))
+
+
 def test_block_size_and_workers_bound_memory_without_changing_results():
     rng = np.random.default_rng(2)
     X, y = rng.normal(size=(50, 3)), rng.integers(0, 3, size=50)
