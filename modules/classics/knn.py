@@ -87,7 +87,9 @@ class KNNConfig:
         k: Number of neighbours (>= 1, <= training set size).
         weights: "uniform" (one vote each) or "distance" (vote 1/distance).
         block_size: Query rows per distance block; memory per block is
-            block_size * n_train * 8 bytes (per worker).
+            block_size * n_train * 9 bytes per worker (the float64 distances and the boolean
+            candidate mask), plus the candidates (a few per row) and, per call, the
+            (n_query, d + 2) query matrix.
         n_jobs: Worker threads, each taking a contiguous share of the queries with a
             one-thread BLAS (scikit-learn's own layout: OpenMP over chunks, BLAS limited to
             one thread). None: one worker per usable CPU when the distance product is large
@@ -118,6 +120,24 @@ def _query_side(A: np.ndarray, A_sqnorm: np.ndarray) -> np.ndarray:
     out[:, -2] = A_sqnorm
     out[:, -1] = 1.0
     return out
+
+
+def _sqnorm(X: np.ndarray, what: str) -> np.ndarray:
+    """Squared row norms, refusing rows so large that a distance would overflow to inf/NaN.
+
+    Every term of ||a||^2 - 2 a.b + ||b||^2 is at most ||a||^2 + ||b||^2 in size, so norms
+    under a quarter of float64's range keep the whole product finite; larger ones (entries
+    around 1e153 and up) would turn distances into NaN and silently corrupt the search.
+    """
+    with np.errstate(over="ignore"):
+        sq = np.einsum("ij,ij->i", X, X)
+        ok = np.isfinite(4.0 * sq)
+    if not ok.all():
+        raise ValueError(
+            f"{what} has {int((~ok).sum())} row(s) whose squared norm overflows float64 "
+            f"(first: row {int(np.flatnonzero(~ok)[0])}); standardize or rescale the features"
+        )
+    return sq
 
 
 def _train_side(B: np.ndarray, B_sqnorm: np.ndarray) -> np.ndarray:
@@ -267,7 +287,7 @@ class KNNClassifier:
         self.y: np.ndarray | None = None  # encoded labels in [0, n_classes)
         self.classes_: np.ndarray | None = None
         self.train_side: np.ndarray | None = None  # [X, 1, ||x||^2], the stored training set
-        self.block_bytes = 0  # bytes of the largest distance block, for the memory ledger
+        self.block_bytes = 0  # bytes of the largest distance blocks and masks, for the memory ledger
         self.n_replayed = 0  # query rows that needed the tie replay (diagnostics)
 
     def fit(self, X: np.ndarray, y: np.ndarray, classes: np.ndarray | None = None) -> "KNNClassifier":
@@ -294,7 +314,7 @@ class KNNClassifier:
         self.y = np.searchsorted(self.classes_, y)
         if np.any(self.classes_[np.minimum(self.y, len(self.classes_) - 1)] != y):
             raise ValueError("y holds labels that are not in `classes`")
-        self.train_side = _train_side(X, np.einsum("ij,ij->i", X, X))
+        self.train_side = _train_side(X, _sqnorm(X, "the training set X"))
         self.X = self.train_side[:, :-2]
         if self.config.n_jobs != 1:
             _controller()  # one-off library scan (~10 ms) belongs to fitting, not to predict
@@ -316,7 +336,7 @@ class KNNClassifier:
         n, k = X.shape[0], self.config.k
         dist = np.empty((n, k))
         ind = np.empty((n, k), dtype=np.intp)
-        Q = _query_side(X, np.einsum("ij,ij->i", X, X))
+        Q = _query_side(X, _sqnorm(X, "the query set X"))
         jobs = self.config.n_jobs
         if jobs is None:
             # Worker threads pay off only for large products: each call wakes them, which on
@@ -365,7 +385,7 @@ class KNNClassifier:
                 replayed += tied.size
             ind[s : s + bs] = part
             dist[s : s + bs] = np.sqrt(d)
-        return buf.nbytes, replayed
+        return buf.nbytes + buf.size, replayed  # + the boolean candidate mask of a block
 
     @staticmethod
     def _distance_weights(dist: np.ndarray) -> np.ndarray:

@@ -6,10 +6,12 @@ each training batch is run as that optimizer's step closure, so `trainer.global_
 `max_steps` and step-based logging count NumPy steps like any other step.
 
 Timing keys: `perf/fit_time_s` is the wall time spent fitting (all gradient steps, or storing
-the training set, or scikit-learn's `fit`), `perf/predict_time_s` the wall time of predicting
-the whole validation split at the last validation: per batch the best of `TIMING_REPEATS`
-identical calls (as `timeit` does), since a single call also times one-off costs (fresh
-buffers faulting in, thread pools waking) that made the same predict read 5 ms or 15 ms.
+the training set, or scikit-learn's `fit`), `perf/predict_time_s` the time to predict the
+whole validation split at the last validation: for each batch the fastest of `TIMING_REPEATS`
+identical calls (as `timeit` does), summed over the batches. A single call also times one-off
+costs (fresh buffers faulting in, thread pools waking) that made the same predict read 5 ms in
+one run and 15 ms in the next. Every validation predicts that many times, which costs
+milliseconds at these sizes.
 """
 
 from __future__ import annotations

@@ -34,6 +34,33 @@ def test_k_smallest_prefilter_finds_the_k_smallest(n, k):
     assert tied.size == 0 and d.min() >= 0.0
 
 
+def test_k_smallest_orders_nearest_first_and_flags_boundary_ties():
+    """Integer distances with ties: the k come out nearest first, equal distances by index, and
+    exactly the rows where more than k entries reach the k-th distance are flagged."""
+    D = np.array([
+        [5, 3, 3, 9, 1, 7, 3, 8, 6, 4, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 0],
+        [2, 2, 8, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 1, 9],
+    ], dtype=float)  # 33 columns, groups of 16: two groups and a leftover column
+    ind, d, tied = _k_smallest(D.copy(), 3, group=16)
+    np.testing.assert_array_equal(ind, [[32, 4, 1], [31, 0, 1]])
+    np.testing.assert_array_equal(d, [[0, 1, 3], [1, 2, 2]])
+    np.testing.assert_array_equal(tied, [0])  # row 0: 3 at columns 1, 2 and 6 compete for one place
+    ind, d, tied = _k_smallest(D[:, :6].copy(), 2)  # fewer groups than k: the plain path
+    np.testing.assert_array_equal(ind, [[4, 1], [0, 1]])
+    np.testing.assert_array_equal(tied, [0])
+
+
+def test_overflowing_norms_are_refused():
+    """Entries near 1e154 pass a finite check but their squared norms overflow: NaN distances
+    would mix up rows, so both fit and predict refuse them by name."""
+    X, y = np.array([[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]]), np.array([0, 1, 0])
+    with pytest.raises(ValueError, match=r"training set X has 1 row\(s\) whose squared norm overflows.*row 3"):
+        KNNClassifier(KNNConfig(k=1)).fit(np.vstack([X, [[1e155, 0.0]]]), np.append(y, 1))
+    m = KNNClassifier(KNNConfig(k=1)).fit(X, y)
+    with pytest.raises(ValueError, match="query set X .* standardize or rescale"):
+        m.predict(np.array([[0.0, 0.0], [3e154, 3e154]]))
+
+
 def test_heap_order_decides_boundary_ties():
     """Six points at squared distances [1, 1, 1, 1, 0, 0] from the query, k = 3.
 
@@ -112,9 +139,10 @@ def test_identical_to_sklearn_on_mnist5k(weights):
     dm = TabularDataModule("mnist5k")
     dm.setup()
     (Xtr, ytr), (Xte, _) = dm.splits["train"], dm.splits["test"]
-    ours = KNNClassifier(KNNConfig(k=5, weights=weights)).fit(Xtr, ytr)
-    with threadpool_limits(1, user_api="openmp"):
-        np.testing.assert_array_equal(ours.predict(Xte), _sk(5, weights, Xtr, ytr).predict(Xte))
+    expected = _sk(5, weights, Xtr, ytr).predict(Xte)
+    for n_jobs in (None, 2):  # automatic (threads where there are CPUs for them), and 2 workers
+        ours = KNNClassifier(KNNConfig(k=5, weights=weights, n_jobs=n_jobs)).fit(Xtr, ytr)
+        np.testing.assert_array_equal(ours.predict(Xte), expected)
 
 
 def test_block_size_and_workers_bound_memory_without_changing_results():
@@ -127,8 +155,9 @@ def test_block_size_and_workers_bound_memory_without_changing_results():
     expected = small.predict(Q)
     np.testing.assert_array_equal(big.predict(Q), expected)
     np.testing.assert_array_equal(threads.predict(Q), expected)
-    assert small.block_bytes == 5 * 50 * 8 and big.block_bytes == 100 * 50 * 8
-    assert threads.block_bytes == 3 * 20 * 50 * 8  # one block buffer per worker
+    # a float64 distance block and its boolean candidate mask
+    assert small.block_bytes == 5 * 50 * 9 and big.block_bytes == 100 * 50 * 9
+    assert threads.block_bytes == 3 * 20 * 50 * 9  # one block buffer per worker
 
 
 def test_bad_input_names_the_field():

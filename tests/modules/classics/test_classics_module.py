@@ -60,8 +60,9 @@ def test_knn_and_sklearn_knn_agree_through_the_pipeline(tracking_uri):
     # the distance product
     assert m["mem/params_bytes"] == Xtr.nbytes + 2 * 8 * len(Xtr) + ytr.nbytes
     assert m["params/total"] == Xtr.size + ytr.size
-    # read at the end of fit: one worker, one block of the validation split x the training rows
-    assert m["mem/activations_bytes"] == len(dm.splits["val"][1]) * len(ytr) * 8
+    # read at the end of fit: one worker, one block of the validation split x the training rows,
+    # float64 distances plus the boolean candidate mask
+    assert m["mem/activations_bytes"] == len(dm.splits["val"][1]) * len(ytr) * (8 + 1)
     assert "val/loss" not in m and m["perf/predict_time_s"] > 0
 
 
