@@ -12,9 +12,9 @@ A study file::
       moe: {model.init_args.ffn: moe}
       moe-gpu: {requires: cuda, trainer.accelerator: gpu}   # skipped, with a note, where unmet
 
-`requires` (a name or a list; known: cuda) keeps a variant out of a study on machines that
-cannot run it, so one study file serves a laptop and a GPU node alike; skipped variants are
-printed and listed in the parent run's `practicum.skipped` tag.
+`requires` (a name or a list; known: cuda, bitsandbytes) keeps a variant out of a study on
+machines that cannot run it, so one study file serves a laptop and a GPU node alike; skipped
+variants are printed and listed in the parent run's `practicum.skipped` tag.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pipelines import tracking as trk  # noqa: E402
 from pipelines.compare import render, study_table  # noqa: E402
 from pipelines.run import ConfigError, RunResult, run_experiment  # noqa: E402
 
-REQUIREMENTS = {"cuda": "a CUDA GPU"}
+REQUIREMENTS = {"cuda": "a CUDA GPU", "bitsandbytes": "bitsandbytes (pip install 'practicum[qlora]')"}
 
 
 def unmet_requirements(requires: Any) -> list[str]:
@@ -44,13 +44,20 @@ def unmet_requirements(requires: Any) -> list[str]:
     unknown = [r for r in names if r not in REQUIREMENTS]
     if unknown:
         raise ConfigError(f"unknown requirement(s) {unknown}; known: {sorted(REQUIREMENTS)}")
-    return [f"needs {REQUIREMENTS[r]}, none here" for r in names if r == "cuda" and not _cuda_available()]
+    probes = {"cuda": _cuda_available, "bitsandbytes": _bitsandbytes_installed}
+    return [f"needs {REQUIREMENTS[r]}, none here" for r in names if not probes[r]()]
 
 
 def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _bitsandbytes_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 MEMORY_KEYS = ("mem/params_bytes", "mem/grads_bytes", "mem/optimizer_bytes", "mem/activations_bytes")

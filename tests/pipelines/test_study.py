@@ -103,5 +103,5 @@ def test_unknown_requirement_is_named(tmp_path, study_file):
     raw = yaml.safe_load(study_file.read_text())
     raw["variants"]["wide"]["requires"] = ["tpu"]
     study_file.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match=r"variant 'wide': unknown requirement\(s\) \['tpu'\]; known: \['cuda'\]"):
+    with pytest.raises(ConfigError, match=r"variant 'wide': unknown requirement\(s\) \['tpu'\]; known: \['bitsandbytes', 'cuda'\]"):
         load_study(study_file)
