@@ -28,27 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in commands:
         print(f"practicum: unknown command '{cmd}'; choose one of: {', '.join(commands)}\n\n{USAGE}", file=sys.stderr)
         return 2
-    from pipelines.run import ConfigError
-    from pipelines.tracking import TrackingError
+    from pipelines.tracking import ConfigError, TrackingError
 
     try:
         return commands[cmd](rest)
     except (ConfigError, TrackingError, FileNotFoundError, LookupError) as e:
         print(f"practicum {cmd}: error: {e}", file=sys.stderr)
         return 2
-
-
-def _split_tracking(args: list[str]) -> tuple[str | None, list[str]]:
-    """Pull ``--tracking_uri X`` / ``--tracking_uri=X`` out of the args of commands that take it."""
-    uri, out, it = None, [], iter(args)
-    for a in it:
-        if a == "--tracking_uri":
-            uri = next(it, None)
-        elif a.startswith("--tracking_uri="):
-            uri = a.split("=", 1)[1]
-        else:
-            out.append(a)
-    return uri, out
 
 
 def cmd_run(args: list[str]) -> int:
@@ -95,13 +81,13 @@ def cmd_study(args: list[str]) -> int:
 
 
 def cmd_compare(args: list[str]) -> int:
+    from pipelines.compare import FORMATS, compare
+
     p = argparse.ArgumentParser(prog="practicum compare")
     p.add_argument("study", help="the study's name (its `name:`), or a study YAML file")
-    p.add_argument("--format", default="table", choices=["table", "csv", "json", "markdown"])
+    p.add_argument("--format", default="table", choices=FORMATS)
     p.add_argument("--tracking_uri")
     ns = p.parse_args(args)
-    from pipelines.compare import compare
-
     name = ns.study
     if name.endswith((".yaml", ".yml")):
         from pipelines.study import load_study

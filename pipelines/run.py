@@ -30,14 +30,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from pipelines import tracking as trk
 from pipelines.resources import ResourceMonitor
+from pipelines.tracking import ConfigError  # noqa: F401  (re-exported: pipelines.run.ConfigError)
 
 # OnExceptionCheckpoint makes a fresh fit look for a "last" checkpoint; in a new run there is none by design.
 warnings.filterwarnings("ignore", message=r".*(called without a model|there is no last checkpoint).*")
 HEADLINE = re.compile(r"^(train|val|test)/|^perf/(tokens|samples)_per_s$|^time/fit_s$|^params/total$")
-
-
-class ConfigError(ValueError):
-    """A config or override the schema rejects; the message names the key and the valid choices."""
 
 
 @dataclass

@@ -33,19 +33,24 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from pipelines import tracking as trk  # noqa: E402
 from pipelines.compare import render, study_table  # noqa: E402
-from pipelines.run import ConfigError, RunResult, run_experiment  # noqa: E402
+from pipelines.tracking import ConfigError  # noqa: E402
 
 REQUIREMENTS = {"cuda": "a CUDA GPU", "bitsandbytes": "bitsandbytes (pip install 'practicum[qlora]')"}
 
 
-def unmet_requirements(requires: Any) -> list[str]:
-    """The requirements in `requires` this machine does not meet; unknown names raise ConfigError."""
+def requirement_names(requires: Any) -> list[str]:
+    """`requires` (a name or a list) as a list; unknown names raise ConfigError. Probes nothing."""
     names = [requires] if isinstance(requires, str) else list(requires or [])
     unknown = [r for r in names if r not in REQUIREMENTS]
     if unknown:
         raise ConfigError(f"unknown requirement(s) {unknown}; known: {sorted(REQUIREMENTS)}")
+    return names
+
+
+def unmet_requirements(requires: Any) -> list[str]:
+    """The requirements in `requires` this machine does not meet; unknown names raise ConfigError."""
     probes = {"cuda": _cuda_available, "bitsandbytes": _bitsandbytes_installed}
-    return [f"needs {REQUIREMENTS[r]}, none here" for r in names if not probes[r]()]
+    return [f"needs {REQUIREMENTS[r]}, none here" for r in requirement_names(requires) if not probes[r]()]
 
 
 def _cuda_available() -> bool:
@@ -108,7 +113,7 @@ def load_study(path: str | Path) -> Study:
         raise ConfigError(f"study {path}: base config {base} does not exist")
     for name, v in raw["variants"].items():
         try:
-            unmet_requirements((v or {}).get("requires"))
+            requirement_names((v or {}).get("requires"))  # probing waits until the study runs
         except ConfigError as e:
             raise ConfigError(f"study {path}, variant '{name}': {e}") from None
     return Study(
@@ -135,6 +140,8 @@ def run_study(
     Returns the parent run id and the comparison table, which is also logged to the parent as CSV,
     Markdown and plots.
     """
+    from pipelines.run import RunResult, run_experiment  # Lightning: only when variants run
+
     study = load_study(path)
     names = list(only or study.variants)
     missing = [n for n in names if n not in study.variants]

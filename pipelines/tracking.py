@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Param, RunTag
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
 STORE_DIR = Path("mlruns")
@@ -29,6 +29,13 @@ TAG_PROJECT, TAG_STUDY, TAG_VARIANT, TAG_ROLE = (
     "practicum.role",
 )
 _VERSIONED = ("torch", "lightning", "mlflow", "transformers", "peft", "diffusers", "torchmetrics", "numpy")
+
+
+class ConfigError(ValueError):
+    """A config or override the schema rejects; the message names the key and the valid choices.
+
+    Defined here, beside TrackingError, so commands that only read MLflow (compare, ui) can catch
+    it without importing Lightning."""
 
 
 class TrackingError(RuntimeError):
@@ -130,10 +137,6 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
     items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
         client.log_batch(run_id, params=items[i : i + 100])
-
-
-def log_tags(client: MlflowClient, run_id: str, tags: dict[str, Any]) -> None:
-    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def environment_tags() -> dict[str, str]:
