@@ -196,9 +196,8 @@ class ResourceMonitor(Callback):
             return m
         keys = sorted(m)  # every rank logs the same keys in the same order
         vals = torch.tensor([float(m[k]) for k in keys], dtype=torch.float64, device=trainer.strategy.root_device)
-        summed = trainer.strategy.reduce(vals.clone(), reduce_op="sum")
-        gathered = trainer.strategy.all_gather(vals)  # (world, n)
-        peak = gathered.max(dim=0).values
+        gathered = trainer.strategy.all_gather(vals)  # (world, n): one collective gives both
+        summed, peak = gathered.sum(dim=0), gathered.max(dim=0).values
         out = {}
         for i, k in enumerate(keys):
             out[k] = float(summed[i] if k.startswith("perf/") and k != "perf/step_time_s" else peak[i])

@@ -50,16 +50,15 @@ class Router(nn.Module):
         return logits, probs, gates, experts
 
 
-def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Switch Transformer auxiliary loss, eq. 4: E * sum_i f_i * P_i.
 
     f_i is the fraction of the N * k assignments routed to expert i (not differentiable), P_i
     the mean router probability of expert i (differentiable). It is 1 at perfect balance.
-    probs: (N, E); experts: (N, k).
+    probs: (N, E); counts: (E,) assignments per expert, as `dispatch` returns them.
     """
-    counts = torch.bincount(experts.reshape(-1), minlength=n_experts).to(probs.dtype)
-    f = counts / experts.numel()
-    return n_experts * (f * probs.mean(dim=0)).sum()
+    f = counts.to(probs.dtype) / counts.sum()
+    return probs.shape[-1] * (f * probs.mean(dim=0)).sum()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -166,7 +165,7 @@ class MoE(nn.Module):
         if self.shared_expert is not None:
             y = y + self.shared_expert(x)
 
-        aux = load_balancing_loss(probs, experts, E)
+        aux = load_balancing_loss(probs, counts)
         z = router_z_loss(logits)
         self.last_losses = (aux, z)
         with torch.no_grad():
