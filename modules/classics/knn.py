@@ -41,6 +41,7 @@ agreed with it in every case tried (tests: 700 points, 2 threads).
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,15 +50,12 @@ import numpy as np
 
 WEIGHTS = ("uniform", "distance")
 _DBL_MAX = np.finfo(np.float64).max
-_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
-_CONTROLLER: list = []
 
 
+@functools.cache
 def _executor(workers: int) -> ThreadPoolExecutor:
     """A process-wide pool per size: starting threads per call would cost more than a block."""
-    if workers not in _EXECUTORS:
-        _EXECUTORS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="knn")
-    return _EXECUTORS[workers]
+    return ThreadPoolExecutor(workers, thread_name_prefix="knn")
 
 
 def _usable_cpus() -> int:
@@ -65,13 +63,12 @@ def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+@functools.cache
 def _controller():
     """threadpoolctl's controller, built once: building it scans the loaded libraries."""
-    if not _CONTROLLER:
-        from threadpoolctl import ThreadpoolController
+    from threadpoolctl import ThreadpoolController
 
-        _CONTROLLER.append(ThreadpoolController())
-    return _CONTROLLER[0]
+    return ThreadpoolController()
 
 
 def _blas_threads(n: int):

@@ -64,13 +64,12 @@ def test_unknown_command():
 
 
 def test_ui_serves_the_store(tracking_uri):
-    import socket
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from pipelines.server import free_port
+
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pipelines", "ui", "--port", str(port), "--tracking_uri", tracking_uri],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:

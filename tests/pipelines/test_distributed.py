@@ -120,11 +120,9 @@ def test_torchrun_launch_gives_one_run(tmp_path, tracking_uri):
     (tmp_path / "fresh").mkdir()
     uri = f"sqlite:///{tmp_path}/fresh/mlflow.db"  # not created yet
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    import socket
+    from pipelines.server import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", f"--master_port={port}",
          "--master_addr=127.0.0.1",

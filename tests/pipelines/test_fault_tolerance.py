@@ -2,7 +2,6 @@
 
 import errno
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipelines.run import ConfigError, run_experiment
+from pipelines.server import free_port
 from pipelines.tracking import TrackingError
 from tests.pipelines import toy
 from tests.pipelines.test_run import TOY
@@ -113,18 +113,12 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, tracking_uri):
     assert main(["generate", str(last)]) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_server_fails_before_training(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = _write(tmp_path, TOY)
     t0 = time.time()
     with pytest.raises(TrackingError, match="not usable"):
-        run_experiment(cfg, QUIET, f"http://127.0.0.1:{_free_port()}")
+        run_experiment(cfg, QUIET, f"http://127.0.0.1:{free_port()}")
     assert time.time() - t0 < 60
     assert not Path("mlruns/checkpoints").exists()  # nothing was trained
 
@@ -149,7 +143,7 @@ class _Server:
     """`mlflow server` on a loopback port over one SQLite file, stoppable and restartable."""
 
     def __init__(self, root: Path):
-        self.port, self.root = _free_port(), root
+        self.port, self.root = free_port(), root
         self.proc = None
 
     @property
