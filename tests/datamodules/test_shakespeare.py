@@ -1,5 +1,6 @@
 """ShakespeareDataModule: corpora, tokenizers, the step-seeded batch stream, fixed validation."""
 
+import hashlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,20 +10,21 @@ import torch
 import datamodules.shakespeare as sh
 from datamodules.shakespeare import RandomWindowBatches, ShakespeareDataModule, play_to_text
 from modules.gpt.tokenizer import tokenizer_from_state, train_tokenizer
+from tests.data import shakespeare_text, tiny_shakespeare
 
-TINY = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "tinyshakespeare.txt"
+TEXT = shakespeare_text()
 SAMPLE = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak. Ünïcødé — ok?\n"
 
 
 def tiny_dm(**kw) -> ShakespeareDataModule:
-    args = dict(corpus="tinyshakespeare", path=str(TINY), max_chars=20_000, block_size=16, batch_size=4, val_windows=10)
+    args = dict(corpus="tinyshakespeare", path=str(TEXT), max_chars=20_000, block_size=16, batch_size=4, val_windows=10)
     args.update(kw)
     return ShakespeareDataModule(**args)
 
 
 @pytest.mark.parametrize("kind", ["char", "byte", "bpe"])
 def test_tokenizers_round_trip_and_serialise(kind):
-    text = TINY.read_text()[:30_000] + SAMPLE
+    text = TEXT.read_text()[:30_000] + SAMPLE
     tok = train_tokenizer(kind, text, bpe_vocab_size=300)
     ids = tok.encode(SAMPLE)
     assert all(0 <= i < tok.vocab_size for i in ids)
@@ -40,7 +42,9 @@ def test_char_tokenizer_names_unseen_character():
 
 
 def test_tinyshakespeare_split_matches_nanogpt():
-    dm = tiny_dm(max_chars=None)
+    path = tiny_shakespeare()
+    assert sh.md5sum(path) == sh.TINYSHAKESPEARE_MD5  # the checksum the download is held to
+    dm = tiny_dm(path=str(path), max_chars=None)
     dm.setup()
     # nanoGPT's shakespeare_char prepare.py: 65 characters, 1,003,854 train / 111,540 val tokens
     assert dm.tokenizer.vocab_size == 65
@@ -126,9 +130,14 @@ def test_whole_split_validation_scores_every_token_once():
 
 
 def test_download_checks_md5(tmp_path, monkeypatch):
+    """The download is kept only when its md5 is the expected one (here that of a stand-in text:
+    the real file's md5 is checked against the constant in the split test above)."""
+    good = TEXT.read_bytes()
+    monkeypatch.setattr(sh, "TINYSHAKESPEARE_MD5", hashlib.md5(good).hexdigest())
+
     def fake_fetch(url, dest):
         assert url == sh.TINYSHAKESPEARE_URL
-        Path(dest).write_bytes(TINY.read_bytes())
+        Path(dest).write_bytes(good)
 
     monkeypatch.setattr(sh.urllib.request, "urlretrieve", fake_fetch)
     dm = ShakespeareDataModule(corpus="tinyshakespeare", cache_dir=str(tmp_path), max_chars=5000, block_size=8)

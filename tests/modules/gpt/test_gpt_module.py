@@ -11,8 +11,9 @@ from datamodules.shakespeare import ShakespeareDataModule
 from modules.gpt.module import GPTModule, cosine_lr
 from pipelines.cli import main as practicum
 from pipelines.run import run_experiment
+from tests.data import shakespeare_text
 
-TINY = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "tinyshakespeare.txt"
+TINY = shakespeare_text()  # Shakespeare text in place of the tinyshakespeare file (tests/data.py)
 CONFIG = Path(__file__).resolve().parents[3] / "configs" / "gpt" / "shakespeare_char_cpu.yaml"
 SMALL = [
     f"--data.init_args.path={TINY}", "--data.init_args.max_chars=20000", "--data.init_args.block_size=16",
