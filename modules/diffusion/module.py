@@ -240,11 +240,16 @@ class DiffusionModule(L.LightningModule):
         return torch.cat(out), snaps
 
     # ------------------------------------------------------------------------------------ evaluation
-    def judge_metrics(self, fake: torch.Tensor, real: torch.Tensor, reference: torch.Tensor | None = None) -> dict[str, float]:
+    def judge_metrics(
+        self, fake: torch.Tensor, real: torch.Tensor, reference: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, float]:
         """FID in LeNet-feature space, class coverage and mean confidence of `fake` (N, 1, H, W).
 
         real: held-out digits (the FID reference). reference: other real digits, for the
-        real-vs-real floor (FID of a perfect generator with the same sample sizes).
+        real-vs-real floor (FID of a perfect generator with the same sample sizes). labels: the
+        classes `fake` was sampled for (conditional sampling), giving `diffusion/label_accuracy`,
+        how often the judge reads the digit that was asked for.
         """
         judge = self.judge.to(self.device)
         logits = torch.cat([judge(f.to(self.device)) for f in fake.split(500)])
@@ -254,18 +259,23 @@ class DiffusionModule(L.LightningModule):
             "val/class_coverage": pred.unique().numel() / judge.config.num_classes,
             "val/classifier_confidence": probs.max(-1).values.mean().item(),
         }
+        if labels is not None:
+            out["diffusion/label_accuracy"] = (pred.cpu() == labels).float().mean().item()
 
-        def fid(a: torch.Tensor, b: torch.Tensor) -> float:
-            metric = FrechetInceptionDistance(feature=LeNetFeatures(judge), reset_real_features=False).to(self.device)
-            for chunk in a.split(500):
-                metric.update(chunk.to(self.device), real=True)
+        # one metric: the real features are extracted once, and kept by reset() for the floor
+        metric = FrechetInceptionDistance(feature=LeNetFeatures(judge), reset_real_features=False).to(self.device)
+        for chunk in real.split(500):
+            metric.update(chunk.to(self.device), real=True)
+
+        def fid_against_real(b: torch.Tensor) -> float:
+            metric.reset()  # drops the previous fake features only
             for chunk in b.split(500):
                 metric.update(chunk.to(self.device), real=False)
             return float(metric.compute())
 
-        out["val/fid"] = fid(real, fake)
+        out["val/fid"] = fid_against_real(fake)
         if reference is not None:
-            out["val/fid_floor"] = fid(real, reference)
+            out["val/fid_floor"] = fid_against_real(reference)
         return out
 
     def on_validation_epoch_end(self) -> None:
@@ -287,16 +297,11 @@ class DiffusionModule(L.LightningModule):
             reference = torch.cat(self._train_real)[:n]
         else:
             reference = None
-        metrics = self.judge_metrics(fake, real, reference)
+        metrics = self.judge_metrics(fake, real, reference, labels)
         if reference is not None:
             self._fid_floor = metrics["val/fid_floor"]
         if self._fid_floor is not None:
             metrics["val/fid_floor"] = self._fid_floor
-        if labels is not None:
-            # Conditional sampling: how often the judge reads the digit that was asked for.
-            with torch.no_grad():
-                pred = torch.cat([self.judge(f.to(self.device)).argmax(-1).cpu() for f in fake.split(500)])
-            metrics["diffusion/label_accuracy"] = (pred == labels).float().mean().item()
         for k, v in metrics.items():
             self.log(k, v, sync_dist=False)
 
