@@ -73,13 +73,9 @@ def current_tracking_uri() -> str:
     else Practicum's default store (where `practicum run` records runs)."""
     from mlflow.tracking import get_tracking_uri, is_tracking_uri_set
 
-    if is_tracking_uri_set():
-        return get_tracking_uri()
-    try:
-        from pipelines.tracking import resolve_tracking_uri
-    except ImportError:
-        return get_tracking_uri()
-    return resolve_tracking_uri()
+    from pipelines.tracking import resolve_tracking_uri
+
+    return get_tracking_uri() if is_tracking_uri_set() else resolve_tracking_uri()
 
 
 def download_run_checkpoint(run_id: str, cache_dir: str | Path) -> str:

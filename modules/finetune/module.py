@@ -48,11 +48,7 @@ from modules.finetune.model import (
     weights_bytes,
 )
 
-try:
-    from pipelines.tracking import log_file
-except ImportError:  # the pipeline is optional for plain-Trainer use
-    def log_file(trainer, local_path, artifact_path=None) -> None:
-        pass
+from pipelines.tracking import log_file
 
 
 class FinetuneModule(L.LightningModule):
@@ -153,7 +149,6 @@ class FinetuneModule(L.LightningModule):
         self.n_total = self.n_trainable = 0
         self.lr = lr  # None: the method's default, known once configure_model has counted the weights
         self.val_nll = MeanMetric()
-        self.exported: dict[str, str] = {}
 
     # ------------------------------------------------------------------ building
 
@@ -374,8 +369,6 @@ class FinetuneModule(L.LightningModule):
             metrics["disk/full_checkpoint_bytes"] = float(weights_bytes(root / "merged"))
             log_file(self.trainer, root / "merged", "merged")
             self._log_now(metrics)
-            if self.export_dir:
-                self.exported = {p.name: str(p) for p in root.iterdir() if p.is_dir()}
         finally:
             if not self.export_dir:
                 shutil.rmtree(root, ignore_errors=True)
@@ -509,6 +502,8 @@ def load_for_generation(path: str | Path, **overrides: Any) -> FinetuneModule:
 
 
 def _is_finetune_checkpoint(path: Path) -> bool:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    from pipelines.run import check_checkpoint
+
+    ckpt = check_checkpoint(path)
     class_path = (ckpt.get("practicum") or {}).get("class_path", "")
     return class_path.endswith("FinetuneModule") or "method" in ckpt.get("hyper_parameters", {})
