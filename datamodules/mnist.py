@@ -197,6 +197,7 @@ class MNISTDataModule(L.LightningDataModule):
         self.download = download
         self.mirrors = mirrors
         self.splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._paths: dict[str, Path] | None = None
 
     @property
     def image_size(self) -> int:
@@ -204,7 +205,14 @@ class MNISTDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.dataset != "mnist5k":
-            fetch_idx(self.dataset, self.data_dir, self.mirrors or MIRRORS[self.dataset], self.download)
+            self._idx_paths()
+
+    def _idx_paths(self) -> dict[str, Path]:
+        """The IDX files, found (or fetched) and md5-checked once per process: prepare_data and
+        setup both need them on rank 0."""
+        if self._paths is None:
+            self._paths = fetch_idx(self.dataset, self.data_dir, self.mirrors or MIRRORS[self.dataset], self.download)
+        return self._paths
 
     def _load(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         rng = np.random.default_rng(self.seed)
@@ -213,7 +221,7 @@ class MNISTDataModule(L.LightningDataModule):
             perm = rng.permutation(len(y))
             test, val, train = np.split(perm, [self.test_size, self.test_size + self.val_size])
             return {"train": (x[train], y[train]), "val": (x[val], y[val]), "test": (x[test], y[test])}
-        paths = fetch_idx(self.dataset, self.data_dir, self.mirrors or MIRRORS[self.dataset], self.download)
+        paths = self._idx_paths()
         x, y = read_idx(paths["train-images-idx3-ubyte.gz"]), read_idx(paths["train-labels-idx1-ubyte.gz"]).astype(np.int64)
         if self.val_size >= len(y):
             raise ValueError(f"val_size={self.val_size} leaves no training images out of {len(y)}")
