@@ -285,13 +285,13 @@ class PracticumCLI(LightningCLI):
         except SystemExit:
             raise
         except Exception as e:
-            raise ConfigError(explain_config_error(e, args)) from None
+            raise ConfigError(explain_config_error(e, parser)) from None
 
     def instantiate_classes(self) -> None:
         try:
             self.config_init = self.parser.instantiate_classes(self.config)
         except Exception as e:
-            raise ConfigError(explain_config_error(e, [])) from None
+            raise ConfigError(explain_config_error(e, self.parser)) from None
         self.datamodule = self.config_init.get("data")
         self.model = self.config_init["model"]
         if self.context.get("dry_run"):  # parse and build the project only: no run, no trainer
@@ -462,8 +462,9 @@ _NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "E
           "Given value type:", "Given value:", "Errors:")
 
 
-def explain_config_error(e: BaseException, args: Sequence[str]) -> str:
-    """Turn a jsonargparse error into one that names the key, the valid choices and a likely fix."""
+def explain_config_error(e: BaseException, parser) -> str:
+    """Turn a jsonargparse error into one that names the key, the valid choices (read from
+    `parser`) and a likely fix."""
     msg = str(e)
     lines = [ln.strip(" -") for ln in msg.splitlines() if ln.strip() and not any(n in ln for n in _NOISE)]
     text = "\n".join(lines)
@@ -475,7 +476,7 @@ def explain_config_error(e: BaseException, args: Sequence[str]) -> str:
     for bad in re.findall(r"unrecognized arguments: (.+)", text):
         for arg in bad.split():
             key = arg.lstrip("-").split("=")[0]
-            hints.append(_suggest(key, _known_keys(key), "keys"))
+            hints.append(_suggest(key, _known_keys(key, parser), "keys"))
     return "invalid configuration: " + text + ("\n" + "\n".join(h for h in hints if h) if hints else "")
 
 
@@ -490,12 +491,12 @@ def _init_params(class_path: str) -> list[str]:
         return []
 
 
-def _known_keys(key: str) -> list[str]:
+def _known_keys(key: str, parser) -> list[str]:
     section = key.split(".")[0]
     if section == "trainer":
         return ["trainer." + p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
-    return ["trainer", "model", "data", "seed_everything", "tracking_uri", "experiment", "run_name",
-            "log_checkpoint", "system_metrics", "checkpoint_monitor", "checkpoint_mode", "config", "print_config"]
+    # the parser's own top-level options, in declaration order (trainer.*, model.* ... by section)
+    return list(dict.fromkeys(a.dest.split(".")[0] for a in parser._actions if a.dest != "help"))
 
 
 def _suggest(bad: str, choices: list[str], what: str) -> str:
