@@ -35,6 +35,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.tokenizers import encode, special_ids
+
 IGNORE_INDEX = -100
 PYTHON_DOCS = "python-docs"
 TABULAR_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -52,28 +54,6 @@ ALPACA_NO_INPUT = (
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
 DEFAULT_FIELDS = {"instruction": "instruction", "input": "input", "response": "output"}
-
-
-def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of `text` without special tokens, for a Hugging Face or a mini-GPT tokenizer."""
-    try:
-        from transformers import PreTrainedTokenizerBase
-
-        if isinstance(tokenizer, PreTrainedTokenizerBase):
-            return list(tokenizer.encode(text, add_special_tokens=False))
-    except ImportError:  # transformers is a dependency; this keeps the helper usable without it
-        pass
-    return list(tokenizer.encode(text))
-
-
-def special_ids(tokenizer: Any) -> tuple[int | None, int | None, int]:
-    """(bos, eos, pad) ids; a tokenizer without them (the mini-GPT's) gets None, None, 0."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = eos if eos is not None else 0
-    return bos, eos, pad
 
 
 def python_docs() -> list[str]:

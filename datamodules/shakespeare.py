@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
 
 from datamodules.mnist import md5sum
-from modules.gpt.tokenizer import TOKENIZERS, Tokenizer, train_tokenizer
+from datamodules.tokenizers import TOKENIZERS, Tokenizer, train_tokenizer
 
 TINYSHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

@@ -19,11 +19,11 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from modules.artifacts import log_figure, log_image
 from modules.classifier.model import LeNet, LeNetFeatures
 from modules.classifier.module import load_judge
 from modules.diffusion.model import Denoiser, DiffusionConfig
 from modules.diffusion.schedule import NoiseSchedule, l_simple
-from pipelines.tracking import log_figure, log_image
 
 
 def ema_with_warmup(decay: float):
@@ -289,7 +289,7 @@ class DiffusionModule(L.LightningModule):
         seed = self.hparams.eval_seed
         fake, _ = self.sample(n, seed=seed)
         step = self.global_step
-        log_image(self.trainer, image_grid(fake[:100], nrow=10), f"samples/step_{step:07d}.png")
+        log_image(self.loggers, image_grid(fake[:100], nrow=10), f"samples/step_{step:07d}.png")
         if self.judge is None or real is None or n < 2 or len(real) < 2:
             return
         labels = torch.arange(n) % self.config.num_classes if self.config.num_classes else None
@@ -310,10 +310,10 @@ class DiffusionModule(L.LightningModule):
         if not self.trainer.is_global_zero:
             return
         fake, snaps = self.sample(100, seed=self.hparams.eval_seed, keep=10)
-        log_image(self.trainer, image_grid(fake, nrow=10), "samples/final.png")
+        log_image(self.loggers, image_grid(fake, nrow=10), "samples/final.png")
         # strip: one row per digit (the first 10 of the batch), one column per snapshot from x_T to x_0.
         strip = torch.stack([x[:10] for _, x in snaps], dim=1).flatten(0, 1)  # (10 * S, 1, H, W)
-        log_image(self.trainer, image_grid(strip, nrow=len(snaps)), "samples/denoising_strip.png")
+        log_image(self.loggers, image_grid(strip, nrow=len(snaps)), "samples/denoising_strip.png")
         if self._losses:
             import matplotlib
 
@@ -329,7 +329,7 @@ class DiffusionModule(L.LightningModule):
             ax.set(xlabel="step", ylabel="L_simple", yscale="log", title="DDPM training loss")
             ax.legend()
             fig.tight_layout()
-            log_figure(self.trainer, fig, "loss_curve.png")
+            log_figure(self.loggers, fig, "loss_curve.png")
             plt.close(fig)
 
     # ------------------------------------------------------------------------------------ optim

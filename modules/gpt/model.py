@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from modules.gpt.moe import MoE
+
 # Keys of a per-layer KV cache: (k, v), each (B, nh, T_past, hs).
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -199,9 +201,7 @@ class MLP(nn.Module):
 def build_ffn(config: GPTConfig, layer: int) -> nn.Module:
     """The feed-forward of block `layer`: chosen from the config when the model is built."""
     if config.is_moe_layer(layer):
-        from modules.gpt.moe import MoE  # local import: moe.py needs MLP from this module
-
-        return MoE(config)
+        return MoE(config, mlp=MLP)
     return MLP(config)
 
 

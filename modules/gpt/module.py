@@ -10,11 +10,10 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from datamodules.tokenizers import Tokenizer, tokenizer_from_state
+from modules.artifacts import log_figure, log_text
 from modules.gpt.model import GPT, GPTConfig
 from modules.gpt.moe import STAT_NAMES
-from modules.gpt.tokenizer import Tokenizer, tokenizer_from_state
-
-from pipelines.tracking import log_figure, log_text  # no-ops without an MLflow logger
 
 
 def cosine_lr(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
@@ -250,7 +249,7 @@ class GPTModule(L.LightningModule):
         if hp.sample_tokens <= 0 or self.tokenizer is None or not self.trainer.is_global_zero:
             return
         text = self.generate_text(hp.sample_prompt, hp.sample_tokens, hp.sample_temperature, hp.sample_top_k, hp.sample_seed)
-        log_text(self.trainer, text, artifact_file)
+        log_text(self.loggers, text, artifact_file)
 
     def _log_heatmap(self) -> None:
         from matplotlib.figure import Figure  # no pyplot: no GUI backend needed
@@ -266,7 +265,7 @@ class GPTModule(L.LightningModule):
         ax.set_title("fraction of routed assignments (training mean)")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
-        log_figure(self.trainer, fig, "moe/expert_utilization.png")
+        log_figure(self.loggers, fig, "moe/expert_utilization.png")
 
     # -- sampling --------------------------------------------------------------------------
     @torch.no_grad()

@@ -19,7 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules.gpt.model import MLP, GPTConfig
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # for annotations only: model.py builds MoE layers, so moe.py must not import it
+    from modules.gpt.model import GPTConfig
 
 # Order of the per-layer statistics vector `MoE.last_stats`: these four, then E load fractions.
 STAT_NAMES = ("aux_loss", "z_loss", "dropped_frac", "load_cv")
@@ -95,12 +98,14 @@ def dispatch(experts: torch.Tensor, n_experts: int, capacity: int | None) -> tup
 
 
 class MoE(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, mlp: Callable[..., nn.Module] | None = None):
         """Routed experts (plus an optional shared one) replacing a block's MLP.
 
         Args:
             config: a GPTConfig with ffn="moe"; reads n_experts, top_k, expert_hidden,
                 capacity_factor, eval_capacity_factor, dropless, shared_expert, noisy_topk.
+            mlp: The dense feed-forward class, called as mlp(config, hidden=H) for the shared
+                expert (needed when config.shared_expert).
         """
         super().__init__()
         c = config
@@ -116,7 +121,9 @@ class MoE(nn.Module):
         self.b_proj = nn.Parameter(torch.zeros(E, C)) if c.bias else None
         nn.init.normal_(self.w_fc, std=0.02)
         nn.init.normal_(self.w_proj, std=0.02)  # GPT rescales "w_proj" like c_proj
-        self.shared_expert = MLP(c, hidden=H) if c.shared_expert else None
+        if c.shared_expert and mlp is None:
+            raise ValueError("MoE with shared_expert=True needs the dense feed-forward class: MoE(config, mlp=MLP)")
+        self.shared_expert = mlp(c, hidden=H) if c.shared_expert else None
         self.dropout = nn.Dropout(c.dropout)
         self.last_losses: tuple[torch.Tensor, torch.Tensor] | None = None  # (aux, z), with grad
         self.last_stats: torch.Tensor | None = None  # (4 + E,), detached; see STAT_NAMES

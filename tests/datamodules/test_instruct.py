@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from datamodules.instruct import ALPACA_NO_INPUT, IGNORE_INDEX, InstructDataModule, python_docs
-from modules.gpt.tokenizer import ByteTokenizer
+from datamodules.tokenizers import ByteTokenizer
 
 RECORDS = [
     {"question": f"What is {a} plus {b}?", "answer": f"It is {a + b}.", "topic": "math"}

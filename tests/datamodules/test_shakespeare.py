@@ -9,7 +9,7 @@ import torch
 
 import datamodules.shakespeare as sh
 from datamodules.shakespeare import RandomWindowBatches, ShakespeareDataModule, play_to_text
-from modules.gpt.tokenizer import tokenizer_from_state, train_tokenizer
+from datamodules.tokenizers import tokenizer_from_state, train_tokenizer
 from tests.data import shakespeare_text, tiny_shakespeare
 
 TEXT = shakespeare_text()

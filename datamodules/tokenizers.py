@@ -1,7 +1,10 @@
-"""Tokenizers for the mini-GPT: character, byte and locally trained BPE.
+"""Tokenizers: the mini-GPT's (character, byte and locally trained BPE), and the two helpers that
+treat those and Hugging Face tokenizers alike (`encode`, `special_ids`).
 
-Each one turns into a small JSON-able dict (`state_dict()`) and back (`tokenizer_from_state`),
-so a checkpoint carries its tokenizer and sampling needs nothing else.
+The one home for tokenizers: datamodules make them from their corpus, models receive them (and
+rebuild them from a checkpoint with `tokenizer_from_state`). Each mini-GPT tokenizer turns into
+a small JSON-able dict (`state_dict()`) and back, so a checkpoint carries its tokenizer and
+sampling needs nothing else.
 """
 
 from __future__ import annotations
@@ -133,3 +136,25 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
 
         return BPETokenizer(HFTokenizer.from_str(state["json"]))
     raise ValueError(f"unknown tokenizer state kind {kind!r}; expected one of {TOKENIZERS}")
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` without special tokens, for a Hugging Face or a mini-GPT tokenizer."""
+    try:
+        from transformers import PreTrainedTokenizerBase
+
+        if isinstance(tokenizer, PreTrainedTokenizerBase):
+            return list(tokenizer.encode(text, add_special_tokens=False))
+    except ImportError:  # transformers is a dependency; this keeps the helper usable without it
+        pass
+    return list(tokenizer.encode(text))
+
+
+def special_ids(tokenizer: Any) -> tuple[int | None, int | None, int]:
+    """(bos, eos, pad) ids; a tokenizer without them (the mini-GPT's) gets None, None, 0."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = eos if eos is not None else 0
+    return bos, eos, pad
