@@ -28,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in commands:
         print(f"practicum: unknown command '{cmd}'; choose one of: {', '.join(commands)}\n\n{USAGE}", file=sys.stderr)
         return 2
-    from pipelines.tracking import ConfigError, TrackingError
+    from pipelines.tracking import ConfigError, StageFailed, TrackingError
 
     try:
         return commands[cmd](rest)
-    except (ConfigError, TrackingError, FileNotFoundError, LookupError) as e:
+    except (ConfigError, TrackingError, StageFailed, FileNotFoundError, LookupError) as e:
         print(f"practicum {cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,4 +1,4 @@
-"""MLflow tracking: where runs go, what every run records, and artifact helpers for modules.
+"""MLflow tracking: where runs go and what every run records about its environment.
 
 The default store is ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/artifacts/``,
 relative to the working directory. ``MLFLOW_TRACKING_URI`` or ``--tracking_uri`` points elsewhere
@@ -38,6 +38,10 @@ class ConfigError(ValueError):
     it without importing Lightning."""
 
 
+class StageFailed(RuntimeError):
+    """A stage of a study did not finish, so the study's variants cannot run."""
+
+
 class TrackingError(RuntimeError):
     """The tracking store cannot be used (unwritable folder, unreachable server)."""
 
@@ -75,6 +79,11 @@ def local_dir(uri: str) -> Path:
     if uri.startswith("sqlite:///"):
         return Path(uri[len("sqlite:///") :]).resolve().parent
     return STORE_DIR.resolve()
+
+
+def checkpoint_dir(uri: str, run_id: str) -> Path:
+    """Where a run writes its checkpoints before uploading them (and where a resume looks first)."""
+    return local_dir(uri) / "checkpoints" / run_id
 
 
 def default_artifact_location(uri: str) -> str | None:
@@ -177,38 +186,3 @@ def hardware_tags() -> dict[str, str]:
     if torch.cuda.is_available():
         tags["hw.gpu"] = torch.cuda.get_device_name(0)
     return tags
-
-
-# ---- artifact helpers for modules: no-ops without an MLflow logger or off rank 0 -------------------
-
-
-def _run(trainer) -> tuple[MlflowClient, str] | None:
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    if trainer is None or getattr(trainer, "global_rank", 0) != 0:
-        return None
-    for logger in getattr(trainer, "loggers", []):
-        if isinstance(logger, MLFlowLogger):
-            return logger.experiment, logger.run_id
-    return None
-
-
-def log_text(trainer, text: str, artifact_file: str) -> None:
-    if run := _run(trainer):
-        run[0].log_text(run[1], text, artifact_file)
-
-
-def log_figure(trainer, fig, artifact_file: str) -> None:
-    if run := _run(trainer):
-        run[0].log_figure(run[1], fig, artifact_file)
-
-
-def log_image(trainer, image, artifact_file: str) -> None:
-    if run := _run(trainer):
-        run[0].log_image(run[1], image, artifact_file=artifact_file)
-
-
-def log_file(trainer, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
-    if run := _run(trainer):
-        p = Path(local_path)
-        (run[0].log_artifacts if p.is_dir() else run[0].log_artifact)(run[1], str(p), artifact_path)

@@ -6,8 +6,9 @@ import pytest
 import torch
 import yaml
 
-from pipelines.run import ConfigError, load_experiment
+from pipelines.run import load_experiment
 from pipelines.study import load_study, unmet_requirements
+from pipelines.tracking import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = sorted(ROOT.glob("configs/**/*.yaml"))

@@ -7,7 +7,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipelines.run import ConfigError, run_experiment
+from pipelines.run import run_experiment
+from pipelines.tracking import ConfigError
 from tests.pipelines.test_fault_tolerance import GPT
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipelines.run import ConfigError, run_experiment
+from pipelines.run import run_experiment
+from pipelines.tracking import ConfigError
 
 TOY = {
     "seed_everything": 7,

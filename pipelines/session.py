@@ -1,0 +1,175 @@
+"""The MLflow run of one experiment: opened before training, closed with its status at the end.
+
+The pipeline owns MLflow: projects see only the Lightning logger they are handed
+(`PracticumLogger`, an ``MLFlowLogger`` on the run opened here).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+from pipelines import tracking as trk
+
+
+class PracticumLogger(MLFlowLogger):
+    """MLFlowLogger on a run the pipeline opened.
+
+    Hyperparameters are logged once, as the resolved config. Metrics survive a tracking outage: a
+    batch that cannot be sent stays in a buffer and is retried with the next one and at the end.
+    A resumed run skips (key, step) pairs the run already holds, so every step is logged exactly once.
+    """
+
+    def __init__(self, *args, logged: set[tuple[str, int]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending: list = []
+        self._logged = frozenset(logged or ())  # only what the run held before; new steps need no record
+
+    def log_hyperparams(self, params: Any) -> None:
+        pass
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for k, v in metrics.items():
+            if (k, step or 0) in self._logged:  # already in the run before a resume
+                continue
+            self._pending.append(Metric(k, float(v), now, step or 0))
+        self.flush(raise_on_error=False)
+
+    def flush(self, raise_on_error: bool = True, attempts: int = 1, wait_s: float = 2.0) -> None:
+        for attempt in range(attempts):
+            try:
+                while self._pending:
+                    self.experiment.log_batch(self.run_id, metrics=self._pending[:1000])
+                    del self._pending[:1000]
+                return
+            except Exception:
+                if attempt == attempts - 1:
+                    if raise_on_error:
+                        raise
+                    return
+                time.sleep(wait_s)
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        pass  # the pipeline closes the run itself, after testing and artifact upload
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0, read from the launchers' variables (torchrun, Lightning, SLURM)."""
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
+        if int(os.environ.get(var, "0") or 0) != 0:
+            return False
+    return True
+
+
+class Session:
+    """Opens (or, with `resume_run_id`, reopens) the MLflow run; `end` closes it with its status.
+
+    Args:
+        uri: The resolved tracking URI (see `tracking.resolve_tracking_uri`).
+        experiment: MLflow experiment of a new run.
+        run_name: Its name.
+        tags: Its tags (the environment's are added).
+        system_metrics: Sample CPU/RAM/GPU with MLflow's monitor.
+        log_checkpoint: Upload the run's checkpoints when it ends.
+        resume_run_id: Continue this run instead of creating one.
+    """
+
+    def __init__(self, uri: str, experiment: str, run_name: str | None, tags: dict[str, str],
+                 system_metrics: bool, log_checkpoint: bool, resume_run_id: str | None = None):
+        self.uri = uri
+        self.log_checkpoint = log_checkpoint
+        self.is_zero = is_rank_zero()
+        self.resumed = resume_run_id is not None
+        self._monitor = None
+        self.client, self.logger = None, None
+        if not self.is_zero:
+            # Other ranks never touch MLflow (not even to open the store: under torchrun every rank
+            # starts at once, and two processes creating one SQLite schema collide): one run, not N.
+            # Lightning's own launcher hands rank 0's run id down through the environment; under
+            # torchrun ModelCheckpoint broadcasts rank 0's folder.
+            self.run_id = os.environ.get("PRACTICUM_RUN_ID", "rank-local")
+            return
+        self.client = trk.MlflowClient(uri)
+        trk.check_reachable(self.client, uri)
+        logged: set[tuple[str, int]] = set()
+        if resume_run_id:
+            self.run_id = resume_run_id
+            for key in self.client.get_run(resume_run_id).data.metrics:
+                logged |= {(key, m.step) for m in self.client.get_metric_history(resume_run_id, key)}
+            self.client.update_run(resume_run_id, status="RUNNING")
+        else:
+            exp_id = trk.get_or_create_experiment(self.client, experiment, uri)
+            tags = {**trk.environment_tags(), **tags, **({"mlflow.runName": run_name} if run_name else {})}
+            self.run_id = self.client.create_run(exp_id, tags=tags, run_name=run_name).info.run_id
+        os.environ["PRACTICUM_RUN_ID"] = self.run_id
+        self.logger = PracticumLogger(tracking_uri=uri, run_id=self.run_id, logged=logged)
+        if system_metrics:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, tracking_uri=uri,
+                                                     resume_logging=self.resumed)
+                self._monitor.start()
+            except Exception as e:  # missing psutil/pynvml parts must not stop training
+                print(f"warning: system metrics off ({e})", file=sys.stderr)
+
+    @property
+    def ckpt_dir(self):
+        return trk.checkpoint_dir(self.uri, self.run_id)
+
+    def log_config(self, dump: str, params: dict[str, Any]) -> None:
+        """The resolved config as ``config.yaml`` and as flat parameters (a new run only)."""
+        if self.is_zero and not self.resumed:
+            self.client.log_text(self.run_id, dump, "config.yaml")
+            trk.log_params(self.client, self.run_id, params)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.is_zero:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, v)
+
+    def end(self, status: str, error: BaseException | None = None) -> tuple[str, BaseException | None]:
+        """Flush metrics, upload checkpoints, set the status; returns the final (status, error).
+
+        A tracking outage at the end is waited out for a while (metrics are never dropped silently);
+        an artifact that cannot be written (full disk) turns the run FAILED with that message.
+        """
+        if not self.is_zero:
+            return status, error
+        if self._monitor is not None:
+            self._monitor.finish()
+        self.logger.flush(attempts=30, wait_s=2.0)
+        try:
+            if error is not None:
+                self.client.set_tag(self.run_id, "practicum.error", one_line(error))
+                tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+                self.client.log_text(self.run_id, tb, "error.txt")
+            if self.log_checkpoint and self.ckpt_dir.is_dir():
+                for ckpt in sorted(self.ckpt_dir.glob("*.ckpt")):
+                    if ckpt.is_dir():  # a sharded (FSDP) checkpoint is a folder of shards
+                        self.client.log_artifacts(self.run_id, str(ckpt), f"checkpoints/{ckpt.name}")
+                    else:
+                        self.client.log_artifact(self.run_id, str(ckpt), "checkpoints")
+        except OSError as e:
+            error = OSError(e.errno, f"could not write artifacts of run {self.run_id}: {e.strerror or e} "
+                                     f"(local checkpoints stay in {self.ckpt_dir}); free space on the artifact store")
+            status = "FAILED"
+            self.client.set_tag(self.run_id, "practicum.error", one_line(error))
+        self.client.set_terminated(self.run_id, status)
+        return status, error
+
+
+def one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:500]
