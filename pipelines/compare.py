@@ -38,7 +38,7 @@ def find_parent(client: MlflowClient, study: str):
 def children(client: MlflowClient, parent) -> list:
     runs = client.search_runs(
         [parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`{trk.TAG_ROLE}` = 'variant'",
         order_by=["attributes.start_time ASC"],
         max_results=1000,
     )

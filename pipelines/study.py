@@ -12,6 +12,16 @@ A study file::
       moe: {model.init_args.ffn: moe}
       moe-gpu: {requires: cuda, trainer.accelerator: gpu}   # skipped, with a note, where unmet
 
+A study can run earlier stages first, each an MLflow run of its own (a child of the study,
+tagged ``practicum.role=stage``), and hand their output to the variants::
+
+    stages:
+      base: {config: ../finetune/minigpt_base.yaml, overrides: {trainer.max_steps: 300}}
+    overrides: {model.init_args.backbone: "runs:/{stages.base}"}   # the stage's checkpoint
+
+A stage whose config, overrides and torch version match a FINISHED stage run of the same study
+experiment is reused, not run again (so a pretrained base is trained once per store).
+
 `requires` (a name or a list; known: cuda, bitsandbytes) keeps a variant out of a study on
 machines that cannot run it, so one study file serves a laptop and a GPU node alike; skipped
 variants are printed and listed in the parent run's `practicum.skipped` tag.
@@ -19,7 +29,9 @@ variants are printed and listed in the parent run's `practicum.skipped` tag.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,8 +45,9 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from pipelines import tracking as trk  # noqa: E402
 from pipelines.compare import render, study_table  # noqa: E402
-from pipelines.tracking import ConfigError  # noqa: E402
+from pipelines.tracking import ConfigError, StageFailed  # noqa: E402
 
+STAGE_REF = re.compile(r"\{stages\.([\w-]+)\}")
 REQUIREMENTS = {"cuda": "a CUDA GPU", "bitsandbytes": "bitsandbytes (pip install 'practicum[qlora]')"}
 
 
@@ -78,16 +91,38 @@ class Study:
     primary_metric: str = "val/loss"
     columns: list[str] | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     path: Path | None = None
 
-    def variant_config(self, name: str) -> tuple[Path, list[str]]:
-        """(config file, CLI overrides) of one variant: study overrides first, the variant's win."""
+    def variant_config(self, name: str, stage_runs: dict[str, str] | None = None) -> tuple[Path, list[str]]:
+        """(config file, CLI overrides) of one variant: study overrides first, the variant's win.
+
+        ``{stages.NAME}`` in a value becomes that stage's run id (`stage_runs`); without them the
+        reference is left as written (for parsing only).
+        """
         v = dict(self.variants[name] or {})
         v.pop("requires", None)
         base = (self.path.parent / v.pop("base")).resolve() if "base" in v else self.base
         if not base.is_file():
             raise ConfigError(f"study '{self.name}', variant '{name}': base config {base} does not exist")
-        return base, to_cli_args({**self.overrides, **v})
+        merged = {k: _fill_stages(val, stage_runs) for k, val in {**self.overrides, **v}.items()}
+        return base, to_cli_args(merged)
+
+    def stage_config(self, name: str) -> tuple[Path, list[str], str]:
+        """(config file, CLI overrides, digest) of a stage; the digest identifies a reusable run."""
+        stage = self.stages[name]
+        config = (self.path.parent / stage["config"]).resolve()
+        args = to_cli_args(stage.get("overrides") or {})
+        import torch
+
+        digest = hashlib.sha256("\n".join([config.read_text(), *args, torch.__version__]).encode()).hexdigest()[:16]
+        return config, args, digest
+
+
+def _fill_stages(value: Any, stage_runs: dict[str, str] | None) -> Any:
+    if not isinstance(value, str) or stage_runs is None:
+        return value
+    return STAGE_REF.sub(lambda m: stage_runs[m.group(1)], value)
 
 
 def to_cli_args(overrides: dict[str, Any]) -> list[str]:
@@ -99,7 +134,7 @@ def load_study(path: str | Path) -> Study:
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist")
     raw = yaml.safe_load(path.read_text()) or {}
-    allowed = {"name", "base", "variants", "primary_metric", "columns", "overrides"}
+    allowed = {"name", "base", "variants", "primary_metric", "columns", "overrides", "stages"}
     unknown = set(raw) - allowed
     if unknown:
         raise ConfigError(f"study {path}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(allowed)}")
@@ -116,6 +151,17 @@ def load_study(path: str | Path) -> Study:
             requirement_names((v or {}).get("requires"))  # probing waits until the study runs
         except ConfigError as e:
             raise ConfigError(f"study {path}, variant '{name}': {e}") from None
+    stages = raw.get("stages") or {}
+    for name, stage in stages.items():
+        if not isinstance(stage, dict) or set(stage) - {"config", "overrides"} or "config" not in stage:
+            raise ConfigError(f"study {path}, stage '{name}': give {{config: FILE, overrides: {{...}}}}")
+        if not (path.parent / stage["config"]).is_file():
+            raise ConfigError(f"study {path}, stage '{name}': config {(path.parent / stage['config']).resolve()} "
+                              "does not exist")
+    used = set(STAGE_REF.findall(json.dumps([raw.get("overrides"), raw["variants"]])))
+    if used - set(stages):
+        raise ConfigError(f"study {path}: {{stages.X}} names unknown stage(s) {sorted(used - set(stages))}; "
+                          f"stages: {sorted(stages)}")
     return Study(
         name=str(raw["name"]),
         base=base,
@@ -123,6 +169,7 @@ def load_study(path: str | Path) -> Study:
         primary_metric=raw.get("primary_metric", "val/loss"),
         columns=raw.get("columns"),
         overrides=raw.get("overrides") or {},
+        stages=stages,
         path=path.resolve(),
     )
 
@@ -173,6 +220,7 @@ def run_study(
     client.log_text(parent, Path(path).read_text(), "study.yaml")
     if args:
         client.log_param(parent, "overrides", " ".join(args))
+    stage_runs = run_stages(study, client, exp_id, parent, uri, args, system_metrics)
     results: dict[str, RunResult] = {}
     status = "FINISHED"
     bar = tqdm(names, desc=f"study {study.name}", unit="variant", position=0, leave=True)
@@ -180,7 +228,7 @@ def run_study(
         bar.set_postfix_str(name)
         child_tags = {trk.TAG_STUDY: study.name, trk.TAG_VARIANT: name, trk.TAG_ROLE: "variant"}
         try:
-            config, vargs = study.variant_config(name)
+            config, vargs = study.variant_config(name, stage_runs)
             res = run_experiment(config, [*vargs, *args], uri, experiment=study.name, run_name=name,
                                  parent_run_id=parent, tags=child_tags, system_metrics=system_metrics)
         except (ConfigError, trk.TrackingError) as e:
@@ -204,6 +252,36 @@ def run_study(
         plt.close(fig)
     client.set_terminated(parent, status)
     return parent, df
+
+
+def run_stages(study: Study, client, exp_id: str, parent: str, uri: str, args: Sequence[str],
+               system_metrics: bool) -> dict[str, str]:
+    """Run (or reuse) every stage; returns {stage name: run id} and records it on the parent."""
+    from pipelines.run import run_experiment
+
+    runs: dict[str, str] = {}
+    for name in study.stages:
+        config, sargs, digest = study.stage_config(name)
+        found = client.search_runs(
+            [exp_id], f"tags.`{trk.TAG_ROLE}` = 'stage' and tags.`practicum.stage_digest` = '{digest}' "
+                      "and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
+        if found:
+            runs[name] = found[0].info.run_id
+            tqdm.write(f"[{study.name}] stage {name}: reusing run {runs[name]}")
+            continue
+        tags = {trk.TAG_STUDY: study.name, trk.TAG_ROLE: "stage", "practicum.stage": name,
+                "practicum.stage_digest": digest}
+        res = run_experiment(config, [*sargs, *args], uri, experiment=study.name, run_name=f"stage-{name}",
+                             parent_run_id=parent, tags=tags, system_metrics=system_metrics)
+        tqdm.write(f"[{study.name}] stage {name}: {res.status}")
+        if res.status != "FINISHED":
+            client.set_terminated(parent, "FAILED")
+            raise StageFailed(f"study '{study.name}': stage '{name}' ended {res.status} ({res.error}); "
+                              f"its run is {res.run_id}")
+        runs[name] = res.run_id
+    if runs:
+        client.set_tag(parent, "practicum.stages", json.dumps(runs))
+    return runs
 
 
 def study_plots(client: trk.MlflowClient, parent_id: str, primary: str) -> dict[str, Any]:

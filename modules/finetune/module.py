@@ -8,8 +8,7 @@ training, the adapter alone and the merged model are exported and logged as arti
 their sizes on disk.
 
 Construction only checks and stores the arguments, so a config instantiates offline in
-milliseconds. The work waits for Lightning's hooks: `prepare_data` pretrains the default base or
-downloads a backbone (one process per node), `configure_model` loads the weights and wraps
+milliseconds. The work waits for Lightning's hooks: `configure_model` loads the weights and wraps
 them (inside the strategy's init contexts, so FSDP/DeepSpeed can shard large models). Outside a
 Trainer, call `configure_model()` yourself; `load_for_generation` and `load_from_checkpoint` do.
 """
@@ -26,16 +25,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from modules.finetune.backbone import (
-    RUN_ID,
-    find_config,
-    load_hf,
-    load_minigpt,
-    load_tokenizer,
-    pretrained_base,
-    resolve_backbone,
-    torch_dtype,
-)
+from modules.finetune.backbone import load_hf, load_minigpt, load_tokenizer, resolve_backbone, torch_dtype
 from modules.finetune.model import (
     METHODS,
     MiniGPTForCausalLM,
@@ -48,7 +38,7 @@ from modules.finetune.model import (
     weights_bytes,
 )
 
-from pipelines.tracking import log_file
+from modules.artifacts import log_file
 
 
 class FinetuneModule(L.LightningModule):
@@ -69,18 +59,16 @@ class FinetuneModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
-        base_config: str = "configs/finetune/minigpt_base.yaml",
-        cache_dir: str = "mlruns/cache",
         export: bool = True,
         export_dir: str | None = None,
     ):
         """Fine-tune a causal LM fully, with LoRA, or with QLoRA.
 
         Args:
-            backbone: A Hugging Face hub id or model folder, a mini-GPT checkpoint (.ckpt or a
-                folder holding one), or an MLflow run id / "runs:/<id>" of a mini-GPT run.
-                None: the embedded base, a mini-GPT pretrained on Shakespeare by `base_config`
-                (trained once, then cached under `cache_dir`).
+            backbone: A Hugging Face hub id or model folder, or a mini-GPT checkpoint (.ckpt or a
+                folder holding one). In a config, "runs:/<run id>" names the run that trained it
+                (the pipeline fetches the checkpoint: the lora-vs-full study's `base` stage).
+                None only parses: running needs a backbone.
             method: "full", "lora" or "qlora" (4-bit NF4 base + LoRA; needs CUDA and bitsandbytes).
             r: LoRA rank.
             lora_alpha: LoRA scale numerator (update = alpha / r * B A); None means 2 r.
@@ -97,8 +85,6 @@ class FinetuneModule(L.LightningModule):
             gradient_checkpointing: Recompute activations in backward (Hugging Face models).
             attn_implementation: Hugging Face attention kernel ("eager", "sdpa", "flash_attention_2").
             trust_remote_code: Allow a hub model's own modelling code.
-            base_config: Project 1 run config that pretrains the default base (backbone None).
-            cache_dir: Where the pretrained base and downloaded run checkpoints are cached.
             export: After training, save the adapter and the merged model and log them.
             export_dir: Keep the exports here (adapter/, merged/); None: a temporary folder
                 that is removed once the artifacts are logged.
@@ -127,17 +113,9 @@ class FinetuneModule(L.LightningModule):
             raise ValueError("FinetuneModule.use_dora applies to method='lora' or 'qlora', not 'full'")
         self.method = method
         self.export, self.export_dir = export, export_dir
-        # absolute, so a checkpoint loaded from another working directory finds the same cache
-        self.hparams.cache_dir = str(Path(cache_dir).expanduser().resolve())
-        # Only what needs neither the network nor training is settled here: the default base's
-        # config must exist; a local path must be a checkpoint or a model folder; a hub id is just
-        # a name. Pretraining the base and downloading a run's checkpoint wait for `prepare_data`
-        # (or the first use of the tokenizer), the weights for `configure_model`.
-        self.kind, self.source = "minigpt", None
-        if backbone is None:
-            self.hparams.base_config = str(find_config(base_config).resolve())
-        elif not RUN_ID.match(backbone):
-            self.kind, self.source = resolve_backbone(backbone, self.hparams.cache_dir)
+        # Only what needs neither the network nor training is settled here: a local path must be a
+        # checkpoint or a model folder; a hub id is just a name. The weights wait for configure_model.
+        self.kind, self.source = ("minigpt", None) if backbone is None else resolve_backbone(backbone)
         if self.kind == "minigpt" and dtype == "auto":
             raise ValueError("FinetuneModule.dtype='auto' is for Hugging Face models; use 'float32' or 'bfloat16'")
         # PEFT's config, made (and so checked: rank, dropout) now and applied in configure_model
@@ -153,22 +131,14 @@ class FinetuneModule(L.LightningModule):
     # ------------------------------------------------------------------ building
 
     def _resolve(self) -> str:
-        """The backbone's local checkpoint, folder or hub id: pretrains (once, cached) the default
-        base or downloads a run's checkpoint the first time it is asked for."""
+        """The backbone's local checkpoint, folder or hub id."""
         if self.source is None:
-            h = self.hparams
-            if h.backbone is None:
-                self.source = pretrained_base(h.base_config, h.cache_dir)
-            else:
-                self.kind, self.source = resolve_backbone(h.backbone, h.cache_dir)
+            raise ValueError(
+                "FinetuneModule has no backbone: set model.init_args.backbone to a Hugging Face id or folder, a "
+                "mini-GPT .ckpt, or runs:/<run id> of a mini-GPT run (the lora-vs-full study trains one as its "
+                "`base` stage: practicum study configs/studies/lora-vs-full.yaml)"
+            )
         return self.source
-
-    @property
-    def backbone_spec(self) -> str:
-        """What an exported adapter records as its base: a run id stays a run id (portable across
-        machines sharing the tracking server), anything local becomes an absolute path."""
-        spec = self.hparams.backbone
-        return spec if spec is not None and RUN_ID.match(spec) else self._resolve()
 
     @property
     def tokenizer(self) -> Any:
@@ -179,9 +149,7 @@ class FinetuneModule(L.LightningModule):
         return self._tokenizer
 
     def prepare_data(self) -> None:
-        # Lightning runs this on one process per node while the others wait: the place to
-        # pretrain the default base or download a backbone, so ranks never race to do it
-        self._resolve()
+        self._resolve()  # a missing backbone is an error before any data is prepared
 
     def configure_model(self) -> None:
         """Build the backbone: load (and quantise) the base, wrap it with LoRA, count parameters.
@@ -228,7 +196,7 @@ class FinetuneModule(L.LightningModule):
         gpt = load_minigpt(source).to(torch_dtype(h.dtype))
         if quantize:
             gpt = quantize_nf4_(gpt)
-        return MiniGPTForCausalLM(gpt, name_or_path=self.backbone_spec)
+        return MiniGPTForCausalLM(gpt, name_or_path=source)
 
     @property
     def max_length(self) -> int | None:
@@ -364,10 +332,10 @@ class FinetuneModule(L.LightningModule):
             if self.method != "full":
                 self.save_adapter(root / "adapter")
                 metrics["disk/adapter_bytes"] = float(weights_bytes(root / "adapter"))
-                log_file(self.trainer, root / "adapter", "adapter")
+                log_file(self.loggers, root / "adapter", "adapter")
             self.save_merged(root / "merged")
             metrics["disk/full_checkpoint_bytes"] = float(weights_bytes(root / "merged"))
-            log_file(self.trainer, root / "merged", "merged")
+            log_file(self.loggers, root / "merged", "merged")
             self._log_now(metrics)
         finally:
             if not self.export_dir:
@@ -420,7 +388,7 @@ class FinetuneModule(L.LightningModule):
         self, prompt: str, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, seed: int = 0
     ) -> str:
         """The prompt followed by up to max_new_tokens sampled tokens, decoded (like GPTModule's)."""
-        from datamodules.instruct import encode, special_ids
+        from datamodules.tokenizers import encode, special_ids
 
         self.configure_model()
         bos, eos, pad = special_ids(self.tokenizer)
@@ -441,7 +409,7 @@ class FinetuneModule(L.LightningModule):
 
 
 def write_loader_marker(folder: Path) -> None:
-    """practicum.json names the loader, so `practicum generate <folder>` finds it (pipelines.generate)."""
+    """practicum.json names the loader, so `practicum generate <folder>` finds it."""
     import json
 
     loader = f"{load_for_generation.__module__}.{load_for_generation.__name__}"
@@ -449,8 +417,8 @@ def write_loader_marker(folder: Path) -> None:
 
 
 def save_minigpt(gpt: torch.nn.Module, tokenizer: Any, path: Path) -> None:
-    """Save a mini-GPT as a Project 1 checkpoint: `GPTModule.load_from_checkpoint` and the
-    pipeline's checkpoint loader read it like any GPT run's checkpoint."""
+    """Save a mini-GPT as a Lightning checkpoint of Project 1: `GPTModule.load_from_checkpoint` reads
+    it (and so does a fine-tune naming it as its backbone)."""
     import dataclasses
     import inspect
 
@@ -465,7 +433,6 @@ def save_minigpt(gpt: torch.nn.Module, tokenizer: Any, path: Path) -> None:
         "state_dict": gm.state_dict(),
         "hyper_parameters": dict(gm.hparams),
         "pytorch-lightning_version": L.__version__,
-        "practicum": {"class_path": "modules.gpt.module.GPTModule"},
     }
     gm.on_save_checkpoint(checkpoint)  # adds the tokenizer
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -494,7 +461,8 @@ def load_for_generation(path: str | Path, **overrides: Any) -> FinetuneModule:
         module.method = "lora"
     elif path.is_file() and path.suffix == ".ckpt" and _is_finetune_checkpoint(path):
         # load_from_checkpoint builds the backbone (configure_model) before loading the state dict
-        module = FinetuneModule.load_from_checkpoint(path, map_location="cpu", export=False, **overrides)
+        module = FinetuneModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, export=False,
+                                                      **overrides)
     else:
         module = FinetuneModule(backbone=str(path), method="full", export=False, **overrides)
         module.configure_model()
@@ -502,8 +470,6 @@ def load_for_generation(path: str | Path, **overrides: Any) -> FinetuneModule:
 
 
 def _is_finetune_checkpoint(path: Path) -> bool:
-    from pipelines.run import check_checkpoint
-
-    ckpt = check_checkpoint(path)
-    class_path = (ckpt.get("practicum") or {}).get("class_path", "")
-    return class_path.endswith("FinetuneModule") or "method" in ckpt.get("hyper_parameters", {})
+    """A FinetuneModule's own checkpoint (its hyper-parameters name a method), not a mini-GPT's."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # never runs code
+    return "method" in ckpt.get("hyper_parameters", {})

@@ -10,8 +10,8 @@ from mlflow import MlflowClient
 
 from pipelines.cli import main
 from pipelines.compare import compare
-from pipelines.run import ConfigError
 from pipelines.study import load_study, run_study
+from pipelines.tracking import ConfigError
 from tests.pipelines.test_run import TOY
 
 

@@ -1,22 +1,12 @@
 """Tiny backbones made on the spot: a Llama-architecture HF model saved with `save_pretrained`
 (loaded back through the real `from_pretrained` path) and a mini-GPT checkpoint pretrained for a
-few steps by `pretrained_base` (the study's own path)."""
+few steps under a plain Trainer (the lora-vs-full study pretrains its base as a pipeline run)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-TINY_BASE_YAML = """\
-seed_everything: 1
-trainer: {max_steps: 3, limit_val_batches: 0, accelerator: cpu}
-model:
-  class_path: modules.gpt.module.GPTModule
-  init_args: {n_layer: 1, n_head: 2, n_embd: 32, warmup_steps: 1, sample_tokens: 0}
-data:
-  class_path: datamodules.shakespeare.ShakespeareDataModule
-  init_args: {corpus: shakespeare-plays, tokenizer: byte, block_size: 32, batch_size: 4, max_chars: 20000}
-"""
 
 
 def make_tokenizer():
@@ -56,8 +46,16 @@ def tiny_llama_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_minigpt_ckpt(tmp_path_factory):
-    from modules.finetune.backbone import pretrained_base
+    """A byte-level mini-GPT (block 32) trained 3 steps on Shakespeare, as a Lightning checkpoint."""
+    from datamodules.shakespeare import ShakespeareDataModule
+    from modules.gpt.module import GPTModule
+    from tests.helpers import quiet_trainer
 
     root = tmp_path_factory.mktemp("tiny-minigpt")
-    (root / "base.yaml").write_text(TINY_BASE_YAML)
-    return pretrained_base(str(root / "base.yaml"), root / "cache")
+    torch.manual_seed(1)
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0, default_root_dir=root)
+    dm = ShakespeareDataModule(corpus="shakespeare-plays", tokenizer="byte", block_size=32, batch_size=4,
+                               max_chars=20000)
+    trainer.fit(GPTModule(n_layer=1, n_head=2, n_embd=32, warmup_steps=1, sample_tokens=0), datamodule=dm)
+    trainer.save_checkpoint(root / "base.ckpt")
+    return str(root / "base.ckpt")

@@ -75,14 +75,14 @@ def test_default_lr_follows_practice():
 
 
 def test_resolve_backbone(tmp_path, tiny_llama_dir, tiny_minigpt_ckpt):
-    assert resolve_backbone(str(tiny_llama_dir), tmp_path) == ("hf", str(tiny_llama_dir.resolve()))
-    assert resolve_backbone(tiny_minigpt_ckpt, tmp_path) == ("minigpt", tiny_minigpt_ckpt)
-    assert resolve_backbone("HuggingFaceTB/SmolLM2-135M", tmp_path) == ("hf", "HuggingFaceTB/SmolLM2-135M")
+    assert resolve_backbone(str(tiny_llama_dir)) == ("hf", str(tiny_llama_dir.resolve()))
+    assert resolve_backbone(tiny_minigpt_ckpt) == ("minigpt", tiny_minigpt_ckpt)
+    assert resolve_backbone("HuggingFaceTB/SmolLM2-135M") == ("hf", "HuggingFaceTB/SmolLM2-135M")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        resolve_backbone("./missing/model.ckpt", tmp_path)
+        resolve_backbone("./missing/model.ckpt")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        resolve_backbone(str(tmp_path / "empty"), tmp_path)
+        resolve_backbone(str(tmp_path / "empty"))
     assert pick_checkpoint(["a/epoch=0-step=5.ckpt", "a/epoch=1-step=20.ckpt", "a/x.ckpt"]) == "a/epoch=1-step=20.ckpt"
     assert pick_checkpoint(["a/best.ckpt", "a/last.ckpt"]) == "a/last.ckpt"
 
@@ -93,27 +93,3 @@ def test_weights_bytes_counts_weight_files_only(tmp_path):
     (tmp_path / "README.md").write_text("hello")
     assert weights_bytes(tmp_path) == 100
 
-
-def test_pretraining_the_base_leaves_the_global_rngs_as_they_were(monkeypatch):
-    """A fine-tune draws the same LoRA init and data order whether its base was cached or just
-    pretrained (which reseeds): pretrained_base runs under global_rng_kept."""
-    import os
-    import random
-
-    import lightning as L
-    import numpy as np
-
-    from modules.finetune.backbone import global_rng_kept
-
-    def draws():
-        return random.random(), float(np.random.rand()), float(torch.rand(()))
-
-    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
-    L.seed_everything(7)
-    expected = draws()
-    L.seed_everything(7)
-    with global_rng_kept():
-        L.seed_everything(1337, workers=True)
-        draws()
-    assert draws() == expected
-    assert os.environ["PL_GLOBAL_SEED"] == "7"

@@ -12,6 +12,7 @@ import torch
 
 from datamodules.instruct import InstructDataModule
 from modules.finetune.module import FinetuneModule, load_for_generation
+from tests.helpers import quiet_trainer
 
 
 class TensorLedger(L.Callback):
@@ -28,11 +29,7 @@ class TensorLedger(L.Callback):
 def fit(module, tmp_path, steps=3):
     dm = InstructDataModule(source="python-docs", mode="text", max_length=32, batch_size=4, max_records=8)
     ledger = TensorLedger()
-    trainer = L.Trainer(
-        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=2, val_check_interval=steps, callbacks=[ledger],
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_steps=steps, limit_val_batches=2, val_check_interval=steps, callbacks=[ledger], default_root_dir=tmp_path)
     trainer.fit(module, datamodule=dm)
     return trainer, ledger, dm
 
@@ -177,10 +174,8 @@ def test_qlora_runs_and_peaks_below_lora_on_gpu(tiny_llama_dir, tmp_path):
     assert peaks["qlora"] < peaks["lora"], peaks
 
 
-def test_construction_only_checks_arguments(tmp_path, monkeypatch):
+def test_construction_only_checks_arguments(monkeypatch):
     import transformers
-
-    from tests.modules.finetune.conftest import TINY_BASE_YAML
 
     def offline(*args, **kwargs):
         raise AssertionError("construction must not load anything")
@@ -189,34 +184,27 @@ def test_construction_only_checks_arguments(tmp_path, monkeypatch):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
     hub = FinetuneModule(backbone="HuggingFaceTB/SmolLM2-135M", method="lora")
     assert (hub.kind, hub.source, hub.backbone) == ("hf", "HuggingFaceTB/SmolLM2-135M", None)
-    (tmp_path / "base.yaml").write_text(TINY_BASE_YAML)
-    default = FinetuneModule(base_config=str(tmp_path / "base.yaml"), cache_dir=str(tmp_path / "cache"))
-    assert default.backbone is None and not (tmp_path / "cache").exists()  # nothing pretrained yet
-    with pytest.raises(FileNotFoundError, match="base_config"):
-        FinetuneModule(base_config=str(tmp_path / "missing.yaml"))
+    unset = FinetuneModule()  # parses (a study sets the backbone), but cannot run
+    with pytest.raises(ValueError, match="has no backbone.*runs:/<run id>"):
+        unset.prepare_data()
+    with pytest.raises(ValueError, match="names an MLflow run"):
+        FinetuneModule(backbone="runs:/" + "0" * 32)  # only the pipeline fetches runs
     with pytest.raises(ValueError, match="dtype='auto' is for Hugging Face"):
-        FinetuneModule(base_config=str(tmp_path / "base.yaml"), dtype="auto")
+        FinetuneModule(dtype="auto")
     with pytest.raises(RuntimeError, match="configure_model"):
-        default(torch.zeros(1, 4, dtype=torch.long))
+        unset(torch.zeros(1, 4, dtype=torch.long))
 
 
-def test_default_base_is_pretrained_by_the_trainer_hooks(tmp_path):
-    """backbone None: prepare_data pretrains the base into the cache, the data module takes the
-    module's tokenizer in setup, configure_model builds the model, all inside fit."""
-    from tests.modules.finetune.conftest import TINY_BASE_YAML
-
-    (tmp_path / "base.yaml").write_text(TINY_BASE_YAML)
-    module = FinetuneModule(
-        base_config=str(tmp_path / "base.yaml"), cache_dir=str(tmp_path / "cache"), r=2, export=False,
-    )
+def test_minigpt_backbone_is_built_by_the_trainer_hooks(tmp_path, tiny_minigpt_ckpt):
+    """The data module takes the module's tokenizer in setup, configure_model builds the model,
+    all inside fit."""
+    module = FinetuneModule(backbone=tiny_minigpt_ckpt, r=2, export=False)
     trainer, _, dm = fit(module, tmp_path, steps=2)
-    assert len(list((tmp_path / "cache").glob("minigpt-*/base.ckpt"))) == 1
     assert dm.tokenizer is module.tokenizer
     assert 0 < module.n_trainable < module.n_total and module.lr == pytest.approx(2e-3)
     assert "val/loss" in trainer.callback_metrics
     # the data/model length check runs once the model exists (Lightning's setup hooks come first)
     too_long = InstructDataModule(source="python-docs", mode="text", max_length=64, batch_size=4, max_records=8)
-    again = FinetuneModule(base_config=str(tmp_path / "base.yaml"), cache_dir=str(tmp_path / "cache"), export=False)
+    again = FinetuneModule(backbone=tiny_minigpt_ckpt, export=False)
     with pytest.raises(ValueError, match="exceeds the mini-GPT's block_size=32"):
-        L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False, default_root_dir=tmp_path).fit(again, datamodule=too_long)
+        quiet_trainer(max_steps=1, default_root_dir=tmp_path).fit(again, datamodule=too_long)

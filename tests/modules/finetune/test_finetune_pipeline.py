@@ -1,50 +1,34 @@
-"""The fine-tuning project through the real pipeline into a temporary MLflow store, and every
-shipped config (run configs and the study) parsed against the classes' signatures."""
+"""The fine-tuning project through the real pipeline into a temporary MLflow store: one run on a
+local base, and the study whose base is pretrained as a stage run of its own."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import lightning as L
-import pytest
-from jsonargparse import ArgumentParser
+import yaml
 from mlflow.tracking import MlflowClient
 
+from pipelines.config import PracticumCLI
 from pipelines.run import run_experiment
-from pipelines.study import load_study
+from pipelines.study import load_study, run_study
 
 ROOT = Path(__file__).resolve().parents[3]
-CONFIGS = sorted((ROOT / "configs" / "finetune").glob("*.yaml"))
-
-
-def parser() -> ArgumentParser:
-    p = ArgumentParser(exit_on_error=False)
-    p.add_argument("--config", action="config")
-    p.add_argument("--seed_everything", type=int, default=0)
-    p.add_argument("--trainer", type=dict, default={})
-    p.add_subclass_arguments(L.LightningModule, "model")
-    p.add_subclass_arguments(L.LightningDataModule, "data")
-    return p
-
-
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_config_parses(path):
-    # parsing checks every class_path and init_args name and type; instantiating the HF configs
-    # would download models, so the run test below instantiates the mini-GPT one for real
-    cfg = parser().parse_args(["--config", str(path)])
-    assert cfg.model.class_path.startswith(("modules.finetune.", "modules.gpt."))
 
 
 def test_study_variants_parse():
     study = load_study(ROOT / "configs" / "studies" / "lora-vs-full.yaml")
     assert set(study.variants) == {"full", "lora-r8", "lora-r64", "qlora-r64"}
     assert study.variants["qlora-r64"]["requires"] == ["cuda", "bitsandbytes"]  # skipped, with a note, elsewhere
+    assert study.stage_config("base")[0] == ROOT / "configs" / "finetune" / "minigpt_base.yaml"
     methods = {}
+    base_trainer = PracticumCLI(["--config", str(study.base)]).config.trainer
     for name in study.variants:
-        config, args = study.variant_config(name)
-        cfg = parser().parse_args(["--config", str(config), *args])
+        config, args = study.variant_config(name, {"base": "f" * 32})
+        cfg = PracticumCLI(["--config", str(config), *args]).config
         methods[name] = (cfg.model.init_args.method, cfg.model.init_args.r)
-        assert cfg.trainer == parser().parse_args(["--config", str(study.base)]).trainer  # equal steps
+        assert cfg.model.init_args.backbone == "runs:/" + "f" * 32  # the stage's run, fetched by the pipeline
+        assert cfg.trainer == base_trainer  # equal steps
     assert methods == {"full": ("full", 8), "lora-r8": ("lora", 8), "lora-r64": ("lora", 64), "qlora-r64": ("qlora", 64)}
 
 
@@ -82,29 +66,47 @@ def test_lora_run_through_the_pipeline(tracking_uri, tiny_minigpt_ckpt):
     assert gen.generate_text("x = ", 5, seed=0).startswith("x = ")
 
 
-@pytest.fixture
-def current_uri(tracking_uri):
-    """MLflow's process-wide tracking URI pointed at the test store (as inside a pipeline run)."""
-    import mlflow
+TINY_BASE = {
+    "seed_everything": 1,
+    "trainer": {"max_steps": 3, "limit_val_batches": 0, "accelerator": "cpu", "enable_progress_bar": False},
+    "model": {"class_path": "modules.gpt.module.GPTModule",
+              "init_args": {"n_layer": 1, "n_head": 2, "n_embd": 32, "warmup_steps": 1, "sample_tokens": 0}},
+    "data": {"class_path": "datamodules.shakespeare.ShakespeareDataModule",
+             "init_args": {"corpus": "shakespeare-plays", "tokenizer": "byte", "block_size": 32, "batch_size": 4,
+                           "max_chars": 20000}},
+}
 
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    yield tracking_uri
-    mlflow.set_tracking_uri(before)
 
+def test_study_pretrains_its_base_as_a_stage_run_in_the_given_store(tmp_path, tracking_uri):
+    """Each stage is a visible MLflow run; the fine-tunes record it as their input; a non-default
+    --tracking_uri is honoured by every stage; a second study reuses the finished stage."""
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(TINY_BASE))
+    study = {
+        "name": "lora-stage", "base": str(ROOT / "configs" / "finetune" / "minigpt_lora.yaml"),
+        "stages": {"base": {"config": "base.yaml"}},
+        "overrides": {"model.init_args.backbone": "runs:/{stages.base}", "trainer.max_steps": 2,
+                      "trainer.val_check_interval": 2, "trainer.limit_val_batches": 1,
+                      "data.init_args.max_length": 32, "data.init_args.batch_size": 4,
+                      "data.init_args.max_records": 6, "model.init_args.export": False},
+        "variants": {"lora": {"model.init_args.r": 2}},
+    }
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    elsewhere = tmp_path / "team" / "store.db"
+    uri = f"sqlite:///{elsewhere}"
+    parent, df = run_study(tmp_path / "study.yaml", ["--system_metrics=false"], uri)
+    assert list(df["status"]) == ["FINISHED"] and list(df["variant"]) == ["lora"]  # the stage is no variant
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_run(parent).info.experiment_id], "tags.`mlflow.parentRunId` = '" + parent + "'")
+    (stage,) = [r for r in runs if r.data.tags["practicum.role"] == "stage"]
+    (lora,) = [r for r in runs if r.data.tags["practicum.role"] == "variant"]
+    assert stage.info.status == "FINISHED" and stage.data.tags["practicum.project"] == "gpt"
+    assert json.loads(lora.data.tags["practicum.inputs"]) == {"model.init_args.backbone": f"runs:/{stage.info.run_id}"}
+    assert json.loads(client.get_run(parent).data.tags["practicum.stages"]) == {"base": stage.info.run_id}
+    default = MlflowClient(tracking_uri)  # the working directory's store saw nothing
+    assert not default.search_runs([e.experiment_id for e in default.search_experiments()])
 
-def test_backbone_from_an_mlflow_run_id(current_uri, tiny_minigpt_ckpt, tmp_path):
-    from modules.finetune.backbone import resolve_backbone
-    from modules.finetune.module import FinetuneModule
-
-    client = MlflowClient(current_uri)
-    run_id = client.create_run(client.create_experiment("gpt")).info.run_id
-    client.log_artifact(run_id, tiny_minigpt_ckpt, "checkpoints")
-    kind, path = resolve_backbone(run_id, tmp_path / "cache")
-    assert kind == "minigpt" and Path(path).read_bytes() == Path(tiny_minigpt_ckpt).read_bytes()
-    assert resolve_backbone(f"runs:/{run_id}", tmp_path / "cache") == (kind, path)
-    module = FinetuneModule(backbone=run_id, method="lora", r=2, cache_dir=str(tmp_path / "cache"))
-    module.configure_model()
-    assert module.backbone.peft_config["default"].base_model_name_or_path == run_id  # the adapter's base
-    with pytest.raises(ValueError, match="MLflow run id"):
-        resolve_backbone("0" * 32, tmp_path / "cache")
+    again, df2 = run_study(tmp_path / "study.yaml", ["--system_metrics=false"], uri)
+    assert json.loads(client.get_run(again).data.tags["practicum.stages"]) == {"base": stage.info.run_id}
+    stages = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`practicum.role` = 'stage'")
+    assert len(stages) == 1  # reused, not pretrained again
+    assert df2["val/loss"].tolist() == df["val/loss"].tolist()  # the fine-tune is the same either way
