@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 server: $(STAMP)
-	$(BIN)/python -m pipelines.server
+	$(BIN)/python -m server
 
 ui: $(STAMP)
 	$(BIN)/practicum ui

@@ -14,7 +14,7 @@ run the same server where there is no Docker engine:
   URIs. The basic-auth ini is rendered from ``docker/mlflow/basic_auth.ini`` exactly as the
   image's entrypoint renders it. So the two ways of starting the server cannot drift.
 
-Run ``python -m pipelines.server [--port 5000] [--state-dir mlruns/server]``; it prints the URI
+Run ``python -m server [--port 5000] [--state-dir mlruns/server]``; it prints the URI
 and credentials and serves until Ctrl-C. Tests use :class:`TrackingServer` as a context manager.
 """
 
@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker-compose.yml"
 AUTH_TEMPLATE = REPO / "docker" / "mlflow" / "basic_auth.ini"
 LOOPBACK = "127.0.0.1"
-# Left empty in .env.example; `python -m pipelines.server` generates and keeps them.
+# Left empty in .env.example; `python -m server` generates and keeps them.
 GENERATED_SECRETS = ("POSTGRES_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")
 _URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
 
@@ -114,7 +114,7 @@ def load_stack(env: Mapping[str, str], compose_file: Path = COMPOSE_FILE) -> Sta
     services = doc.get("services", {})
     for name in ("postgres", "mlflow"):
         if name not in services:
-            raise ValueError(f"{compose_file} has no '{name}' service; pipelines.server runs postgres and mlflow")
+            raise ValueError(f"{compose_file} has no '{name}' service; server.stack runs postgres and mlflow")
     pg, ml = interpolate(services["postgres"], env), interpolate(services["mlflow"], env)
     tag = re.fullmatch(r"postgres:(\d+)(?:[.\-].*)?", pg.get("image", ""))
     if tag is None:
@@ -519,7 +519,7 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-# ---- python -m pipelines.server ----------------------------------------------------------------
+# ---- python -m server ----------------------------------------------------------------
 
 
 def cli_env(state_dir: Path, dotenv: Path = REPO / ".env") -> dict[str, str]:
@@ -540,7 +540,7 @@ def cli_env(state_dir: Path, dotenv: Path = REPO / ".env") -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.server", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m server", description=__doc__.split("\n\n")[0])
     p.add_argument("--port", type=int, default=None, help="MLflow port (default: MLFLOW_PORT, else 5000; 0: any free)")
     p.add_argument("--state-dir", type=Path, default=REPO / "mlruns" / "server",
                    help="database, artifacts and logs (default: mlruns/server)")

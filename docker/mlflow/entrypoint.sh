@@ -3,7 +3,7 @@
 #
 # MLflow reads the auth database URI only from an ini file, and that URI carries the database
 # password, so the ini is rendered from the environment at start instead of being baked into
-# the image. pipelines/server.py renders the same template the same way (string.Template).
+# the image. server/stack.py renders the same template the same way (string.Template).
 set -eu
 umask 077
 export MLFLOW_AUTH_CONFIG_PATH="${MLFLOW_AUTH_CONFIG_PATH:-/tmp/basic_auth.ini}"

@@ -3,12 +3,12 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from pipelines.cli import main
+from tests.helpers import free_port
 from tests.pipelines.test_run import TOY
 
 
@@ -19,15 +19,8 @@ def cfg(tmp_path):
     return p
 
 
-def _cli(*args):
-    # the toy project lives in tests/, importable from the repository root
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    return subprocess.run([sys.executable, "-m", "pipelines", *args], capture_output=True, text=True, timeout=300,
-                          env=env)
-
-
-def test_unknown_key_names_key_and_choices(cfg, tracking_uri):
-    r = _cli("run", str(cfg), "--trainer.max_stepz=3", "--tracking_uri", tracking_uri)
+def test_unknown_key_names_key_and_choices(cfg, tracking_uri, practicum_cli):
+    r = practicum_cli("run", str(cfg), "--trainer.max_stepz=3", "--tracking_uri", tracking_uri)
     assert r.returncode == 2
     assert "trainer.max_stepz" in r.stderr and "did you mean trainer.max_steps" in r.stderr
     assert "Traceback" not in r.stderr + r.stdout
@@ -66,8 +59,6 @@ def test_unknown_command():
 def test_ui_serves_the_store(tracking_uri):
     import time
     import urllib.request
-
-    from pipelines.server import free_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pipelines", "ui", "--port", str(port), "--tracking_uri", tracking_uri],

@@ -1,8 +1,5 @@
 """Lightning strategies for real: two DDP processes on CPU (gloo), one MLflow run, disjoint shards."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,21 +7,20 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipelines.run import ConfigError, load_experiment, run_experiment
+from pipelines.run import load_experiment, run_experiment
+from pipelines.tracking import ConfigError
+from tests.helpers import free_port
 from tests.pipelines.test_fault_tolerance import GPT
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _ddp(cfg: Path, uri: str, rec: Path, *extra: str):
+def _ddp(cli, cfg: Path, uri: str, rec: Path, *extra: str):
     rec.mkdir()
     cb = [{"class_path": "tests.pipelines.toy.RecordBatches", "init_args": {"folder": str(rec)}}]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run(
-        [sys.executable, "-m", "pipelines", "run", str(cfg), "--trainer.strategy=ddp", "--trainer.devices=2",
-         "--trainer.accelerator=cpu", "--system_metrics=false", f"--tracking_uri={uri}",
-         f"--trainer.callbacks={yaml.safe_dump(cb, default_flow_style=True).strip()}", *extra],
-        capture_output=True, text=True, timeout=600, env=env)
+    r = cli("run", str(cfg), "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
+            "--system_metrics=false", f"--tracking_uri={uri}",
+            f"--trainer.callbacks={yaml.safe_dump(cb, default_flow_style=True).strip()}", *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("MLflow run") == 1  # only rank 0 reports
     return r
@@ -41,12 +37,12 @@ def _runs(uri):
     return c.search_runs([e.experiment_id for e in c.search_experiments()])
 
 
-def test_gpt_ddp_matches_single_process_with_the_same_global_batch(tmp_path, tracking_uri):
+def test_gpt_ddp_matches_single_process_with_the_same_global_batch(tmp_path, tracking_uri, practicum_cli):
     cfg = tmp_path / "gpt.yaml"
     cfg.write_text(yaml.safe_dump({**GPT, "trainer": {**GPT["trainer"], "max_steps": 20}}))
     single = run_experiment(cfg, ["--data.init_args.batch_size=16", "--system_metrics=false"], tracking_uri)
     assert single.status == "FINISHED"
-    _ddp(cfg, tracking_uri, tmp_path / "rec", "--data.init_args.batch_size=8")  # 2 ranks x 8 = 16
+    _ddp(practicum_cli, cfg, tracking_uri, tmp_path / "rec", "--data.init_args.batch_size=8")  # 2 ranks x 8 = 16
 
     runs = _runs(tracking_uri)
     assert len(runs) == 2  # the single run and ONE run for both DDP ranks
@@ -66,9 +62,9 @@ def test_gpt_ddp_matches_single_process_with_the_same_global_batch(tmp_path, tra
     assert ddp.data.metrics["perf/tokens_per_s"] > 0 and ddp.data.metrics["mem/params_bytes"] > 0
 
 
-def test_classifier_ddp_one_run_disjoint_shards(tmp_path, tracking_uri):
+def test_classifier_ddp_one_run_disjoint_shards(tmp_path, tracking_uri, practicum_cli):
     cfg = ROOT / "configs/classifier/lenet_mnist5k.yaml"
-    _ddp(cfg, tracking_uri, tmp_path / "rec", "--trainer.max_epochs=1", "--trainer.limit_train_batches=6",
+    _ddp(practicum_cli, cfg, tracking_uri, tmp_path / "rec", "--trainer.max_epochs=1", "--trainer.limit_train_batches=6",
          "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2", f"--model.init_args.judge_path={tmp_path}/j.ckpt")
     (run,) = _runs(tracking_uri)
     assert run.info.status == "FINISHED" and "val/acc" in run.data.metrics
@@ -96,7 +92,7 @@ def test_fsdp_preset_wraps_transformer_blocks():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP in Lightning needs CUDA")
-def test_fsdp_single_gpu_run_and_resume(tmp_path, tracking_uri):
+def test_fsdp_single_gpu_run_and_resume(tmp_path, tracking_uri, practicum_cli):
     cfg = tmp_path / "gpt.yaml"
     cfg.write_text(yaml.safe_dump({**GPT, "trainer": {**GPT["trainer"], "accelerator": "gpu", "max_steps": 10}}))
     fsdp = ["--config", str(ROOT / "configs/trainer/fsdp.yaml"), "--trainer.devices=1", "--system_metrics=false"]
@@ -110,7 +106,7 @@ def test_fsdp_single_gpu_run_and_resume(tmp_path, tracking_uri):
     assert len(steps) == len(set(steps)) and max(steps) >= 14
 
 
-def test_torchrun_launch_gives_one_run(tmp_path, tracking_uri):
+def test_torchrun_launch_gives_one_run(tmp_path, tracking_uri, practicum_cli):
     """Under torchrun every rank starts at once: only rank 0 may open the store (a fresh SQLite schema
     created by two processes collides) and create the run."""
     from tests.pipelines.test_run import TOY
@@ -119,16 +115,10 @@ def test_torchrun_launch_gives_one_run(tmp_path, tracking_uri):
     cfg.write_text(yaml.safe_dump(TOY))
     (tmp_path / "fresh").mkdir()
     uri = f"sqlite:///{tmp_path}/fresh/mlflow.db"  # not created yet
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    from pipelines.server import free_port
-
-    port = free_port()
-    r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", f"--master_port={port}",
-         "--master_addr=127.0.0.1",
-         "-m", "pipelines", "run", str(cfg), "--trainer.strategy=ddp", "--trainer.devices=2",
-         "--trainer.accelerator=cpu", "--system_metrics=false", f"--tracking_uri={uri}"],
-        capture_output=True, text=True, timeout=300, env=env)
+    launcher = ("-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", f"--master_port={free_port()}",
+                "--master_addr=127.0.0.1")
+    r = practicum_cli("run", str(cfg), "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
+                      "--system_metrics=false", f"--tracking_uri={uri}", timeout=300, launcher=launcher)
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = _runs(uri)
     assert run.info.status == "FINISHED" and "val/loss" in run.data.metrics

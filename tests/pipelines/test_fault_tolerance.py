@@ -12,10 +12,10 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipelines.run import ConfigError, run_experiment
-from pipelines.server import free_port
-from pipelines.tracking import TrackingError
+from pipelines.run import run_experiment
+from pipelines.tracking import ConfigError, TrackingError
 from tests.pipelines import toy
+from tests.helpers import free_port
 from tests.pipelines.test_run import TOY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,23 +42,17 @@ def _write(tmp_path, cfg, name="cfg.yaml"):
     return p
 
 
-def _cli(*args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "pipelines", "run", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
 def _history(client, run_id, key):
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tracking_uri):
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tracking_uri, practicum_cli):
     cfg = _write(tmp_path, GPT)
     whole = run_experiment(cfg, [*QUIET, "--checkpoint_every_n_steps=5"], tracking_uri)
     assert whole.status == "FINISHED", whole.error
 
     killer = {"class_path": "tests.pipelines.toy.SignalAt", "init_args": {"step": 23, "sig": "SIGKILL"}}
-    r = _cli(str(cfg), *QUIET, "--checkpoint_every_n_steps=5", f"--tracking_uri={tracking_uri}",
+    r = practicum_cli("run", str(cfg), *QUIET, "--checkpoint_every_n_steps=5", f"--tracking_uri={tracking_uri}",
              f"--trainer.callbacks={yaml.safe_dump([killer], default_flow_style=True).strip()}")
     assert r.returncode == -9, r.stderr[-2000:]
     client = MlflowClient(tracking_uri)
@@ -77,10 +71,10 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tracking_uri):
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
-def test_sigterm_ends_killed_with_a_checkpoint(tmp_path, tracking_uri):
+def test_sigterm_ends_killed_with_a_checkpoint(tmp_path, tracking_uri, practicum_cli):
     term = {"class_path": "tests.pipelines.toy.SignalAt", "init_args": {"step": 7, "sig": "SIGTERM"}}
     cfg = _write(tmp_path, {**TOY, "trainer": {**TOY["trainer"], "max_steps": 200}})
-    r = _cli(str(cfg), *QUIET, f"--tracking_uri={tracking_uri}",
+    r = practicum_cli("run", str(cfg), *QUIET, f"--tracking_uri={tracking_uri}",
              f"--trainer.callbacks={yaml.safe_dump([term], default_flow_style=True).strip()}")
     assert r.returncode == 1 and "KILLED" in r.stdout
     client = MlflowClient(tracking_uri)

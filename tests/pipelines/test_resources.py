@@ -1,11 +1,12 @@
 """The memory ledger on a known tiny model, against a hand computation."""
 
 import torch
-from lightning import LightningModule, Trainer
+from lightning import LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipelines.resources import ActivationMeter, ResourceMonitor, grad_bytes, optimizer_bytes, parameter_ledger
+from tests.helpers import quiet_trainer
 
 
 class Tiny(LightningModule):
@@ -27,8 +28,7 @@ class Tiny(LightningModule):
 def _fit(model, batch_size):
     ds = TensorDataset(torch.randn(64, 3), torch.randn(64, 2))
     mon = ResourceMonitor(warmup_steps=1)
-    Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, callbacks=[mon]).fit(model, DataLoader(ds, batch_size=batch_size))
+    quiet_trainer(max_steps=4, callbacks=[mon]).fit(model, DataLoader(ds, batch_size=batch_size))
     return mon.summary
 
 

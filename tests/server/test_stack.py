@@ -1,4 +1,4 @@
-"""The team tracking server (docker-compose.yml) as pipelines.server runs it: PostgreSQL + MLflow with auth.
+"""The team tracking server (docker-compose.yml) as server.stack runs it: PostgreSQL + MLflow with auth.
 
 The first tests read the compose file and the image files without starting anything. The rest
 share one real stack on loopback (its own PostgreSQL cluster in a temporary folder, ``mlflow
@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from mlflow.server import get_app_client
 from packaging.requirements import Requirement
 
-from pipelines import server as srv
+import server.stack as srv
 
 COMPOSE = yaml.safe_load(srv.COMPOSE_FILE.read_text())
 DOCKER = srv.REPO / "docker" / "mlflow"

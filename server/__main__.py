@@ -1,0 +1,3 @@
+from server.stack import main
+
+raise SystemExit(main())
