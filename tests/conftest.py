@@ -24,3 +24,12 @@ def tracking_uri(tmp_path, monkeypatch, _empty_store):
     (tmp_path / "mlruns").mkdir()
     shutil.copy(_empty_store, tmp_path / "mlruns" / "mlflow.db")
     return f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+
+
+
+@pytest.fixture
+def practicum_cli():
+    """``python -m pipelines ARGS`` in a fresh process: `tests.helpers.practicum_cli`."""
+    from tests.helpers import practicum_cli
+
+    return practicum_cli

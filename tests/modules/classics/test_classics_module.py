@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 from mlflow import MlflowClient
@@ -11,14 +10,11 @@ from sklearn.neighbors import KNeighborsClassifier
 from datamodules.tabular import TabularDataModule
 from modules.classics.module import KNNModule, LogisticRegressionModule, SklearnModule
 from pipelines.run import run_experiment
+from tests.helpers import quiet_trainer
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "classics"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
-
-def _trainer(**kw) -> L.Trainer:
-    return L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, **kw)
 
 
 def test_logreg_through_the_pipeline(tracking_uri):
@@ -79,7 +75,7 @@ def test_pipeline_rejects_k_larger_than_the_training_set(tracking_uri):
 def test_checkpoint_round_trip_predicts_the_same(module, tmp_path):
     dm = TabularDataModule("iris", batch_size=32)
     model = module()
-    trainer = _trainer(max_epochs=2)
+    trainer = quiet_trainer(max_epochs=2)
     trainer.fit(model, dm)
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
@@ -92,7 +88,7 @@ def test_checkpoint_round_trip_predicts_the_same(module, tmp_path):
 def test_sklearn_equivalent_lam_sets_c_from_the_training_size():
     dm = TabularDataModule("iris", batch_size=None)
     model = SklearnModule(equivalent_lam=0.01)
-    _trainer(max_epochs=1, limit_val_batches=0).fit(model, dm)
+    quiet_trainer(max_epochs=1, limit_val_batches=0).fit(model, dm)
     assert model.estimator.C == pytest.approx(1.0 / (0.01 * 90))
 
 
@@ -119,4 +115,4 @@ def test_logreg_without_sizes_or_datamodule_says_what_to_set():
     data = DataLoader(TensorDataset(torch.zeros(4, 2, dtype=torch.float64), torch.zeros(4, dtype=torch.long)),
                       batch_size=2)
     with pytest.raises(ValueError, match="n_features"):
-        _trainer(max_epochs=1).fit(LogisticRegressionModule(), data)
+        quiet_trainer(max_epochs=1).fit(LogisticRegressionModule(), data)

@@ -1,6 +1,5 @@
 """The LeNet judge: architecture, size handling, its Lightning module through the real pipeline, and load_judge."""
 
-import lightning as L
 import mlflow
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.nn.functional as F
 from modules.classifier.model import LeNet, LeNetConfig, LeNetFeatures
 from modules.classifier.module import ClassifierModule, load_judge
 from pipelines.run import run_experiment
+from tests.helpers import quiet_trainer
 
 
 @pytest.mark.parametrize("size", [28, 32])
@@ -76,7 +76,6 @@ def test_classifier_under_a_plain_trainer(tmp_path):
     from datamodules.mnist import MNISTDataModule
 
     dm = MNISTDataModule(batch_size=16, train_limit=48)  # 3 steps = one epoch, then validation
-    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=1, default_root_dir=tmp_path)
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=1, default_root_dir=tmp_path)
     trainer.fit(ClassifierModule(judge_path=str(tmp_path / "j.ckpt")), datamodule=dm)
     assert (tmp_path / "j.ckpt").is_file() and "val/acc" in trainer.callback_metrics

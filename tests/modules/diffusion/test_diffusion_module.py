@@ -9,11 +9,11 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from datamodules.mnist import MNISTDataModule
-from modules.classifier.model import LeNet, LeNetConfig
 from modules.classifier.module import ClassifierModule
 from modules.diffusion.model import Denoiser, DiffusionConfig
 from modules.diffusion.module import DiffusionModule, ema_with_warmup, image_grid
 from pipelines.run import run_experiment
+from tests.helpers import quiet_trainer
 
 TINY = dict(block_out_channels=(8, 16), attention=(False, True), num_timesteps=50, num_sample_steps=4,
             num_eval_samples=40, eval_batch_size=20, warmup_steps=1)
@@ -24,16 +24,13 @@ def judge_ckpt(tmp_path_factory):
     """A LeNet judge checkpoint made the way the real one is (ClassifierModule, judge_path), trained briefly."""
     path = tmp_path_factory.mktemp("judge") / "lenet.ckpt"
     torch.manual_seed(0)
-    trainer = L.Trainer(max_steps=30, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, default_root_dir=path.parent)
+    trainer = quiet_trainer(max_steps=30, limit_val_batches=0, default_root_dir=path.parent)
     trainer.fit(ClassifierModule(judge_path=str(path)), datamodule=MNISTDataModule(batch_size=64, train_limit=1920))
     return str(path)
 
 
 def _plain_trainer(tmp_path, steps=2):
-    return L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, limit_val_batches=2, num_sanity_val_steps=0,
-                     check_val_every_n_epoch=None, val_check_interval=steps, default_root_dir=tmp_path)
+    return quiet_trainer(max_steps=steps, limit_val_batches=2, num_sanity_val_steps=0, check_val_every_n_epoch=None, val_check_interval=steps, default_root_dir=tmp_path)
 
 
 def test_unet_shapes_parameter_counts_and_conditioning():

@@ -12,6 +12,7 @@ from modules.gpt.module import GPTModule, cosine_lr
 from pipelines.cli import main as practicum
 from pipelines.run import run_experiment
 from tests.data import shakespeare_text
+from tests.helpers import quiet_trainer
 
 TINY = shakespeare_text()  # Shakespeare text in place of the tinyshakespeare file (tests/data.py)
 CONFIG = Path(__file__).resolve().parents[3] / "configs" / "gpt" / "shakespeare_char_cpu.yaml"
@@ -128,9 +129,7 @@ def test_resume_from_checkpoint_continues_the_batch_stream(tmp_path):
         seen = Seen()
         dm = ShakespeareDataModule(corpus="tinyshakespeare", path=str(TINY), max_chars=20000, block_size=16,
                                    batch_size=4, val_windows=8)
-        trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, callbacks=[seen],
-                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                            default_root_dir=tmp_path)
+        trainer = quiet_trainer(max_steps=steps, callbacks=[seen], limit_val_batches=0, default_root_dir=tmp_path)
         model = GPTModule(n_layer=1, n_head=2, n_embd=16, warmup_steps=1, lr_decay_steps=6, sample_tokens=0)
         trainer.fit(model, dm, ckpt_path=ckpt)
         return trainer, seen.rows
@@ -152,7 +151,7 @@ def test_lightning_training_equals_nanogpt_bare_step():
     import lightning as L
 
     from pipelines.resources import ResourceMonitor
-    from pipelines.run import NaNGuard
+    from pipelines.callbacks import NaNGuard
 
     dm = ShakespeareDataModule(corpus="tinyshakespeare", path=str(TINY), max_chars=20000, block_size=16,
                                batch_size=4, val_windows=8)
@@ -163,9 +162,7 @@ def test_lightning_training_equals_nanogpt_bare_step():
         def on_train_start(self, trainer, pl_module):
             start.update(copy.deepcopy(pl_module.model.state_dict()))
 
-    trainer = L.Trainer(max_steps=12, accelerator="cpu", devices=1, gradient_clip_val=1.0, logger=False,
-                        enable_checkpointing=False, limit_val_batches=0, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Snap(), ResourceMonitor(), NaNGuard()])
+    trainer = quiet_trainer(max_steps=12, gradient_clip_val=1.0, limit_val_batches=0, callbacks=[Snap(), ResourceMonitor(), NaNGuard()])
     trainer.fit(m, datamodule=dm)
 
     bare = copy.deepcopy(m.model)
