@@ -124,7 +124,6 @@ class Tape:
     def __init__(self, mixed: bool = False, cuda: bool = True):
         self.mixed, self.cuda = mixed, cuda
         self.saved: dict[int, tuple[Sym, int]] = {}  # the Sym is held so its id is never reused
-        self._cast: dict[int, Sym] = {}  # autocast caches the bf16 copy of each trained leaf weight
 
     @property
     def bytes(self) -> int:
@@ -162,11 +161,9 @@ class Tape:
     def linear(self, x: Sym, w: Weight) -> Sym:
         """x @ W^T: x is kept for W's gradient, W (or autocast's bf16 copy of it) for x's."""
         if self.mixed:
-            x = self.to(x, 2)  # autocast casts activations per call ...
-            if w.el != 2:  # ... and weights: a trained leaf once per forward, a frozen one per call
-                copy = self._cast.setdefault(id(w), Sym(w.n, 2, w.trained)) if w.trained else Sym(w.n, 2, False)
-                if x.grad:
-                    self.save(copy)
+            x = self.to(x, 2)  # autocast casts the input per call and an fp32 weight to a bf16 copy
+            if w.el != 2 and x.grad:  # (cached per forward for a trained leaf; each weight is used once)
+                self.save(Sym(w.n, 2, w.trained))
         if w.trained:
             self.save(x)
         return Sym(x.n // w.inp * w.out, max(x.el, w.el) if not self.mixed else 2, x.grad or w.trained)
@@ -279,7 +276,7 @@ def activations(a: Arch, lay: Layout, batch: int, seq: int, precision: str = "32
         y = t.linear(x, W(out, x.n // N))
         r = lay.lora.get(name)
         if r:
-            xa = x if t.mixed else t.to(x, lay.lora_el)  # PEFT casts the input to the adapter's dtype
+            xa = t.to(x, lay.lora_el)  # PEFT casts the input to the adapter's dtype (under autocast too)
             h = t.linear(t.dropout(xa, lay.lora_dropout), Weight(r, x.n // N, lay.lora_el, True))
             b = t.linear(h, Weight(out, r, lay.lora_el, True))
             y = Sym(y.n, y.el, True)  # result + scale * b, cast back to the base's dtype: saves nothing
