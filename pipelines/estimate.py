@@ -207,8 +207,12 @@ class Arch:
     dropout: float = 0.0  # the mini-GPT's own dropout (attention and residual)
 
 
+def _core(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def arch_of(model: torch.nn.Module) -> Arch:
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = _core(model)
     if hasattr(core, "gpt"):  # MiniGPTForCausalLM
         c = core.gpt.config
         if c.attention != "sdpa" or c.ffn != "mlp":
@@ -246,7 +250,8 @@ def layout_of(model: torch.nn.Module, precision: str, qlora: bool = False, check
             lora[name.rsplit(".", 1)[-1]] = a.out_features
             p = m.lora_dropout[m.active_adapters[0]]
             drop, lora_el = getattr(p, "p", 0.0), a.weight.element_size()
-    emb = model.get_input_embeddings().weight
+    core = _core(model)
+    emb = core.gpt.transformer.wte.weight if hasattr(core, "gpt") else core.get_input_embeddings().weight
     w_el = e_el = emb.element_size()
     if precision == "bf16-true":  # Lightning converts the whole module, adapters included
         w_el = e_el = lora_el = 2
@@ -417,21 +422,14 @@ def parameter_bytes(model: torch.nn.Module, precision: str, optimizer: str, qlor
     Under QLoRA every Linear of the decoder layers becomes an NF4 `Params4bit` (transformers
     keeps lm_head: `get_keys_to_not_convert`) and every other frozen tensor is upcast to fp32
     (`prepare_model_for_kbit_training`). Gradients take the parameter's dtype."""
-    from peft.tuners.lora import LoraLayer
-
-    quantised = set()
-    if qlora:
-        for name, m in model.named_modules():
-            base = m.get_base_layer() if isinstance(m, LoraLayer) else m
-            if isinstance(base, torch.nn.Linear) and ".layers." in f".{name}." or ".h." in f".{name}.":
-                if isinstance(base, torch.nn.Linear):
-                    quantised.add(id(base.weight))
+    head = _core(model).get_output_embeddings() if qlora else None
+    quantised = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head} if qlora else set()
     out = dict.fromkeys(("params", "grads", "optimizer"), 0)
     for p in model.parameters():  # tied weights appear once
         el = p.element_size()
         if precision == "bf16-true" and p.is_floating_point():
             el = 2
-        if id(p) in quantised:
+        if id(p) in quantised and not p.requires_grad:  # LoRA's own A and B stay as they are
             out["params"] += nf4_bytes(p.numel())
             continue
         if qlora and not p.requires_grad:
@@ -443,3 +441,154 @@ def parameter_bytes(model: torch.nn.Module, precision: str, optimizer: str, qlor
     if quantised:
         out["params"] += QLORA_SHARED_BYTES
     return out
+
+
+# ---------------------------------------------------------------------------- the estimate
+
+
+@dataclass
+class Estimate:
+    """Bytes per device of one training step, and the headroom on a GPU (negative: does not fit)."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    recompute: int
+    gpu: str | None = None
+    gpu_bytes: float | None = None
+    setup: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations + self.recompute
+
+    @property
+    def headroom(self) -> float | None:
+        return None if self.gpu_bytes is None else self.gpu_bytes - self.total
+
+    def metrics(self) -> dict[str, float]:
+        m = {f"estimate/mem/{k}_bytes": float(getattr(self, k)) for k in KEYS}
+        m["estimate/mem/total_bytes"] = float(self.total)
+        if self.headroom is not None:
+            m["estimate/mem/headroom_bytes"] = float(self.headroom)
+        return m
+
+    def table(self) -> str:
+        rows = [(k, getattr(self, k)) for k in KEYS] + [("total", self.total)]
+        lines = [f"  {k:<12} {v / GiB:9.2f} GiB" for k, v in rows]
+        if self.gpu_bytes is not None:
+            verdict = "fits" if self.headroom >= 0 else "does NOT fit"
+            lines.append(f"  {self.gpu or 'GPU'}: {self.gpu_bytes / GiB:.1f} GiB, headroom {self.headroom / GiB:.2f} GiB ({verdict})")
+        return "\n".join(lines)
+
+
+def gpu_bytes(gpu: str | None) -> tuple[str | None, float | None]:
+    if gpu is None:
+        return None, None
+    if gpu.replace("_", "").isdigit():
+        return "GPU", float(gpu.replace("_", ""))
+    for name, b in GPUS.items():
+        if gpu.lower() in (name.lower(), name.lower().rsplit("-", 1)[0]):
+            return name, b
+    raise LookupError(f"unknown GPU {gpu!r}; choose one of {', '.join(GPUS)} or give a byte count")
+
+
+def shard(bytes_: dict[str, int], strategy: str, devices: int) -> dict[str, int]:
+    """Per-device share under ZeRO (Rajbhandari et al. 2020, sec. 5): stage 2 shards gradients and
+    optimizer state, stage 3 and FSDP's FULL_SHARD the parameters too; DDP replicates all.
+    The all-gathered unit FSDP/ZeRO-3 holds during a layer's compute is left out (one layer)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    n = max(1, devices)
+    sharded = {"ddp": (), "deepspeed_stage_2": ("grads", "optimizer"),
+               "fsdp": ("params", "grads", "optimizer"), "deepspeed_stage_3": ("params", "grads", "optimizer")}
+    return {k: -(-v // n) if k in sharded[strategy] else v for k, v in bytes_.items()}
+
+
+def estimate(backbone: Any, method: str = "lora", r: int = 8, lora_alpha: float | None = None,
+             lora_dropout: float = 0.05, target_modules: list[str] | str | None = None, dtype: str = "float32",
+             attn_implementation: str | None = None, precision: str = "32-true", batch_size: int = 1,
+             seq_len: int = 512, gradient_checkpointing: bool = False, optimizer: str = "adamw",
+             strategy: str = "ddp", devices: int = 1, gpu: str | None = None, cuda: bool = True) -> Estimate:
+    """Predict one fine-tuning step's memory per device (see the module docstring)."""
+    if method not in ("full", "lora", "qlora"):
+        raise ValueError(f"method must be full, lora or qlora, got {method!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    precision = PRECISIONS[precision]
+    qlora = method == "qlora"
+    attn = attn_implementation or "sdpa"
+    if attn not in ("sdpa", "eager", "flash_attention_2"):
+        raise ValueError(f"attn_implementation must be sdpa, eager or flash_attention_2, got {attn!r}")
+    model = build(backbone, "full" if method == "full" else "lora", r, lora_alpha, lora_dropout, target_modules,
+                  "bfloat16" if qlora else dtype, "eager" if attn == "eager" else "sdpa")
+    b = parameter_bytes(model, precision, optimizer, qlora)
+    lay = layout_of(model, precision, qlora, gradient_checkpointing)
+    b["activations"], b["recompute"] = activations(arch_of(model), lay, batch_size, seq_len, precision,
+                                                   gradient_checkpointing, "eager" if attn == "eager" else "sdpa", cuda)
+    name, cap = gpu_bytes(gpu)
+    setup = dict(method=method, r=r, dtype=dtype, precision=precision, batch_size=batch_size, seq_len=seq_len,
+                 gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, strategy=strategy,
+                 devices=devices, attn_implementation=attn)
+    return Estimate(**shard(b, strategy, devices), gpu=name, gpu_bytes=cap, setup=setup)
+
+
+def arch_source(backbone: str | None, arch: str | None, base_config: str | None = None) -> Any:
+    """What `build` needs for a run config's backbone, offline: --arch, a local folder/config.json,
+    a shipped architecture for a known hub id, or the mini-GPT base's GPTConfig."""
+    if arch:
+        return arch
+    if backbone is None:
+        return minigpt_config(base_config or "configs/finetune/minigpt_base.yaml")
+    p = Path(backbone).expanduser()
+    if p.is_dir() and (p / "config.json").exists() or p.suffix == ".json" and p.exists():
+        return str(p)
+    if backbone in SHIPPED_ARCH:
+        return str(ARCH_DIR / SHIPPED_ARCH[backbone] / "config.json")
+    try:  # the hub's config (the network, or the local Hugging Face cache)
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(backbone)
+    except OSError:
+        raise LookupError(f"no architecture for backbone {backbone!r} offline: pass --arch PATH/config.json "
+                          f"(shipped: {', '.join(SHIPPED_ARCH)})") from None
+
+
+def minigpt_config(base_config: str):
+    """The GPTConfig the mini-GPT base config trains (byte tokenizer: 256 ids)."""
+    import dataclasses
+
+    import yaml
+
+    from modules.finetune.backbone import find_config
+    from modules.gpt.model import GPTConfig
+
+    cfg = yaml.safe_load(find_config(base_config).read_text())
+    init, data = cfg["model"].get("init_args") or {}, cfg["data"].get("init_args") or {}
+    names = {f.name for f in dataclasses.fields(GPTConfig)}
+    kw = {k: v for k, v in init.items() if k in names and v is not None}
+    kw.setdefault("block_size", data.get("block_size", 256))
+    kw.setdefault("vocab_size", 256 if data.get("tokenizer") == "byte" else init.get("vocab_size") or 65)
+    return GPTConfig(**kw)
+
+
+def log_estimate(est: Estimate, experiment: str = "estimate", tracking_uri: str | None = None,
+                 run_name: str | None = None) -> str:
+    """One MLflow run tagged practicum.role=estimate, with the setup as params; returns its id."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import environment_tags, get_or_create_experiment, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(uri)
+    exp = get_or_create_experiment(client, experiment, uri)
+    tags = {**environment_tags(), "practicum.role": "estimate"}
+    run = client.create_run(exp, run_name=run_name, tags=tags)
+    params = {**est.setup, "gpu": est.gpu, "gpu_bytes": est.gpu_bytes}
+    client.log_batch(run.info.run_id,
+                     metrics=[Metric(k, v, 0, 0) for k, v in est.metrics().items()],
+                     params=[Param(k, str(v)) for k, v in params.items()])
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
