@@ -215,8 +215,9 @@ def arch_of(model: torch.nn.Module) -> Arch:
     core = _core(model)
     if hasattr(core, "gpt"):  # MiniGPTForCausalLM
         c = core.gpt.config
-        if c.attention != "sdpa" or c.ffn != "mlp":
-            raise ValueError("the estimate models the mini-GPT with attention='sdpa' and ffn='mlp'")
+        if c.attention != "sdpa" or c.ffn != "mlp" or c.dropout:
+            # attention dropout inside SDPA changes the kernel (and what it keeps): not modelled
+            raise ValueError("the estimate models the mini-GPT with attention='sdpa', ffn='mlp' and dropout=0")
         return Arch("gpt", c.vocab_size, c.n_embd, c.n_layer, c.n_head, c.n_head, c.head_size, 4 * c.n_embd,
                     c.bias, c.dropout)
     c = core.config
