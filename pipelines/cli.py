@@ -13,6 +13,7 @@ USAGE = """practicum <command> ...
   run CONFIG.yaml [--section.key=value ...]   fit (then test) one experiment; --print_config shows the resolved config
   study STUDY.yaml [--section.key=value ...]  every variant as a child run, then the comparison table
   compare STUDY [--format table|csv|json|markdown]   the study's table, rebuilt from MLflow
+  estimate CONFIG.yaml [--gpu H100-80GB] [--section.key=value ...]   predict the fine-tune's memory per GPU, offline
   generate CHECKPOINT_OR_RUN_ID --prompt TEXT [--max_new_tokens N]   sample from a trained model
   ui [--port 5000]                            the MLflow UI on the tracking store
 """
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    commands = {"run": cmd_run, "study": cmd_study, "compare": cmd_compare, "generate": cmd_generate, "ui": cmd_ui}
+    commands = {"run": cmd_run, "study": cmd_study, "compare": cmd_compare, "estimate": cmd_estimate, "generate": cmd_generate, "ui": cmd_ui}
     if cmd not in commands:
         print(f"practicum: unknown command '{cmd}'; choose one of: {', '.join(commands)}\n\n{USAGE}", file=sys.stderr)
         return 2
@@ -94,6 +95,52 @@ def cmd_compare(args: list[str]) -> int:
 
         name = load_study(name).name
     print(compare(name, ns.tracking_uri, ns.format))
+    return 0
+
+
+def cmd_estimate(args: list[str]) -> int:
+    import yaml
+
+    from pipelines.estimate import OPTIMIZERS, STRATEGIES, arch_source, estimate, log_estimate
+
+    p = argparse.ArgumentParser(prog="practicum estimate")
+    p.add_argument("config")
+    p.add_argument("--gpu", help="a card (H100-80GB, RTX4090-24GB, ...) or a byte count")
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--strategy", choices=STRATEGIES, default=None)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--arch", help="a config.json (or its folder) to use instead of the backbone's")
+    p.add_argument("--experiment", default="estimate")
+    p.add_argument("--tracking_uri")
+    p.add_argument("--no_log", action="store_true")
+    ns, rest = p.parse_known_args(args)
+    cfg = yaml.safe_load(Path(ns.config).read_text())
+    for arg in rest:  # --section.key=value, the same dotted keys `practicum run` takes
+        key, sep, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not sep:
+            raise LookupError(f"override {arg!r} must look like --section.key=value")
+        *parents, leaf = key.split(".")
+        node = cfg
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = yaml.safe_load(value)
+    model, trainer = cfg["model"].get("init_args") or {}, cfg.get("trainer") or {}
+    data = cfg.get("data", {}).get("init_args") or {}
+    strategy = ns.strategy or str(trainer.get("strategy", "ddp"))
+    strategy = strategy if strategy in STRATEGIES else "fsdp" if "FSDP" in strategy else "ddp"
+    est = estimate(
+        arch_source(model.get("backbone"), ns.arch, model.get("base_config")),
+        method=model.get("method", "lora"), r=model.get("r", 8), lora_alpha=model.get("lora_alpha"),
+        lora_dropout=model.get("lora_dropout", 0.05), target_modules=model.get("target_modules"),
+        dtype=model.get("dtype", "float32"), attn_implementation=model.get("attn_implementation"),
+        precision=str(trainer.get("precision", "32-true")), batch_size=data.get("batch_size", 1),
+        seq_len=data.get("max_length", 256), gradient_checkpointing=model.get("gradient_checkpointing", False),
+        optimizer=ns.optimizer, strategy=strategy, devices=ns.devices, gpu=ns.gpu,
+    )
+    print(f"{ns.config}: {est.setup}\n{est.table()}")
+    if not ns.no_log:
+        print(f"MLflow run {log_estimate(est, ns.experiment, ns.tracking_uri, Path(ns.config).stem)} "
+              f"(experiment {ns.experiment!r})")
     return 0
 
 
