@@ -18,9 +18,7 @@ backward under gradient checkpointing (absent from the ledger, present at the pe
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -284,9 +282,8 @@ def activations(a: Arch, lay: Layout, batch: int, seq: int, precision: str = "32
         if r:
             xa = t.to(x, lay.lora_el)  # PEFT casts the input to the adapter's dtype (under autocast too)
             h = t.linear(t.dropout(xa, lay.lora_dropout), Weight(r, x.n // N, lay.lora_el, True))
-            b = t.linear(h, Weight(out, r, lay.lora_el, True))
-            y = Sym(y.n, y.el, True)  # result + scale * b, cast back to the base's dtype: saves nothing
-            del b
+            t.linear(h, Weight(out, r, lay.lora_el, True))
+            y = Sym(y.n, y.el, True)  # result + scale * B(A x), cast back to the base's dtype: saves nothing
         return y
 
     def norm_w(n: int) -> Weight:
@@ -562,10 +559,12 @@ def minigpt_config(base_config: str):
 
     import yaml
 
-    from modules.finetune.backbone import find_config
     from modules.gpt.model import GPTConfig
 
-    cfg = yaml.safe_load(find_config(base_config).read_text())
+    path = Path(base_config)
+    if not path.exists():  # relative to the repository, for runs started elsewhere
+        path = Path(__file__).resolve().parents[1] / base_config
+    cfg = yaml.safe_load(path.read_text())
     init, data = cfg["model"].get("init_args") or {}, cfg["data"].get("init_args") or {}
     names = {f.name for f in dataclasses.fields(GPTConfig)}
     kw = {k: v for k, v in init.items() if k in names and v is not None}
