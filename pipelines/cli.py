@@ -111,6 +111,8 @@ def cmd_estimate(args: list[str]) -> int:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--arch", help="a config.json (or its folder) to use instead of the backbone's")
     p.add_argument("--experiment", default="estimate")
+    p.add_argument("--study", help="log the estimate as a child of this study's latest run (practicum compare shows it)")
+    p.add_argument("--variant", help="with --study: the variant it predicts (default: the config's name)")
     p.add_argument("--tracking_uri")
     p.add_argument("--no_log", action="store_true")
     ns, rest = p.parse_known_args(args)
@@ -139,8 +141,8 @@ def cmd_estimate(args: list[str]) -> int:
     )
     print(f"{ns.config}: {est.setup}\n{est.table()}")
     if not ns.no_log:
-        print(f"MLflow run {log_estimate(est, ns.experiment, ns.tracking_uri, Path(ns.config).stem)} "
-              f"(experiment {ns.experiment!r})")
+        run_id = log_estimate(est, ns.experiment, ns.tracking_uri, Path(ns.config).stem, ns.study, ns.variant)
+        print(f"MLflow run {run_id} " + (f"(study {ns.study!r})" if ns.study else f"(experiment {ns.experiment!r})"))
     return 0
 
 

@@ -35,10 +35,10 @@ def find_parent(client: MlflowClient, study: str):
     return runs[0]
 
 
-def children(client: MlflowClient, parent) -> list:
+def children(client: MlflowClient, parent, role: str = "variant") -> list:
     runs = client.search_runs(
         [parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`{trk.TAG_ROLE}` = 'variant'",
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`{trk.TAG_ROLE}` = '{role}'",
         order_by=["attributes.start_time ASC"],
         max_results=1000,
     )
@@ -58,6 +58,10 @@ def study_table(client: MlflowClient, parent) -> pd.DataFrame:
     for r in runs:
         row = {"variant": r.data.tags.get(trk.TAG_VARIANT, r.info.run_name), "status": r.info.status}
         row.update({c: r.data.metrics.get(c) for c in columns})
+        rows.append(row)
+    for r in children(client, parent, role="estimate"):  # `practicum estimate --study`: predicted ledger rows
+        row = {"variant": f"{r.data.tags.get(trk.TAG_VARIANT)} (estimate)", "status": "ESTIMATE"}
+        row.update({c: r.data.metrics.get(f"estimate/{c}") for c in columns})
         rows.append(row)
     return pd.DataFrame(rows, columns=["variant", "status", *columns])
 

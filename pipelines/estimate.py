@@ -574,18 +574,30 @@ def minigpt_config(base_config: str):
 
 
 def log_estimate(est: Estimate, experiment: str = "estimate", tracking_uri: str | None = None,
-                 run_name: str | None = None) -> str:
-    """One MLflow run tagged practicum.role=estimate, with the setup as params; returns its id."""
+                 run_name: str | None = None, study: str | None = None, variant: str | None = None) -> str:
+    """One MLflow run tagged practicum.role=estimate, with the setup as params; returns its id.
+
+    With `study`, the run joins that study's latest parent run as a child (its experiment, tagged
+    with `variant`), so `practicum compare STUDY` shows the estimate beside the measured variant.
+    """
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import environment_tags, get_or_create_experiment, resolve_tracking_uri
+    from pipelines import tracking as trk
 
-    uri = resolve_tracking_uri(tracking_uri)
+    uri = trk.resolve_tracking_uri(tracking_uri)
     client = MlflowClient(uri)
-    exp = get_or_create_experiment(client, experiment, uri)
-    tags = {**environment_tags(), "practicum.role": "estimate"}
-    run = client.create_run(exp, run_name=run_name, tags=tags)
+    tags = {**trk.environment_tags(), trk.TAG_ROLE: "estimate"}
+    if study:
+        from pipelines.compare import find_parent
+
+        parent = find_parent(client, study)
+        exp = parent.info.experiment_id
+        tags.update({"mlflow.parentRunId": parent.info.run_id, trk.TAG_STUDY: study,
+                     trk.TAG_VARIANT: variant or run_name or "estimate"})
+    else:
+        exp = trk.get_or_create_experiment(client, experiment, uri)
+    run = client.create_run(exp, run_name=f"{variant or run_name} (estimate)" if study else run_name, tags=tags)
     params = {**est.setup, "gpu": est.gpu, "gpu_bytes": est.gpu_bytes}
     client.log_batch(run.info.run_id,
                      metrics=[Metric(k, v, 0, 0) for k, v in est.metrics().items()],

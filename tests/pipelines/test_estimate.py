@@ -150,6 +150,29 @@ def test_cli_logs_an_estimate_run(tracking_uri, capsys):
     assert {f"estimate/mem/{k}_bytes" for k in ("params", "grads", "optimizer", "activations")} <= set(run.data.metrics)
 
 
+def test_estimate_joins_a_study_and_compare_shows_it_beside_the_measurement(tracking_uri):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.compare import study_table
+
+    client = MlflowClient(tracking_uri)
+    exp = client.create_experiment("s")
+    cols = '["mem/params_bytes", "mem/grads_bytes"]'
+    parent = client.create_run(exp, tags={"practicum.study": "s", "practicum.role": "parent",
+                                          "practicum.columns": cols}).info.run_id
+    child = client.create_run(exp, tags={"mlflow.parentRunId": parent, "practicum.role": "variant",
+                                         "practicum.variant": "lora"}).info.run_id
+    client.log_metric(child, "mem/params_bytes", 123.0)
+    est = E.estimate(hf_config("llama", "s"), method="lora", r=2, batch_size=1, seq_len=8)
+    run_id = E.log_estimate(est, tracking_uri=tracking_uri, study="s", variant="lora")
+    assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent
+    df = study_table(client, client.get_run(parent)).set_index("variant")
+    assert list(df.index) == ["lora", "lora (estimate)"]
+    assert df.loc["lora", "mem/params_bytes"] == 123.0
+    assert df.loc["lora (estimate)", "mem/params_bytes"] == est.metrics()["estimate/mem/params_bytes"]
+    assert df.loc["lora (estimate)", "mem/grads_bytes"] == est.metrics()["estimate/mem/grads_bytes"] > 0
+
+
 def test_bad_input_is_a_clear_error():
     with pytest.raises(LookupError, match="unknown GPU"):
         E.gpu_bytes("TPU-v9")
