@@ -17,7 +17,6 @@ milliseconds at these sizes.
 from __future__ import annotations
 
 import importlib
-import pickle
 import time
 from typing import Any, Callable
 
@@ -404,9 +403,29 @@ class SklearnModule(_NumpyClassifierModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._fitted:
-            checkpoint["classics"] = {"estimator_pickle": pickle.dumps(self.estimator)}
+            import skops.io
+
+            checkpoint["classics"] = {"estimator_skops": skops.io.dumps(self.estimator)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "classics" in checkpoint:
-            self.estimator = pickle.loads(checkpoint["classics"]["estimator_pickle"])
-            self._fitted = True
+        """The fitted estimator, read with skops: never unpickled, so a crafted file cannot run code.
+
+        skops refuses every type outside its defaults unless trusted; only scikit-learn's own
+        classes are (a KD-tree, a distance metric), anything else is refused by name.
+        """
+        state = checkpoint.get("classics")
+        if state is None:
+            return
+        if "estimator_skops" not in state:
+            raise ValueError("this checkpoint stores its scikit-learn estimator as a pickle (an older Practicum "
+                             "format); it is refused because unpickling can run code. Fit the run again.")
+        import skops.io
+
+        data = state["estimator_skops"]
+        untrusted = skops.io.get_untrusted_types(data=data)
+        foreign = [t for t in untrusted if not t.startswith("sklearn.")]
+        if foreign:
+            raise ValueError(f"the checkpoint's estimator holds types outside scikit-learn ({', '.join(foreign)}); "
+                             "it is refused because loading them could run code")
+        self.estimator = skops.io.loads(data, trusted=untrusted)
+        self._fitted = True

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from mlflow import MlflowClient
 from sklearn.neighbors import KNeighborsClassifier
@@ -83,6 +84,29 @@ def test_checkpoint_round_trip_predicts_the_same(module, tmp_path):
     loaded = type(model).load_from_checkpoint(path, weights_only=True)
     np.testing.assert_array_equal(loaded._predict(X)[0], model._predict(X)[0])
     assert loaded.param_count() == model.param_count() > 0
+
+
+class Payload:
+    """Stands in for any non-scikit-learn object a crafted checkpoint could carry."""
+
+
+@pytest.mark.parametrize("state, match", [
+    (lambda: {"estimator_pickle": __import__("pickle").dumps(Payload())}, "pickle.*refused"),
+    (lambda: {"estimator_skops": __import__("skops.io").io.dumps(Payload())}, "outside scikit-learn.*Payload"),
+])
+def test_sklearn_checkpoint_with_foreign_objects_is_refused(state, match, tmp_path):
+    dm = TabularDataModule("iris", batch_size=None)
+    model = SklearnModule("sklearn.neighbors.KNeighborsClassifier", {"n_neighbors": 3}, log_loss=False)
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, dm)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    SklearnModule.load_from_checkpoint(path, weights_only=True)  # the honest file (a KD-tree inside) loads
+    ckpt["classics"] = state()
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=match):
+        SklearnModule.load_from_checkpoint(path, weights_only=True)
 
 
 def test_sklearn_equivalent_lam_sets_c_from_the_training_size():
