@@ -99,8 +99,7 @@ def cmd_compare(args: list[str]) -> int:
 
 
 def cmd_estimate(args: list[str]) -> int:
-    import yaml
-
+    from pipelines.config import PracticumCLI
     from pipelines.estimate import OPTIMIZERS, STRATEGIES, arch_source, estimate, log_estimate
 
     p = argparse.ArgumentParser(prog="practicum estimate")
@@ -116,26 +115,18 @@ def cmd_estimate(args: list[str]) -> int:
     p.add_argument("--tracking_uri")
     p.add_argument("--no_log", action="store_true")
     ns, rest = p.parse_known_args(args)
-    cfg = yaml.safe_load(Path(ns.config).read_text())
-    for arg in rest:  # --section.key=value, the same dotted keys `practicum run` takes
-        key, sep, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not sep:
-            raise LookupError(f"override {arg!r} must look like --section.key=value")
-        *parents, leaf = key.split(".")
-        node = cfg
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = yaml.safe_load(value)
+    # the run's own parser: the same keys, defaults and type checks as `practicum run`, nothing built
+    cfg = PracticumCLI(["--config", ns.config, *rest]).config.as_dict()
     model, trainer = cfg["model"].get("init_args") or {}, cfg.get("trainer") or {}
-    data = cfg.get("data", {}).get("init_args") or {}
-    strategy = ns.strategy or str(trainer.get("strategy", "ddp"))
+    data = (cfg.get("data") or {}).get("init_args") or {}
+    strategy = ns.strategy or str(trainer.get("strategy") or "ddp")
     strategy = strategy if strategy in STRATEGIES else "fsdp" if "FSDP" in strategy else "ddp"
     est = estimate(
-        arch_source(model.get("backbone"), ns.arch, model.get("base_config")),
+        arch_source(model.get("backbone"), ns.arch),
         method=model.get("method", "lora"), r=model.get("r", 8), lora_alpha=model.get("lora_alpha"),
         lora_dropout=model.get("lora_dropout", 0.05), target_modules=model.get("target_modules"),
         dtype=model.get("dtype", "float32"), attn_implementation=model.get("attn_implementation"),
-        precision=str(trainer.get("precision", "32-true")), batch_size=data.get("batch_size", 1),
+        precision=str(trainer.get("precision") or "32-true"), batch_size=data.get("batch_size", 1),
         seq_len=data.get("max_length", 256), gradient_checkpointing=model.get("gradient_checkpointing", False),
         optimizer=ns.optimizer, strategy=strategy, devices=ns.devices, gpu=ns.gpu,
     )

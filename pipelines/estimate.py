@@ -532,13 +532,13 @@ def estimate(backbone: Any, method: str = "lora", r: int = 8, lora_alpha: float 
     return Estimate(**shard(b, strategy, devices), gpu=name, gpu_bytes=cap, setup=setup)
 
 
-def arch_source(backbone: str | None, arch: str | None, base_config: str | None = None) -> Any:
+def arch_source(backbone: str | None, arch: str | None) -> Any:
     """What `build` needs for a run config's backbone, offline: --arch, a local folder/config.json,
     a shipped architecture for a known hub id, or the mini-GPT base's GPTConfig."""
     if arch:
         return arch
     if backbone is None:
-        return minigpt_config(base_config or "configs/finetune/minigpt_base.yaml")
+        return minigpt_config("configs/finetune/minigpt_base.yaml")  # the lora-vs-full study's base stage
     p = Path(backbone).expanduser()
     if p.is_dir() and (p / "config.json").exists() or p.suffix == ".json" and p.exists():
         return str(p)
