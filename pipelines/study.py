@@ -108,11 +108,16 @@ class Study:
         merged = {k: _fill_stages(val, stage_runs) for k, val in {**self.overrides, **v}.items()}
         return base, to_cli_args(merged)
 
-    def stage_config(self, name: str) -> tuple[Path, list[str], str]:
-        """(config file, CLI overrides, digest) of a stage; the digest identifies a reusable run."""
+    def stage_config(self, name: str, extra: Sequence[str] = ()) -> tuple[Path, list[str], str]:
+        """(config file, CLI overrides, digest) of a stage; the digest identifies a reusable run.
+
+        `extra` are the study's command-line overrides that reach stages: every one but those of
+        ``--model.`` and ``--data.``, which name the variants' classes, not the stage's.
+        """
         stage = self.stages[name]
         config = (self.path.parent / stage["config"]).resolve()
-        args = to_cli_args(stage.get("overrides") or {})
+        extra = [a for a in extra if not a.startswith(("--model.", "--data."))]
+        args = [*to_cli_args(stage.get("overrides") or {}), *extra]
         import torch
 
         digest = hashlib.sha256("\n".join([config.read_text(), *args, torch.__version__]).encode()).hexdigest()[:16]
@@ -261,7 +266,7 @@ def run_stages(study: Study, client, exp_id: str, parent: str, uri: str, args: S
 
     runs: dict[str, str] = {}
     for name in study.stages:
-        config, sargs, digest = study.stage_config(name)
+        config, sargs, digest = study.stage_config(name, args)
         found = client.search_runs(
             [exp_id], f"tags.`{trk.TAG_ROLE}` = 'stage' and tags.`practicum.stage_digest` = '{digest}' "
                       "and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
@@ -271,7 +276,7 @@ def run_stages(study: Study, client, exp_id: str, parent: str, uri: str, args: S
             continue
         tags = {trk.TAG_STUDY: study.name, trk.TAG_ROLE: "stage", "practicum.stage": name,
                 "practicum.stage_digest": digest}
-        res = run_experiment(config, [*sargs, *args], uri, experiment=study.name, run_name=f"stage-{name}",
+        res = run_experiment(config, sargs, uri, experiment=study.name, run_name=f"stage-{name}",
                              parent_run_id=parent, tags=tags, system_metrics=system_metrics)
         tqdm.write(f"[{study.name}] stage {name}: {res.status}")
         if res.status != "FINISHED":

@@ -110,3 +110,10 @@ def test_study_pretrains_its_base_as_a_stage_run_in_the_given_store(tmp_path, tr
     stages = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`practicum.role` = 'stage'")
     assert len(stages) == 1  # reused, not pretrained again
     assert df2["val/loss"].tolist() == df["val/loss"].tolist()  # the fine-tune is the same either way
+
+    # study overrides of the variants' model do not reach the stage; a trainer override does, and
+    # changes what the stage is, so the stage runs anew
+    run_study(tmp_path / "study.yaml", ["--system_metrics=false", "--model.init_args.r=4",
+                                        "--trainer.enable_model_summary=false"], uri)
+    stages = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`practicum.role` = 'stage'")
+    assert len(stages) == 2 and all(r.info.status == "FINISHED" for r in stages)
