@@ -58,8 +58,11 @@ def run_experiment(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     system_metrics: bool = True,
+    callbacks: Sequence = (),
 ) -> RunResult:
     """Fit (then test, where the datamodule has a test split) one config into one MLflow run.
+
+    `callbacks` are added to the config's and the pipeline's (a tuner's pruning callback, say).
 
     Raises ``ConfigError`` for a config the schema rejects (before any run is opened) and
     ``TrackingError`` when the store cannot be used. Any error after the run is opened ends the run
@@ -108,9 +111,9 @@ def run_experiment(
         info = {"class_path": cfg.model.class_path, "run_id": s.run_id, "tracking_uri": uri,
                 **({"datamodule_class_path": cfg.data.class_path} if cfg.get("data") else {})}
         trainer_cfg = cli.config_init.get("trainer") or {}
-        callbacks = list(trainer_cfg.get("callbacks") or []) + pipeline_callbacks(
+        callbacks = [*(trainer_cfg.get("callbacks") or []), *callbacks, *pipeline_callbacks(
             s.ckpt_dir, info, cfg.checkpoint_monitor, cfg.checkpoint_mode, cfg.checkpoint_every_n_steps,
-            checkpointing=trainer_cfg.get("enable_checkpointing") is not False)
+            checkpointing=trainer_cfg.get("enable_checkpointing") is not False)]
         trainer = cli.instantiate_trainer(logger=s.logger or False, callbacks=callbacks,
                                           default_root_dir=trainer_cfg.get("default_root_dir") or str(trk.local_dir(uri)))
 
