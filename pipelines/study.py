@@ -22,6 +22,16 @@ tagged ``practicum.role=stage``), and hand their output to the variants::
 A stage whose config, overrides and torch version match a FINISHED stage run of the same study
 experiment is reused, not run again (so a pretrained base is trained once per store).
 
+A study is an experiment with a verdict (`pipelines.compare`, `pipelines.stats`)::
+
+    seeds: [0, 1, 2]               # every variant once per seed (paired: same seed, same data order and init)
+    seed_keys: [seed_everything, data.init_args.seed]   # where a seed goes (default: seed_everything)
+    baseline: dense                # the variant every other is compared with (default: the first)
+    report: test                   # report the held-out test split (val/X columns become test/X)
+    modes: {val/bleu: max}         # which way is better, where the metric's name does not say
+    equal_budget: true             # warn in the table when steps/samples/tokens differ (default true)
+    quick: true                    # the table says it is a smoke test, not a verdict
+
 `requires` (a name or a list; known: cuda, bitsandbytes) keeps a variant out of a study on
 machines that cannot run it, so one study file serves a laptop and a GPU node alike; skipped
 variants are printed and listed in the parent run's `practicum.skipped` tag.
@@ -44,7 +54,7 @@ import yaml  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from pipelines import tracking as trk  # noqa: E402
-from pipelines.compare import render, study_table  # noqa: E402
+from pipelines.compare import StudyTable, render, study_table  # noqa: E402
 from pipelines.tracking import ConfigError, StageFailed  # noqa: E402
 
 STAGE_REF = re.compile(r"\{stages\.([\w-]+)\}")
@@ -92,7 +102,18 @@ class Study:
     columns: list[str] | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seeds: list[int | None] = field(default_factory=lambda: [None])
+    seed_keys: list[str] = field(default_factory=lambda: ["seed_everything"])
+    baseline: str | None = None
+    report: str = "val"
+    modes: dict[str, str] = field(default_factory=dict)
+    equal_budget: bool = True
+    quick: bool = False
     path: Path | None = None
+
+    def seed_args(self, seed: int | None) -> list[str]:
+        """The overrides that put one seed everywhere the study says seeds go (none: the config's own)."""
+        return [] if seed is None else [f"--{k}={seed}" for k in self.seed_keys]
 
     def variant_config(self, name: str, stage_runs: dict[str, str] | None = None) -> tuple[Path, list[str]]:
         """(config file, CLI overrides) of one variant: study overrides first, the variant's win.
@@ -139,7 +160,8 @@ def load_study(path: str | Path) -> Study:
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist")
     raw = yaml.safe_load(path.read_text()) or {}
-    allowed = {"name", "base", "variants", "primary_metric", "columns", "overrides", "stages"}
+    allowed = {"name", "base", "variants", "primary_metric", "columns", "overrides", "stages", "seeds", "seed_keys",
+               "baseline", "report", "modes", "equal_budget", "quick"}
     unknown = set(raw) - allowed
     if unknown:
         raise ConfigError(f"study {path}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(allowed)}")
@@ -163,6 +185,17 @@ def load_study(path: str | Path) -> Study:
         if not (path.parent / stage["config"]).is_file():
             raise ConfigError(f"study {path}, stage '{name}': config {(path.parent / stage['config']).resolve()} "
                               "does not exist")
+    seeds = raw.get("seeds", [None])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) for x in seeds if x is not None) \
+            or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"study {path}: seeds must be a non-empty list of distinct integers, e.g. [0, 1, 2]; got {seeds!r}")
+    if raw.get("baseline") is not None and raw["baseline"] not in raw["variants"]:
+        raise ConfigError(f"study {path}: baseline '{raw['baseline']}' is not a variant; variants: {list(raw['variants'])}")
+    if raw.get("report", "val") not in ("val", "test"):
+        raise ConfigError(f"study {path}: report must be 'val' or 'test', got {raw['report']!r}")
+    modes = raw.get("modes") or {}
+    if any(m not in ("min", "max") for m in modes.values()):
+        raise ConfigError(f"study {path}: modes map metric keys to 'min' or 'max', got {modes}")
     used = set(STAGE_REF.findall(json.dumps([raw.get("overrides"), raw["variants"]])))
     if used - set(stages):
         raise ConfigError(f"study {path}: {{stages.X}} names unknown stage(s) {sorted(used - set(stages))}; "
@@ -175,6 +208,13 @@ def load_study(path: str | Path) -> Study:
         columns=raw.get("columns"),
         overrides=raw.get("overrides") or {},
         stages=stages,
+        seeds=seeds,
+        seed_keys=list(raw.get("seed_keys") or ["seed_everything"]),
+        baseline=raw.get("baseline"),
+        report=raw.get("report", "val"),
+        modes=modes,
+        equal_budget=bool(raw.get("equal_budget", True)),
+        quick=bool(raw.get("quick", False)),
         path=path.resolve(),
     )
 
@@ -186,11 +226,13 @@ def run_study(
     *,
     only: Sequence[str] | None = None,
     system_metrics: bool = True,
-) -> tuple[str, "pandas.DataFrame"]:  # noqa: F821
-    """Run every variant as a child of one parent run; a failing variant ends FAILED and the study goes on.
+) -> tuple[str, StudyTable]:
+    """Run every variant once per seed as a child of one parent run; a failing run ends FAILED and the
+    study goes on.
 
-    Returns the parent run id and the comparison table, which is also logged to the parent as CSV,
-    Markdown and plots.
+    Returns the parent run id and the comparison (`pipelines.compare.StudyTable`), which is also
+    logged to the parent: comparison.csv (the summary's raw values), runs.csv, differences.csv,
+    comparison.md, comparison.txt and plots.
     """
     from pipelines.run import RunResult, run_experiment  # Lightning: only when variants run
 
@@ -219,6 +261,12 @@ def run_study(
         "practicum.variants": json.dumps(names),
         "practicum.columns": json.dumps(study.columns),
         "practicum.primary_metric": study.primary_metric,
+        "practicum.seeds": json.dumps(study.seeds),
+        "practicum.report": study.report,
+        "practicum.modes": json.dumps(study.modes),
+        "practicum.equal_budget": str(study.equal_budget).lower(),
+        "practicum.quick": str(study.quick).lower(),
+        **({"practicum.baseline": study.baseline} if study.baseline else {}),
         **({"practicum.skipped": json.dumps(skipped)} if skipped else {}),
     }
     parent = client.create_run(exp_id, tags=tags, run_name=study.name).info.run_id
@@ -226,37 +274,43 @@ def run_study(
     if args:
         client.log_param(parent, "overrides", " ".join(args))
     stage_runs = run_stages(study, client, exp_id, parent, uri, args, system_metrics)
-    results: dict[str, RunResult] = {}
+    results: list[RunResult] = []
     status = "FINISHED"
-    bar = tqdm(names, desc=f"study {study.name}", unit="variant", position=0, leave=True)
-    for name in bar:
-        bar.set_postfix_str(name)
+    jobs = [(name, seed) for name in names for seed in study.seeds]
+    bar = tqdm(jobs, desc=f"study {study.name}", unit="run", position=0, leave=True)
+    for name, seed in bar:
+        label = name if seed is None else f"{name} seed={seed}"
+        bar.set_postfix_str(label)
         child_tags = {trk.TAG_STUDY: study.name, trk.TAG_VARIANT: name, trk.TAG_ROLE: "variant"}
         try:
             config, vargs = study.variant_config(name, stage_runs)
-            res = run_experiment(config, [*vargs, *args], uri, experiment=study.name, run_name=name,
-                                 parent_run_id=parent, tags=child_tags, system_metrics=system_metrics)
+            res = run_experiment(config, [*vargs, *args, *study.seed_args(seed)], uri, experiment=study.name,
+                                 run_name=label, parent_run_id=parent, tags=child_tags, system_metrics=system_metrics)
         except (ConfigError, trk.TrackingError) as e:
             # The variant never started: record it as a FAILED child so the table shows it.
-            run = client.create_run(exp_id, run_name=name, tags={**child_tags, "mlflow.parentRunId": parent,
-                                                                 "practicum.error": str(e)[:5000]})
+            run = client.create_run(exp_id, run_name=label, tags={
+                **child_tags, "mlflow.parentRunId": parent, "practicum.error": str(e)[:5000],
+                **({"practicum.seed": str(seed)} if seed is not None else {})})
             client.set_terminated(run.info.run_id, "FAILED")
             res = RunResult(run.info.run_id, "FAILED", error=str(e))
-        results[name] = res
-        tqdm.write(f"[{study.name}] {name}: {res.status}" + (f" ({res.error})" if res.error else ""))
+        results.append(res)
+        tqdm.write(f"[{study.name}] {label}: {res.status}" + (f" ({res.error})" if res.error else ""))
         if res.status == "KILLED":
             status = "KILLED"
             break
-    if all(r.status == "FAILED" for r in results.values()):
+    if all(r.status == "FAILED" for r in results):
         status = "FAILED"
-    df = study_table(client, client.get_run(parent))
-    client.log_text(parent, df.to_csv(index=False), "comparison.csv")
-    client.log_text(parent, render(df, "markdown"), "comparison.md")
+    table = study_table(client, client.get_run(parent))
+    client.log_text(parent, table.summary.to_csv(index=False), "comparison.csv")
+    client.log_text(parent, table.runs.to_csv(index=False), "runs.csv")
+    client.log_text(parent, table.differences.to_csv(index=False), "differences.csv")
+    client.log_text(parent, render(table, "markdown"), "comparison.md")
+    client.log_text(parent, render(table, "table"), "comparison.txt")
     for fname, fig in study_plots(client, parent, study.primary_metric).items():
         client.log_figure(parent, fig, f"plots/{fname}")
         plt.close(fig)
     client.set_terminated(parent, status)
-    return parent, df
+    return parent, table
 
 
 def run_stages(study: Study, client, exp_id: str, parent: str, uri: str, args: Sequence[str],
@@ -290,40 +344,69 @@ def run_stages(study: Study, client, exp_id: str, parent: str, uri: str, args: S
 
 
 def study_plots(client: trk.MlflowClient, parent_id: str, primary: str) -> dict[str, Any]:
-    """The primary metric over steps per variant, and bars of memory and throughput per variant."""
+    """The primary metric over steps per variant (mean over seeds, band from min to max), and the memory
+    ledger, the measured peaks and the throughput per variant (mean, error bars: the spread over seeds)."""
+    import numpy as np
+
     from pipelines.compare import children
 
     runs = children(client, client.get_run(parent_id))
-    names = [r.data.tags.get(trk.TAG_VARIANT, r.info.run_name) for r in runs]
+    groups: dict[str, list] = {}
+    for r in runs:
+        groups.setdefault(r.data.tags.get(trk.TAG_VARIANT, r.info.run_name), []).append(r)
+    names = list(groups)
     figs: dict[str, Any] = {}
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, r in zip(names, runs):
-        hist = client.get_metric_history(r.info.run_id, primary)
-        if hist:
-            ax.plot([m.step for m in hist], [m.value for m in hist], label=name, marker="." if len(hist) < 30 else None)
-    ax.set(xlabel="step", ylabel=primary, title=f"{primary} per variant")
+    for name, rs in groups.items():
+        curves = [{m.step: m.value for m in client.get_metric_history(r.info.run_id, primary)} for r in rs]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        vals = np.array([[c[t] for t in steps] for c in curves])
+        (line,) = ax.plot(steps, vals.mean(0), label=f"{name} (n={len(curves)})", marker="." if len(steps) < 30 else None)
+        if len(curves) > 1:
+            ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set(xlabel="step", ylabel=primary, title=f"{primary} per variant: mean over seeds, band min-max")
     if ax.lines:
         ax.legend()
     figs[f"{primary.replace('/', '_')}.png"] = fig
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    bottom = [0.0] * len(runs)
+    def stat(key: str, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        vals = [[r.data.metrics[key] / scale for r in groups[n] if key in r.data.metrics] for n in names]
+        return (np.array([np.mean(v) if v else 0.0 for v in vals]),
+                np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals]))
+
+    # The ledger, the peaks and the throughput each get their own axis: a few-MiB ledger difference
+    # (LoRA's optimizer state against full's) must not be a sliver under a GiB-sized RSS.
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
+    bottom = np.zeros(len(names))
     for key in MEMORY_KEYS:
-        vals = [r.data.metrics.get(key, 0.0) / 2**20 for r in runs]
-        ax1.bar(names, vals, bottom=bottom, label=key.split("/")[1].replace("_bytes", ""))
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    for key in PEAK_KEYS:
-        vals = [r.data.metrics.get(key, 0.0) / 2**20 for r in runs]
-        if any(vals):
-            ax1.scatter(names, vals, marker="_", s=400, label=key.split("/")[1].replace("_bytes", ""), zorder=3)
-    ax1.set(ylabel="MiB", title="memory ledger (stacked) and peaks")
+        mean, _ = stat(key, 2**20)
+        bars = ax1.bar(names, mean, bottom=bottom, label=key.split("/")[1].replace("_bytes", ""))
+        ax1.bar_label(bars, labels=[f"{v:.3g}" if v else "" for v in mean], label_type="center", fontsize=7)
+        bottom = bottom + mean
+    ax1.set(ylabel="MiB", title="memory ledger (stacked, exact bytes)")
     ax1.legend(fontsize=7)
-    ax1.tick_params(axis="x", rotation=30)
+    width = 0.8 / len(PEAK_KEYS)
+    for i, key in enumerate(PEAK_KEYS):
+        mean, sd = stat(key, 2**20)
+        if mean.any():
+            x = np.arange(len(names)) + (i - (len(PEAK_KEYS) - 1) / 2) * width
+            bars = ax2.bar(x, mean, width, yerr=sd, capsize=3, label=key.split("/")[1].replace("_bytes", ""))
+            ax2.bar_label(bars, fmt="%.4g", fontsize=7)
+    ax2.set_xticks(np.arange(len(names)), names)
+    ax2.set(ylabel="MiB", title="measured peaks")
+    if ax2.containers:
+        ax2.legend(fontsize=7)
     key = next((k for k in THROUGHPUT_KEYS if any(k in r.data.metrics for r in runs)), THROUGHPUT_KEYS[1])
-    ax2.bar(names, [r.data.metrics.get(key, 0.0) for r in runs], color="tab:green")
-    ax2.set(ylabel=key, title="throughput")
-    ax2.tick_params(axis="x", rotation=30)
+    mean, sd = stat(key)
+    bars = ax3.bar(names, mean, yerr=sd, capsize=3, color="tab:green")
+    ax3.bar_label(bars, fmt="%.4g", fontsize=7)
+    ax3.set(ylabel=key, title="throughput (error bar: sd over seeds)")
+    for a in (ax1, ax2, ax3):
+        a.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     figs["memory_throughput.png"] = fig
     return figs

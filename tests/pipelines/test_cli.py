@@ -84,5 +84,6 @@ def test_print_config_shows_the_resolved_config(cfg, capsys):
         main(["run", str(cfg), "--print_config", "--model.init_args.hidden=5"])
     assert exit_.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["init_args"] == {"hidden": 5, "lr": 0.01, "fail_at_step": -1, "nan_at_step": -1}
+    assert printed["model"]["init_args"] == {"hidden": 5, "lr": 0.01, "fail_at_step": -1, "nan_at_step": -1,
+                                             "init_shift": 0}
     assert printed["checkpoint_every_n_steps"] is None and printed["trainer"]["max_steps"] == 2

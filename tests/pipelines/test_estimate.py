@@ -166,7 +166,7 @@ def test_estimate_joins_a_study_and_compare_shows_it_beside_the_measurement(trac
     est = E.estimate(hf_config("llama", "s"), method="lora", r=2, batch_size=1, seq_len=8)
     run_id = E.log_estimate(est, tracking_uri=tracking_uri, study="s", variant="lora")
     assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent
-    df = study_table(client, client.get_run(parent)).set_index("variant")
+    df = study_table(client, client.get_run(parent)).summary.set_index("variant")
     assert list(df.index) == ["lora", "lora (estimate)"]
     assert df.loc["lora", "mem/params_bytes"] == 123.0
     assert df.loc["lora (estimate)", "mem/params_bytes"] == est.metrics()["estimate/mem/params_bytes"]

@@ -36,10 +36,15 @@ def study_file(tmp_path):
 
 
 def test_study_runs_children_and_compare_matches(study_file, tracking_uri, capsys):
-    parent_id, df = run_study(study_file, ["--system_metrics=false"], tracking_uri)
+    parent_id, table = run_study(study_file, ["--system_metrics=false"], tracking_uri)
+    df = table.summary
     assert list(df["variant"]) == ["narrow", "wide", "broken"]
     assert list(df["status"]) == ["FINISHED", "FINISHED", "FAILED"]  # the failure did not stop the study
-    assert list(df.columns) == ["variant", "status", "train/loss", "val/loss", "params/total", "mem/params_bytes"]
+    # the primary metric first, each metric with its interval, then the budget each variant used
+    assert [c for c in df.columns if not c.endswith(" ±")][:10] == [
+        "variant", "n", "status", "train/loss", "val/loss", "params/total", "mem/params_bytes", "budget/steps",
+        "budget/samples", "params/trainable"]
+    assert list(df["budget/steps"][:2]) == [6, 6] and table.warnings == []
     narrow, wide = df.set_index("variant").loc[["narrow", "wide"], "params/total"]
     assert (narrow, wide) == (4 * 4 + 4 + 4 + 1, 4 * 32 + 32 + 32 + 1)
 
@@ -88,7 +93,8 @@ def test_variant_requirements_skip_or_run(tmp_path, study_file, tracking_uri, mo
     raw["variants"] = {"narrow": {"model.init_args.hidden": 4},
                        "gpu-only": {"requires": "cuda", "model.init_args.hidden": 8}}
     study_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-    parent_id, df = run_study(study_file, ["--system_metrics=false"], tracking_uri)
+    parent_id, table = run_study(study_file, ["--system_metrics=false"], tracking_uri)
+    df = table.summary
     tags = MlflowClient(tracking_uri).get_run(parent_id).data.tags
     if cuda:
         assert list(df["variant"]) == ["narrow", "gpu-only"] and list(df["status"]) == ["FINISHED"] * 2

@@ -17,13 +17,18 @@ class ToyModule(LightningModule):
         lr: Adam learning rate.
         fail_at_step: raise at this global step (to test that crashes end FAILED).
         nan_at_step: return a NaN loss at this global step (to test the NaN guard).
+        init_shift: reseed the global RNG with seed + init_shift before building: the same model
+            under other random numbers (initialisation and data order), i.e. pure seed noise.
     """
 
-    def __init__(self, hidden: int = 8, lr: float = 1e-2, fail_at_step: int = -1, nan_at_step: int = -1):
+    def __init__(self, hidden: int = 8, lr: float = 1e-2, fail_at_step: int = -1, nan_at_step: int = -1,
+                 init_shift: int = 0):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
         self.save_hyperparameters()
+        if init_shift:
+            torch.manual_seed(torch.initial_seed() + init_shift)
         self.net = nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 1))
 
     def training_step(self, batch, batch_idx):

@@ -93,7 +93,8 @@ def test_study_pretrains_its_base_as_a_stage_run_in_the_given_store(tmp_path, tr
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     elsewhere = tmp_path / "team" / "store.db"
     uri = f"sqlite:///{elsewhere}"
-    parent, df = run_study(tmp_path / "study.yaml", ["--system_metrics=false"], uri)
+    parent, table = run_study(tmp_path / "study.yaml", ["--system_metrics=false"], uri)
+    df = table.summary
     assert list(df["status"]) == ["FINISHED"] and list(df["variant"]) == ["lora"]  # the stage is no variant
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_run(parent).info.experiment_id], "tags.`mlflow.parentRunId` = '" + parent + "'")
@@ -105,7 +106,8 @@ def test_study_pretrains_its_base_as_a_stage_run_in_the_given_store(tmp_path, tr
     default = MlflowClient(tracking_uri)  # the working directory's store saw nothing
     assert not default.search_runs([e.experiment_id for e in default.search_experiments()])
 
-    again, df2 = run_study(tmp_path / "study.yaml", ["--system_metrics=false"], uri)
+    again, table2 = run_study(tmp_path / "study.yaml", ["--system_metrics=false"], uri)
+    df2 = table2.summary
     assert json.loads(client.get_run(again).data.tags["practicum.stages"]) == {"base": stage.info.run_id}
     stages = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`practicum.role` = 'stage'")
     assert len(stages) == 1  # reused, not pretrained again
