@@ -326,6 +326,9 @@ class DiffusionModule(L.LightningModule):
             log_image(self.loggers, image_grid(fake[:100], nrow=10), f"samples/step_{self.global_step:07d}.png")
 
     def on_test_epoch_end(self) -> None:
+        if self.judge is None:  # test logs no sample grid, so without a judge sampling would be wasted
+            self._real["test"] = []
+            return
         self._sample_and_judge("test")
 
     def on_train_end(self) -> None:
