@@ -113,6 +113,7 @@ class InstructDataModule(LightningDataModule):
         max_length: int = 512,
         packing: bool = False,
         val_fraction: float = 0.1,
+        test_fraction: float = 0.0,
         max_records: int | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
@@ -140,6 +141,10 @@ class InstructDataModule(LightningDataModule):
                 instead of padding each one (text mode always packs).
             val_fraction: Share held out for validation (records in instruct mode, the tail of
                 the shuffled token stream in text mode).
+            test_fraction: Share held out as a test split that nothing selects on (0: none, and
+                no `test_dataloader`). It is the end of the validation share (records in
+                instruct mode, the tail of the token stream in text mode), so it must be below
+                val_fraction, and training data are the same as without it.
             max_records: Use at most this many records / documents (after the seeded shuffle).
             batch_size: Examples per batch.
             num_workers: DataLoader workers.
@@ -157,6 +162,11 @@ class InstructDataModule(LightningDataModule):
             raise ValueError(f"InstructDataModule.max_length must be >= 2 (one input, one target), got {max_length}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"InstructDataModule.val_fraction must be in (0, 1), got {val_fraction}")
+        if not 0.0 <= test_fraction < val_fraction:
+            raise ValueError(
+                f"InstructDataModule.test_fraction must be in [0, val_fraction={val_fraction}): the test share is cut "
+                f"from the validation share, which must keep some data; got {test_fraction}"
+            )
         if batch_size < 1:
             raise ValueError(f"InstructDataModule.batch_size must be >= 1, got {batch_size}")
         if max_records is not None and max_records < 2:
@@ -177,6 +187,7 @@ class InstructDataModule(LightningDataModule):
         self.max_length = max_length
         self.packing = packing
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.max_records = max_records
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -187,6 +198,11 @@ class InstructDataModule(LightningDataModule):
         self.dropped = 0  # instruct examples whose prompt left no room for a target
         self.train_set: TokenDataset | None = None
         self.val_set: TokenDataset | None = None
+        self.test_set: TokenDataset | None = None
+        if test_fraction > 0:
+            # Lightning (and pipelines.run) test only when `test_dataloader` is overridden; binding it
+            # per instance makes "no test split" mean exactly "not overridden", with no flag to keep in step.
+            self.test_dataloader = self._test_dataloader
         self._check_source()  # local paths only: a dataset or tokenizer on the hub is fetched in prepare_data
 
     # ----------------------------------------------------------------- source reading
@@ -355,21 +371,28 @@ class InstructDataModule(LightningDataModule):
                 )
             stream = self._text_stream(docs)
             cut = int(len(stream) * (1 - self.val_fraction))
-            train, val = self._blocks(stream[:cut]), self._blocks(stream[cut:])
+            cut_test = len(stream) - int(len(stream) * self.test_fraction)
+            train, val = self._blocks(stream[:cut]), self._blocks(stream[cut:cut_test])
+            test = self._blocks(stream[cut_test:])
         else:
             if isinstance(records[0], str):
                 raise ValueError(f"InstructDataModule.source {self.source!r} is plain text: set mode='text'")
             n_val = max(1, int(round(len(records) * self.val_fraction)))
+            # the last n_test records of the validation share; none when test_fraction is 0
+            n_test = max(1, int(round(len(records) * self.test_fraction))) if self.test_fraction > 0 else 0
             train = self._instruct_examples(records[:-n_val])
-            val = self._instruct_examples(records[-n_val:])
+            val = self._instruct_examples(records[len(records) - n_val : len(records) - n_test]) if n_val > n_test else []
+            test = self._instruct_examples(records[len(records) - n_test :]) if n_test else []
             if self.packing:
-                train, val = pack(train, self.max_length), pack(val, self.max_length)
-        if not train or not val:
+                train, val, test = (pack(d, self.max_length) for d in (train, val, test))
+        if not train or not val or (self.test_fraction > 0 and not test):
             raise ValueError(
-                f"InstructDataModule: {self.source!r} gives {len(train)} train and {len(val)} val examples of "
-                f"max_length={self.max_length}; use more data, a smaller max_length or another val_fraction"
+                f"InstructDataModule: {self.source!r} gives {len(train)} train, {len(val)} val and {len(test)} test "
+                f"examples of max_length={self.max_length}; use more data, a smaller max_length or other "
+                "val_fraction / test_fraction"
             )
         self.train_set, self.val_set = TokenDataset(train), TokenDataset(val)
+        self.test_set = TokenDataset(test) if self.test_fraction > 0 else None
 
     # ----------------------------------------------------------------- loaders
 
@@ -391,12 +414,17 @@ class InstructDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
 
+    def _test_dataloader(self) -> DataLoader:
+        """Bound as `test_dataloader` only when test_fraction > 0."""
+        return self._loader(self.test_set, shuffle=False)
+
     def fingerprint(self) -> str:
-        """sha256 of the token ids and labels actually used (train then val), after setup."""
+        """sha256 of the token ids and labels actually used (train, val, then test if any), after
+        setup; without a test split it is the hash runs logged before test splits existed."""
         if self.train_set is None:
             raise RuntimeError("InstructDataModule.fingerprint() needs setup() first")
         h = hashlib.sha256()
-        for data in (self.train_set, self.val_set):
+        for data in (self.train_set, self.val_set, *([self.test_set] if self.test_set is not None else [])):
             for ids, labels in data.examples:
                 h.update(np.asarray(ids, dtype=np.int64).tobytes())
                 h.update(np.asarray(labels, dtype=np.int64).tobytes())

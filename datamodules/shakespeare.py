@@ -3,7 +3,8 @@
 Training batches are random windows as in nanoGPT, but each batch is a pure function of
 (seed, global step): the stream is reproducible, resumes exactly from a checkpoint, and under
 DDP every rank takes its own rows of the same global batch. Validation is a fixed, seeded set
-of windows, so val loss is comparable from run to run.
+of windows, so val loss is comparable from run to run. An opt-in test split (`test_fraction`) is
+cut from the end of the validation text, so the training text never changes with it.
 """
 
 from __future__ import annotations
@@ -101,6 +102,12 @@ def load_plays() -> str:
     return "\n".join(play_to_text(p.read_text(encoding="utf-8")) for p in files)
 
 
+def consecutive_windows(data: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole of `data` as non-overlapping windows (the last < block_size tokens left out): each
+    token is scored once, with its window's context."""
+    return windows(data, torch.arange(0, len(data) - block_size, block_size), block_size)
+
+
 def windows(data: torch.Tensor, ix: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) windows of block_size tokens starting at ix, y shifted by one: one gather each
     instead of a Python stack."""
@@ -154,6 +161,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         val_windows: int | None = 480,
         val_batch_size: int | None = None,
         train_frac: float = 0.9,
+        test_fraction: float = 0.0,
         max_chars: int | None = None,
         seed: int = 1337,
         num_workers: int = 0,
@@ -179,6 +187,11 @@ class ShakespeareDataModule(L.LightningDataModule):
                 read 0.011 above the whole split).
             val_batch_size: Validation batch size; default batch_size.
             train_frac: Leading fraction of the text used for training; the rest is validation.
+            test_fraction: Trailing fraction of the whole text held out as a test split that
+                nothing selects on (0: none, and no `test_dataloader`). It comes out of the
+                validation part, which must keep some text (test_fraction < 1 - train_frac), so
+                the training text and stream are the same as without it; the test split is
+                scored like `val_windows=None`, every token once in consecutive windows.
             max_chars: Use only the first max_chars characters of the corpus (quick runs, tests).
             seed: Seed of the training-batch stream and of the validation windows.
             num_workers: DataLoader workers for the training stream.
@@ -197,16 +210,27 @@ class ShakespeareDataModule(L.LightningDataModule):
             raise ValueError(f"max_chars must be a positive number of characters or null (all), got {max_chars}")
         if not 0.0 < train_frac < 1.0:
             raise ValueError(f"train_frac must be in (0, 1), got {train_frac}")
+        if not 0.0 <= test_fraction < 1.0 - train_frac:
+            raise ValueError(
+                f"test_fraction must be in [0, 1 - train_frac = {1.0 - train_frac:.4g}): the test text is cut from "
+                f"the end of the validation part, which must keep some text; got {test_fraction}"
+            )
         # no save_hyperparameters(): Lightning would refuse to merge block_size with the model's
         # (None until setup); the pipeline logs the resolved config anyway.
         self.corpus, self.path, self.tokenizer_kind = corpus, path, tokenizer
         self.bpe_vocab_size, self.block_size, self.batch_size = bpe_vocab_size, block_size, batch_size
         self.val_windows, self.val_batch_size = val_windows, val_batch_size or batch_size
         self.train_frac, self.max_chars, self.seed, self.num_workers = train_frac, max_chars, seed, num_workers
+        self.test_fraction = test_fraction
         self.cache_dir = Path(cache_dir or os.environ.get("PRACTICUM_CACHE", Path.home() / ".cache" / "practicum"))
         self.tokenizer: Tokenizer | None = None
         self.train_data: torch.Tensor | None = None
         self.val_data: torch.Tensor | None = None
+        self.test_data: torch.Tensor | None = None
+        if test_fraction > 0:
+            # Lightning (and pipelines.run) test only when `test_dataloader` is overridden; binding it
+            # per instance makes "no test split" mean exactly "not overridden", with no flag to keep in step.
+            self.test_dataloader = self._test_dataloader
 
     # -- data ------------------------------------------------------------------------------
     def _text_path(self) -> Path:
@@ -236,7 +260,8 @@ class ShakespeareDataModule(L.LightningDataModule):
             return
         text = self.load_text()
         n = int(len(text) * self.train_frac)
-        train_text, val_text = text[:n], text[n:]
+        m = len(text) - int(len(text) * self.test_fraction)  # test: text[m:], the end of the validation part
+        train_text, val_text, test_text = text[:n], text[n:m], text[m:]
         # BPE merges are learned from the training text only; the character vocabulary is the
         # set of characters of the whole text, as nanoGPT's prepare.py does, so a validation
         # character never seen in training still encodes (it carries no statistics).
@@ -244,20 +269,28 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.tokenizer = train_tokenizer(self.tokenizer_kind, source, self.bpe_vocab_size)
         self.train_data = torch.tensor(self.tokenizer.encode(train_text), dtype=torch.long)
         self.val_data = torch.tensor(self.tokenizer.encode(val_text), dtype=torch.long)
-        for split, data in (("train", self.train_data), ("val", self.val_data)):
+        splits = [("train", self.train_data), ("val", self.val_data)]
+        if self.test_fraction > 0:
+            self.test_data = torch.tensor(self.tokenizer.encode(test_text), dtype=torch.long)
+            splits.append(("test", self.test_data))
+        for split, data in splits:
             if len(data) <= self.block_size + 1:
                 raise ValueError(
                     f"the {split} split has {len(data)} tokens, too few for block_size={self.block_size}; "
-                    "use more text (max_chars, train_frac) or a smaller block_size"
+                    "use more text (max_chars, train_frac, test_fraction) or a smaller block_size"
                 )
 
     def fingerprint(self) -> str:
-        """sha256 of the token ids actually used (train then val), after setup."""
+        """sha256 of the token ids actually used (train, val, then test if any), after setup; without
+        a test split it is the hash runs logged before test splits existed."""
         if self.train_data is None:
             raise RuntimeError("call setup() before fingerprint()")
         h = hashlib.sha256()
         for data in (self.train_data, self.val_data):
             h.update(data.numpy().astype(np.int32).tobytes())
+        if self.test_data is not None:
+            # a marker: val + test concatenate to the validation tokens of a run without a test split
+            h.update(b"|test|" + self.test_data.numpy().astype(np.int32).tobytes())
         return h.hexdigest()
 
     # -- loaders ---------------------------------------------------------------------------
@@ -281,12 +314,18 @@ class ShakespeareDataModule(L.LightningDataModule):
 
     def val_windows_tensor(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The fixed validation set: (x, y), each (val_windows, block_size)."""
-        if self.val_windows is None:  # the whole split, consecutive windows
-            ix = torch.arange(0, len(self.val_data) - self.block_size, self.block_size)
-        else:
-            g = torch.Generator().manual_seed(self.seed)
-            ix = torch.randint(len(self.val_data) - self.block_size, (self.val_windows,), generator=g)
+        if self.val_windows is None:
+            return consecutive_windows(self.val_data, self.block_size)
+        g = torch.Generator().manual_seed(self.seed)
+        ix = torch.randint(len(self.val_data) - self.block_size, (self.val_windows,), generator=g)
         return windows(self.val_data, ix, self.block_size)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(*self.val_windows_tensor()), batch_size=self.val_batch_size, shuffle=False)
+
+    def _test_dataloader(self) -> DataLoader:
+        """The test split in consecutive windows; bound as `test_dataloader` only when test_fraction > 0."""
+        return DataLoader(
+            TensorDataset(*consecutive_windows(self.test_data, self.block_size)),
+            batch_size=self.val_batch_size, shuffle=False,
+        )

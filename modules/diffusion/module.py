@@ -5,6 +5,10 @@ Two-step recipe (the judge is its own run, never trained on the fly):
     practicum run configs/diffusion/ddpm_mnist_cpu.yaml    # classifier_checkpoint points at that file
 Without a `classifier_checkpoint` (null) the FID/coverage/confidence metrics are skipped with a
 warning, so quick studies and tests need no judge; a path that does not exist is an error.
+
+The judged metrics are computed twice over: at validation against the validation digits (`val/...`,
+what a study selects guidance and sampling steps on) and, in `trainer.test`, against the test digits
+with fresh sampling noise (`test/...`, what it reports).
 """
 
 from __future__ import annotations
@@ -136,9 +140,9 @@ class DiffusionModule(L.LightningModule):
         # Kept out of the module tree (a plain dict), so the judge's weights are not part of this
         # model's checkpoint and a checkpoint loads without the judge file.
         self._judge: dict[str, LeNet] = {}
-        self._val_real: list[torch.Tensor] = []  # held-out digits: the FID reference
+        self._real: dict[str, list[torch.Tensor]] = {"val": [], "test": []}  # held-out digits: the FID reference
         self._train_real: list[torch.Tensor] = []  # training digits: the real-vs-real floor
-        self._fid_floor: float | None = None
+        self._fid_floor: dict[str, float] = {}  # per split: its reference digits do not change between evaluations
         self._losses: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------------------------ setup
@@ -149,7 +153,7 @@ class DiffusionModule(L.LightningModule):
         elif not path and stage == "fit":
             warnings.warn(
                 "DiffusionModule: classifier_checkpoint is not set, so val/fid, val/fid_floor, val/class_coverage and "
-                "val/classifier_confidence are skipped. Train the judge first (practicum run "
+                "val/classifier_confidence (and their test/ counterparts) are skipped. Train the judge first (practicum run "
                 "configs/classifier/lenet_mnist5k.yaml) and pass --model.init_args.classifier_checkpoint=PATH.",
                 stacklevel=2,
             )
@@ -201,10 +205,11 @@ class DiffusionModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         self.log("val/loss", self._eval_loss(batch, batch_idx), on_epoch=True, sync_dist=True)
         if not self.trainer.sanity_checking:
-            self._val_real.append(batch[0].detach().cpu())
+            self._real["val"].append(batch[0].detach().cpu())
 
     def test_step(self, batch, batch_idx):
         self.log("test/loss", self._eval_loss(batch, batch_idx), on_epoch=True, sync_dist=True)
+        self._real["test"].append(batch[0].detach().cpu())
 
     # ------------------------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -242,25 +247,28 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------------------------ evaluation
     def judge_metrics(
         self, fake: torch.Tensor, real: torch.Tensor, reference: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None, split: str = "val",
     ) -> dict[str, float]:
         """FID in LeNet-feature space, class coverage and mean confidence of `fake` (N, 1, H, W).
 
         real: held-out digits (the FID reference). reference: other real digits, for the
         real-vs-real floor (FID of a perfect generator with the same sample sizes). labels: the
-        classes `fake` was sampled for (conditional sampling), giving `diffusion/label_accuracy`,
-        how often the judge reads the digit that was asked for.
+        classes `fake` was sampled for (conditional sampling), giving the label accuracy, how
+        often the judge reads the digit that was asked for. split: the key prefix, "val" or "test";
+        the validation label accuracy keeps its older key `diffusion/label_accuracy`, which runs
+        and studies already compare on.
         """
         judge = self.judge.to(self.device)
         logits = torch.cat([judge(f.to(self.device)) for f in fake.split(500)])
         probs = logits.softmax(-1)
         pred = probs.argmax(-1)
         out = {
-            "val/class_coverage": pred.unique().numel() / judge.config.num_classes,
-            "val/classifier_confidence": probs.max(-1).values.mean().item(),
+            f"{split}/class_coverage": pred.unique().numel() / judge.config.num_classes,
+            f"{split}/classifier_confidence": probs.max(-1).values.mean().item(),
         }
         if labels is not None:
-            out["diffusion/label_accuracy"] = (pred.cpu() == labels).float().mean().item()
+            key = "diffusion/label_accuracy" if split == "val" else f"{split}/label_accuracy"
+            out[key] = (pred.cpu() == labels).float().mean().item()
 
         # one metric: the real features are extracted once, and kept by reset() for the floor
         metric = FrechetInceptionDistance(feature=LeNetFeatures(judge), reset_real_features=False).to(self.device)
@@ -273,37 +281,55 @@ class DiffusionModule(L.LightningModule):
                 metric.update(chunk.to(self.device), real=False)
             return float(metric.compute())
 
-        out["val/fid"] = fid_against_real(fake)
+        out[f"{split}/fid"] = fid_against_real(fake)
         if reference is not None:
-            out["val/fid_floor"] = fid_against_real(reference)
+            out[f"{split}/fid_floor"] = fid_against_real(reference)
         return out
+
+    def noise_seed(self, split: str) -> int:
+        """Seed of the sampling noise judged at `split`: eval_seed for validation, one derived from it
+        for test. With validation's noise, test would judge the very samples that guidance and steps
+        were selected on, and coverage, confidence and label accuracy (functions of the samples
+        alone) would repeat the validation values exactly."""
+        if split == "val":
+            return self.hparams.eval_seed
+        return int(np.random.SeedSequence([self.hparams.eval_seed, 1]).generate_state(1)[0])
+
+    def _sample_and_judge(self, split: str) -> torch.Tensor | None:
+        """Sample num_eval_samples digits and log the judged metrics against `split`'s digits, seen
+        by this epoch's steps; returns the digits (None when num_eval_samples is 0)."""
+        real = torch.cat(self._real[split]) if self._real[split] else None
+        self._real[split] = []
+        n = self.hparams.num_eval_samples
+        if n == 0:
+            return None
+        fake, _ = self.sample(n, seed=self.noise_seed(split))
+        if self.judge is None or real is None or n < 2 or len(real) < 2:
+            return fake
+        labels = torch.arange(n) % self.config.num_classes if self.config.num_classes else None
+        # the floor: FID of n training digits against the same reference, computed once per split
+        reference = torch.cat(self._train_real)[:n] if split not in self._fid_floor and self._train_real else None
+        metrics = self.judge_metrics(fake, real, reference, labels, split=split)
+        if reference is not None:
+            self._fid_floor[split] = metrics[f"{split}/fid_floor"]
+        if split in self._fid_floor:
+            metrics[f"{split}/fid_floor"] = self._fid_floor[split]
+        for k, v in metrics.items():
+            self.log(k, v, sync_dist=False)
+        return fake
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        real = torch.cat(self._val_real) if self._val_real else None
-        self._val_real = []
-        n = self.hparams.num_eval_samples
-        if n == 0:
+        fake = self._sample_and_judge("val")
+        if fake is not None:
+            log_image(self.loggers, image_grid(fake[:100], nrow=10), f"samples/step_{self.global_step:07d}.png")
+
+    def on_test_epoch_end(self) -> None:
+        if self.judge is None:  # test logs no sample grid, so without a judge sampling would be wasted
+            self._real["test"] = []
             return
-        seed = self.hparams.eval_seed
-        fake, _ = self.sample(n, seed=seed)
-        step = self.global_step
-        log_image(self.loggers, image_grid(fake[:100], nrow=10), f"samples/step_{step:07d}.png")
-        if self.judge is None or real is None or n < 2 or len(real) < 2:
-            return
-        labels = torch.arange(n) % self.config.num_classes if self.config.num_classes else None
-        if self._fid_floor is None and self._train_real:
-            reference = torch.cat(self._train_real)[:n]
-        else:
-            reference = None
-        metrics = self.judge_metrics(fake, real, reference, labels)
-        if reference is not None:
-            self._fid_floor = metrics["val/fid_floor"]
-        if self._fid_floor is not None:
-            metrics["val/fid_floor"] = self._fid_floor
-        for k, v in metrics.items():
-            self.log(k, v, sync_dist=False)
+        self._sample_and_judge("test")
 
     def on_train_end(self) -> None:
         """The final artifacts: a sample grid, a denoising strip x_T -> x_0 and the loss curve."""

@@ -127,6 +127,7 @@ class FinetuneModule(L.LightningModule):
         self.n_total = self.n_trainable = 0
         self.lr = lr  # None: the method's default, known once configure_model has counted the weights
         self.val_nll = MeanMetric()
+        self.test_nll = MeanMetric()
 
     # ------------------------------------------------------------------ building
 
@@ -224,15 +225,27 @@ class FinetuneModule(L.LightningModule):
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].size(0))
         return loss
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def _score(self, batch: dict[str, torch.Tensor], metric: MeanMetric) -> None:
         loss, n = self._loss(batch)
-        self.val_nll.update(loss, n)  # token-weighted: the epoch value is the mean over tokens
+        metric.update(loss, n)  # token-weighted: the epoch value is the mean over tokens
+
+    def _log_score(self, split: str, metric: MeanMetric) -> None:
+        loss = metric.compute()
+        metric.reset()
+        self.log(f"{split}/loss", loss, sync_dist=True)
+        self.log(f"{split}/ppl", torch.exp(loss), sync_dist=True)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._score(batch, self.val_nll)
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_nll.compute()
-        self.val_nll.reset()
-        self.log("val/loss", loss, sync_dist=True)
-        self.log("val/ppl", torch.exp(loss), sync_dist=True)
+        self._log_score("val", self.val_nll)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._score(batch, self.test_nll)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_score("test", self.test_nll)
 
     def tokens_per_batch(self, batch: dict[str, torch.Tensor]) -> int:
         mask = batch.get("attention_mask")

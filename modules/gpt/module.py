@@ -95,6 +95,7 @@ class GPTModule(L.LightningModule):
         self.model: GPT | None = None
         self.tokenizer: Tokenizer | None = None
         self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
         self._moe_sum: torch.Tensor | None = None  # (layers, 4 + E) stats summed since last log
         self._moe_total: torch.Tensor | None = None  # same, over the whole fit (for the heatmap)
         self._moe_n = 0
@@ -217,18 +218,31 @@ class GPTModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- evaluation ------------------------------------------------------------------------
-    def validation_step(self, batch, batch_idx):
+    def _score(self, batch, metric: MeanMetric) -> None:
         x, y = batch
         _, loss = self.model(x, y)
-        self.val_loss.update(loss, weight=x.size(0))
+        # every window holds block_size targets, so weighting by windows is weighting by tokens
+        metric.update(loss, weight=x.size(0))
+
+    def _log_score(self, split: str, metric: MeanMetric) -> None:
+        loss = metric.compute()
+        metric.reset()
+        self.log(f"{split}/loss", loss, sync_dist=False)  # MeanMetric already reduced across ranks
+        self.log(f"{split}/ppl", torch.exp(loss), sync_dist=False)
+
+    def validation_step(self, batch, batch_idx):
+        self._score(batch, self.val_loss)
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val/loss", loss, sync_dist=False)  # MeanMetric already reduced across ranks
-        self.log("val/ppl", torch.exp(loss), sync_dist=False)
+        self._log_score("val", self.val_loss)
         if not self.trainer.sanity_checking:
             self._log_sample(f"samples/step_{self.global_step:06d}.txt")
+
+    def test_step(self, batch, batch_idx):
+        self._score(batch, self.test_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_score("test", self.test_loss)
 
     def on_fit_start(self) -> None:
         # params/active counts embeddings like the pipeline's params/total; the FLOPs estimate

@@ -9,6 +9,7 @@ import types
 import pandas as pd
 import pytest
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from datamodules.instruct import ALPACA_NO_INPUT, IGNORE_INDEX, InstructDataModule, python_docs
 from datamodules.tokenizers import ByteTokenizer
@@ -128,6 +129,33 @@ def test_fingerprint_is_stable_and_tracks_the_data(tmp_path):
     assert len(a.fingerprint()) == 64
 
 
+def test_test_split_holds_out_the_end_of_the_validation_records(tmp_path):
+    path = tmp_path / "qa20.jsonl"
+    path.write_text("\n".join(json.dumps({"question": f"What is {i} squared?", "answer": f"{i * i}."}) for i in range(20)))
+    kw = dict(fields=FIELDS, template=TEMPLATE, max_length=128, val_fraction=0.3, seed=3)
+    a, b = setup_dm(path, **kw), setup_dm(path, test_fraction=0.1, **kw)
+    assert not is_overridden("test_dataloader", a) and is_overridden("test_dataloader", b)
+    assert b.train_set.examples == a.train_set.examples  # training data do not move
+    assert b.val_set.examples + b.test_set.examples == a.val_set.examples  # test: the last 2 of the 6 val records
+    assert (len(b.val_set), len(b.test_set)) == (4, 2)
+    tok = ByteTokenizer()
+    # record level: the held-out questions are in no other split
+    questions = {name: {tok.decode(ids).split("\n")[0] for ids, _ in data.examples}
+                 for name, data in (("train", b.train_set), ("val", b.val_set), ("test", b.test_set))}
+    assert sum(map(len, questions.values())) == 20 and len(set.union(*questions.values())) == 20
+    assert b.fingerprint() != a.fingerprint()
+    assert sum(batch["input_ids"].size(0) for batch in b.test_dataloader()) == 2
+
+    # text mode: the tail of the token stream, training blocks unchanged
+    c = setup_dm("python-docs", mode="text", max_length=64, max_records=4)
+    d = setup_dm("python-docs", mode="text", max_length=64, max_records=4, test_fraction=0.05)
+    assert d.train_set.examples == c.train_set.examples and len(d.test_set) > 0
+    assert len(d.val_set) + len(d.test_set) <= len(c.val_set)  # both cut from the old validation tail
+    blocks = {name: {tuple(ids) for ids, _ in data.examples} for name, data in
+              (("train", d.train_set), ("val", d.val_set), ("test", d.test_set))}
+    assert not blocks["test"] & (blocks["train"] | blocks["val"])
+
+
 def test_hugging_face_dataset_name_goes_through_load_dataset(monkeypatch):
     calls = []
 
@@ -166,6 +194,14 @@ def test_clear_errors(tmp_path):
         setup_dm(write(tmp_path, "jsonl"))  # default fields do not match this file's columns
     with pytest.raises(ValueError, match="set mode='text'"):
         setup_dm("python-docs")
+    with pytest.raises(ValueError, match=r"test_fraction must be in \[0, val_fraction=0.1\)"):
+        InstructDataModule(source="python-docs", mode="text", test_fraction=0.1)
+    with pytest.raises(ValueError, match="test_fraction must be in"):
+        InstructDataModule(source="python-docs", mode="text", test_fraction=-0.01)
+    txt = tmp_path / "corpus.txt"
+    txt.write_text("plain text for domain adaptation. " * 40)  # 1360 bytes: 13 test tokens make no block of 32
+    with pytest.raises(ValueError, match="38 train, 3 val and 0 test examples"):
+        setup_dm(txt, mode="text", max_length=32, test_fraction=0.01)
     dm = InstructDataModule(source="python-docs", mode="text")
     with pytest.raises(ValueError, match="no tokenizer"):
         dm.setup("fit")

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import datamodules.shakespeare as sh
 from datamodules.shakespeare import RandomWindowBatches, ShakespeareDataModule, play_to_text
@@ -129,6 +130,26 @@ def test_whole_split_validation_scores_every_token_once():
     torch.testing.assert_close(y.reshape(-1), dm.val_data[1 : n * 16 + 1])
 
 
+def test_test_split_is_cut_from_validation_and_leaves_training_alone():
+    a, b = tiny_dm(), tiny_dm(test_fraction=0.05)
+    a.setup(), b.setup()
+    # no test split: no test_dataloader for Lightning or the pipeline to find, and the fingerprint
+    # runs logged before test splits existed (golden, from the code before this change)
+    assert not is_overridden("test_dataloader", a) and is_overridden("test_dataloader", b)
+    assert a.fingerprint() == "82cb092572c81d8e7c9aa4850fd4209a683cbd467b8539a0e6363ee97be51ab3"
+    assert b.fingerprint() != a.fingerprint()
+    # the training text and stream are unchanged; val + test is the old validation text, test at its end
+    assert torch.equal(a.train_data, b.train_data)
+    for s in range(3):
+        assert torch.equal(a.train_dataset().batch(s)[0], b.train_dataset().batch(s)[0])
+    assert len(b.test_data) == 1000  # 5% of 20,000 characters
+    assert torch.equal(torch.cat([b.val_data, b.test_data]), a.val_data)
+    # the test loader scores the test tokens only, each once, in consecutive windows
+    x, y = (torch.cat(t) for t in zip(*b.test_dataloader()))
+    n = (len(b.test_data) - 1) // 16
+    assert torch.equal(x.reshape(-1), b.test_data[: n * 16]) and torch.equal(y.reshape(-1), b.test_data[1 : n * 16 + 1])
+
+
 def test_download_checks_md5(tmp_path, monkeypatch):
     """The download is kept only when its md5 is the expected one (here that of a stand-in text:
     the real file's md5 is checked against the constant in the split test above)."""
@@ -157,6 +178,8 @@ def test_download_checks_md5(tmp_path, monkeypatch):
         (dict(path="x.txt", corpus="shakespeare-plays"), ValueError, "only read for corpus='tinyshakespeare'"),
         (dict(batch_size=0), ValueError, "batch_size"),
         (dict(train_frac=1.0), ValueError, "train_frac"),
+        (dict(test_fraction=-0.1), ValueError, "test_fraction must be in"),
+        (dict(test_fraction=0.1), ValueError, r"1 - train_frac = 0.1\)"),  # would leave no validation text
     ],
 )
 def test_bad_arguments_are_named(kw, err, match):
@@ -169,3 +192,5 @@ def test_missing_path_and_short_text(tmp_path):
         tiny_dm(path=str(tmp_path / "nope.txt")).setup()
     with pytest.raises(ValueError, match="too few for block_size"):
         tiny_dm(max_chars=100, block_size=64).setup()
+    with pytest.raises(ValueError, match="test split has 10 tokens"):
+        tiny_dm(test_fraction=0.0005).setup()

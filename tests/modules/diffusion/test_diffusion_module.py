@@ -135,6 +135,9 @@ def test_pipeline_run_logs_judged_metrics_and_artifacts(tmp_path, judge_ckpt):
                 "val/classifier_confidence", "diffusion/label_accuracy"):
         assert key in m and np.isfinite(m[key]), key
     assert m["val/fid"] >= 0 and 0 < m["val/class_coverage"] <= 1 and 0 < m["val/classifier_confidence"] <= 1
+    # the same judged metrics against the test digits, for a study to report what it did not select on
+    for key in ("test/fid", "test/fid_floor", "test/class_coverage", "test/classifier_confidence", "test/label_accuracy"):
+        assert key in m and np.isfinite(m[key]), key
     assert run.data.tags["practicum.project"] == "diffusion"
     arts = {a.path for a in client.list_artifacts(res.run_id)} | {a.path for a in client.list_artifacts(res.run_id, "samples")}
     assert {"loss_curve.png", "samples/final.png", "samples/denoising_strip.png", "samples/step_0000002.png"} <= arts
@@ -143,6 +146,16 @@ def test_pipeline_run_logs_judged_metrics_and_artifacts(tmp_path, judge_ckpt):
     assert not any("judge" in k or "lenet" in k for k in ckpt["state_dict"])
     again = DiffusionModule.load_from_checkpoint(res.checkpoint, map_location="cpu")
     assert again.sample(2)[0].shape == (2, 1, 28, 28)
+    # test/... is the tested checkpoint's 40 samples, drawn with noise validation never saw, judged
+    # against the first test batch (limit_test_batches=1, batch_size=16), not the validation digits
+    again.setup("test")
+    assert again.noise_seed("test") != again.noise_seed("val")
+    dm = MNISTDataModule(batch_size=16)
+    dm.setup("test")
+    fake, _ = again.sample(40, seed=again.noise_seed("test"))
+    want = again.judge_metrics(fake, dm._tensors("test").tensors[0][:16], labels=torch.arange(40) % 10, split="test")
+    for key in ("test/fid", "test/class_coverage", "test/classifier_confidence", "test/label_accuracy"):
+        assert m[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
 
 
 def test_missing_judge_and_bad_inputs_are_clear_errors(tmp_path):

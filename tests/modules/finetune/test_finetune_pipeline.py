@@ -4,8 +4,10 @@ local base, and the study whose base is pretrained as a stage run of its own."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -64,6 +66,27 @@ def test_lora_run_through_the_pipeline(tracking_uri, tiny_minigpt_ckpt):
     gen = load_generator(res.checkpoint)
     assert type(gen).__name__ == "FinetuneModule" and gen.method == "lora"
     assert gen.generate_text("x = ", 5, seed=0).startswith("x = ")
+
+
+def test_test_split_is_scored_through_the_pipeline(tracking_uri, tiny_minigpt_ckpt):
+    args = [f"--model.init_args.backbone={tiny_minigpt_ckpt}", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=1", "--data.init_args.max_length=32", "--data.init_args.batch_size=4",
+            "--data.init_args.max_records=3", "--data.init_args.test_fraction=0.05"]
+    res = run_experiment(ROOT / "configs" / "finetune" / "minigpt_lora.yaml", args, tracking_uri=tracking_uri,
+                         system_metrics=False)
+    assert res.status == "FINISHED", res.error
+    m = MlflowClient(tracking_uri).get_run(res.run_id).data.metrics
+    # the token mean over the whole test split, recomputed (evaluate's own loop) from the tested checkpoint
+    from datamodules.instruct import InstructDataModule
+    from pipelines.generate import load_generator
+
+    model = load_generator(res.checkpoint)
+    dm = InstructDataModule(source="python-docs", mode="text", max_length=32, batch_size=4, max_records=3,
+                            test_fraction=0.05)
+    dm.set_tokenizer(model.tokenizer)
+    dm.setup("test")
+    assert m["test/loss"] == pytest.approx(model.evaluate(dm.test_dataloader()), rel=1e-4)
+    assert m["test/ppl"] == pytest.approx(math.exp(m["test/loss"]), rel=1e-4)
 
 
 TINY_BASE = {

@@ -80,6 +80,7 @@ def test_pipeline_run_logs_and_generate_round_trip(tracking_uri, capsys):
     assert m["val/loss"] < math.log(65)  # it learned something in 6 steps
     assert m["perf/tokens_per_s"] > 0 and m["params/active"] == m["params/total"]
     assert m["gpt/flops_per_token"] > 6 * m["params/active"] / 2
+    assert not any(k.startswith("test/") for k in m)  # the test split is opt-in (data.test_fraction)
     history = client.get_metric_history(res.run_id, "train/loss")
     assert [h.step for h in history] == [1, 3, 5]  # every log_every_n_steps=2 steps
     dm = ShakespeareDataModule(corpus="tinyshakespeare", path=str(TINY), max_chars=20000, block_size=16)
@@ -98,6 +99,22 @@ def test_pipeline_run_logs_and_generate_round_trip(tracking_uri, capsys):
     assert loaded.tokenizer.state_dict() == dm.tokenizer.state_dict()
     assert loaded.generate_text("ROMEO:", 20, temperature=0.8, seed=3) == text
     assert loaded.generate_text("ROMEO:", 20, temperature=0.8, seed=4) != text
+
+
+def test_pipeline_scores_the_test_split_with_the_best_checkpoint(tracking_uri):
+    res = run_experiment(CONFIG, SMALL + ["--data.init_args.test_fraction=0.05"], tracking_uri=tracking_uri)
+    assert res.status == "FINISHED", res.error
+    m = mlflow.MlflowClient(tracking_uri).get_run(res.run_id).data.metrics
+    # the token mean over the whole test split, recomputed from the checkpoint the pipeline tested
+    dm = ShakespeareDataModule(corpus="tinyshakespeare", path=str(TINY), max_chars=20000, block_size=16,
+                               test_fraction=0.05)
+    dm.setup()
+    model = GPTModule.load_from_checkpoint(res.checkpoint, map_location="cpu").eval()
+    with torch.no_grad():
+        losses = [model(x, y)[1] * x.size(0) for x, y in dm.test_dataloader()]
+    n = sum(x.size(0) for x, _ in dm.test_dataloader())
+    assert m["test/loss"] == pytest.approx(float(sum(losses) / n), rel=1e-5)
+    assert m["test/ppl"] == pytest.approx(math.exp(m["test/loss"]), rel=1e-4)
 
 
 def test_pipeline_moe_run_logs_routing(tracking_uri):
