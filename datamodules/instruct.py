@@ -199,10 +199,6 @@ class InstructDataModule(LightningDataModule):
         self.train_set: TokenDataset | None = None
         self.val_set: TokenDataset | None = None
         self.test_set: TokenDataset | None = None
-        if test_fraction > 0:
-            # Lightning (and pipelines.run) test only when `test_dataloader` is overridden; binding it
-            # per instance makes "no test split" mean exactly "not overridden", with no flag to keep in step.
-            self.test_dataloader = self._test_dataloader
         self._check_source()  # local paths only: a dataset or tokenizer on the hub is fetched in prepare_data
 
     # ----------------------------------------------------------------- source reading
@@ -414,8 +410,14 @@ class InstructDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
 
-    def _test_dataloader(self) -> DataLoader:
-        """Bound as `test_dataloader` only when test_fraction > 0."""
+    @property
+    def has_test_split(self) -> bool:
+        """The pipeline tests only datamodules that have one (test_fraction > 0)."""
+        return self.test_fraction > 0
+
+    def test_dataloader(self) -> DataLoader:
+        if not self.has_test_split:
+            raise ValueError("this InstructDataModule has no test split: set test_fraction > 0 (below val_fraction)")
         return self._loader(self.test_set, shuffle=False)
 
     def fingerprint(self) -> str:

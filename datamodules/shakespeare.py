@@ -227,10 +227,6 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.train_data: torch.Tensor | None = None
         self.val_data: torch.Tensor | None = None
         self.test_data: torch.Tensor | None = None
-        if test_fraction > 0:
-            # Lightning (and pipelines.run) test only when `test_dataloader` is overridden; binding it
-            # per instance makes "no test split" mean exactly "not overridden", with no flag to keep in step.
-            self.test_dataloader = self._test_dataloader
 
     # -- data ------------------------------------------------------------------------------
     def _text_path(self) -> Path:
@@ -323,8 +319,15 @@ class ShakespeareDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(*self.val_windows_tensor()), batch_size=self.val_batch_size, shuffle=False)
 
-    def _test_dataloader(self) -> DataLoader:
-        """The test split in consecutive windows; bound as `test_dataloader` only when test_fraction > 0."""
+    @property
+    def has_test_split(self) -> bool:
+        """The pipeline tests only datamodules that have one (test_fraction > 0)."""
+        return self.test_fraction > 0
+
+    def test_dataloader(self) -> DataLoader:
+        """The test split in consecutive windows."""
+        if not self.has_test_split:
+            raise ValueError("this ShakespeareDataModule has no test split: set test_fraction > 0 (e.g. 0.05)")
         return DataLoader(
             TensorDataset(*consecutive_windows(self.test_data, self.block_size)),
             batch_size=self.val_batch_size, shuffle=False,

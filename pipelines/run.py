@@ -122,7 +122,9 @@ def run_experiment(
         metrics = _scalars(trainer.callback_metrics)  # testing replaces the fit's callback metrics
         if dm is not None and hasattr(dm, "fingerprint") and trainer.is_global_zero:
             s.client.log_param(s.run_id, "data.fingerprint", dm.fingerprint())
-        if dm is not None and is_overridden("test_dataloader", dm) and is_overridden("test_step", model):
+        # a datamodule may hold a test split only on request (has_test_split)
+        if (dm is not None and is_overridden("test_dataloader", dm) and getattr(dm, "has_test_split", True)
+                and is_overridden("test_step", model)):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=False)
         if trainer.interrupted:

@@ -9,7 +9,6 @@ import types
 import pandas as pd
 import pytest
 import torch
-from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from datamodules.instruct import ALPACA_NO_INPUT, IGNORE_INDEX, InstructDataModule, python_docs
 from datamodules.tokenizers import ByteTokenizer
@@ -134,7 +133,9 @@ def test_test_split_holds_out_the_end_of_the_validation_records(tmp_path):
     path.write_text("\n".join(json.dumps({"question": f"What is {i} squared?", "answer": f"{i * i}."}) for i in range(20)))
     kw = dict(fields=FIELDS, template=TEMPLATE, max_length=128, val_fraction=0.3, seed=3)
     a, b = setup_dm(path, **kw), setup_dm(path, test_fraction=0.1, **kw)
-    assert not is_overridden("test_dataloader", a) and is_overridden("test_dataloader", b)
+    assert not a.has_test_split and b.has_test_split  # the pipeline tests only b
+    with pytest.raises(ValueError, match="no test split: set test_fraction"):
+        a.test_dataloader()
     assert b.train_set.examples == a.train_set.examples  # training data do not move
     assert b.val_set.examples + b.test_set.examples == a.val_set.examples  # test: the last 2 of the 6 val records
     assert (len(b.val_set), len(b.test_set)) == (4, 2)

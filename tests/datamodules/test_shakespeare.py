@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import datamodules.shakespeare as sh
 from datamodules.shakespeare import RandomWindowBatches, ShakespeareDataModule, play_to_text
@@ -133,9 +132,11 @@ def test_whole_split_validation_scores_every_token_once():
 def test_test_split_is_cut_from_validation_and_leaves_training_alone():
     a, b = tiny_dm(), tiny_dm(test_fraction=0.05)
     a.setup(), b.setup()
-    # no test split: no test_dataloader for Lightning or the pipeline to find, and the fingerprint
+    # no test split: the pipeline does not test, and the fingerprint stays that of
     # runs logged before test splits existed (golden, from the code before this change)
-    assert not is_overridden("test_dataloader", a) and is_overridden("test_dataloader", b)
+    assert not a.has_test_split and b.has_test_split  # the pipeline tests only b
+    with pytest.raises(ValueError, match="no test split: set test_fraction"):
+        a.test_dataloader()
     assert a.fingerprint() == "82cb092572c81d8e7c9aa4850fd4209a683cbd467b8539a0e6363ee97be51ab3"
     assert b.fingerprint() != a.fingerprint()
     # the training text and stream are unchanged; val + test is the old validation text, test at its end
