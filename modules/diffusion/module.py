@@ -23,7 +23,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from modules.artifacts import log_figure, log_image
+from modules.artifacts import log_figure, log_image, log_text
 from modules.classifier.model import LeNet, LeNetFeatures
 from modules.classifier.module import load_judge
 from modules.diffusion.model import Denoiser, DiffusionConfig
@@ -83,6 +83,10 @@ class DiffusionModule(L.LightningModule):
         eval_batch_size: digits per sampling batch.
         classifier_checkpoint: ClassifierModule checkpoint of the judge; None skips the judged metrics.
         eval_seed: seed of the evaluation noise, fixed so that evaluations compare like with like.
+        select_guidance: guidance scales to choose from before testing, by FID on the last
+            validation's digits (with the validation noise); the test split is then judged once, at
+            the chosen setting, so it never takes part in the choice. None: keep guidance_scale.
+        select_sample_steps: likewise, DDIM step counts to choose from. None: keep num_sample_steps.
     """
 
     def __init__(
@@ -109,6 +113,8 @@ class DiffusionModule(L.LightningModule):
         eval_batch_size: int = 500,
         classifier_checkpoint: str | None = None,
         eval_seed: int = 0,
+        select_guidance: list[float] | None = None,
+        select_sample_steps: list[int] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= cond_drop_prob < 1.0:
@@ -123,6 +129,10 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"need num_eval_samples >= 0 and eval_batch_size >= 1, got {num_eval_samples}, {eval_batch_size}")
         if sampler == "ddim" and not 1 <= num_sample_steps <= num_timesteps:
             raise ValueError(f"num_sample_steps must be in [1, num_timesteps={num_timesteps}], got {num_sample_steps}")
+        if cond_drop_prob == 0.0 and num_classes and any(w != 1.0 for w in select_guidance or []):
+            raise ValueError("select_guidance other than 1 needs an unconditional model: set cond_drop_prob > 0")
+        if any(not 1 <= k <= num_timesteps for k in select_sample_steps or []):
+            raise ValueError(f"select_sample_steps must lie in [1, num_timesteps={num_timesteps}], got {select_sample_steps}")
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
         self.save_hyperparameters()
@@ -143,6 +153,7 @@ class DiffusionModule(L.LightningModule):
         self._real: dict[str, list[torch.Tensor]] = {"val": [], "test": []}  # held-out digits: the FID reference
         self._train_real: list[torch.Tensor] = []  # training digits: the real-vs-real floor
         self._fid_floor: dict[str, float] = {}  # per split: its reference digits do not change between evaluations
+        self._last_val_real: torch.Tensor | None = None  # the last validation's digits: what selection judges against
         self._losses: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------------------------ setup
@@ -300,6 +311,8 @@ class DiffusionModule(L.LightningModule):
         by this epoch's steps; returns the digits (None when num_eval_samples is 0)."""
         real = torch.cat(self._real[split]) if self._real[split] else None
         self._real[split] = []
+        if split == "val":
+            self._last_val_real = real
         n = self.hparams.num_eval_samples
         if n == 0:
             return None
@@ -329,7 +342,30 @@ class DiffusionModule(L.LightningModule):
         if self.judge is None:  # test logs no sample grid, so without a judge sampling would be wasted
             self._real["test"] = []
             return
+        self._select_on_validation()
         self._sample_and_judge("test")
+
+    def _select_on_validation(self) -> None:
+        """Set guidance_scale and num_sample_steps to the pair with the lowest FID against the last
+        validation's digits, among select_guidance x select_sample_steps; logged as select/... and
+        selection.csv. The test split plays no part: it is judged afterwards, once."""
+        h = self.hparams
+        grid = [(w, k) for w in (h.select_guidance or [h.guidance_scale])
+                for k in (h.select_sample_steps or [h.num_sample_steps])]
+        n = h.num_eval_samples
+        if len(grid) < 2 or n < 2 or self._last_val_real is None:
+            return
+        rows = []
+        for w, k in grid:
+            h.guidance_scale, h.num_sample_steps = w, k
+            fake, _ = self.sample(n, seed=self.noise_seed("val"))
+            labels = torch.arange(n) % self.config.num_classes if self.config.num_classes else None
+            rows.append((w, k, self.judge_metrics(fake, self._last_val_real, labels=labels)["val/fid"]))
+        h.guidance_scale, h.num_sample_steps, fid = min(rows, key=lambda r: r[2])
+        self.log_dict({"select/guidance_scale": float(h.guidance_scale),
+                       "select/num_sample_steps": float(h.num_sample_steps), "select/val_fid": fid})
+        log_text(self.loggers, "guidance_scale,num_sample_steps,val_fid\n" + "".join(f"{w},{k},{f}\n" for w, k, f in rows),
+                 "selection.csv")
 
     def on_train_end(self) -> None:
         """The final artifacts: a sample grid, a denoising strip x_T -> x_0 and the loss curve."""

@@ -1,5 +1,7 @@
 """The UNet, EMA, guidance, judge metrics, and DiffusionModule through the real pipeline on tiny sizes."""
 
+from pathlib import Path
+
 import lightning as L
 import mlflow
 import numpy as np
@@ -198,3 +200,45 @@ def test_quick_study_variants_resolve():
         cli = LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                            args=["--config", str(base), *args, "--trainer.logger=false"], run=False, save_config_callback=None)
         assert cli.model.hparams.schedule == name and cli.model.hparams.classifier_checkpoint is None
+
+
+def test_guidance_and_steps_are_selected_on_validation_and_only_then_tested(tmp_path, judge_ckpt):
+    """select_guidance x select_sample_steps: the pair with the lowest FID against the validation digits
+    is chosen before testing; test/... is then judged once, at that pair."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = {"block_out_channels": "[8, 16]", "attention": "[false, true]", "num_timesteps": 50,
+                 "num_sample_steps": 4, "num_eval_samples": 20, "eval_batch_size": 20, "classifier_checkpoint": judge_ckpt,
+                 "select_guidance": "[0.0, 3.0]", "select_sample_steps": "[2, 5]"}
+    res = run_experiment(
+        "configs/diffusion/ddpm_mnist_cpu.yaml",
+        [f"--model.init_args.{k}={v}" for k, v in overrides.items()]
+        + ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2",
+           "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+           "--data.init_args.batch_size=16", "--data.init_args.train_limit=64", "--system_metrics=false"],
+        tracking_uri=uri,
+    )
+    assert res.status == "FINISHED", res.error
+    client = mlflow.MlflowClient(uri)
+    m = client.get_run(res.run_id).data.metrics
+    rows = [line.split(",") for line in Path(client.download_artifacts(res.run_id, "selection.csv")).read_text().split()[1:]]
+    grid = {(float(w), int(k)): float(f) for w, k, f in rows}
+    assert set(grid) == {(0.0, 2), (0.0, 5), (3.0, 2), (3.0, 5)}
+    best = min(grid, key=grid.get)
+    assert (m["select/guidance_scale"], m["select/num_sample_steps"]) == (best[0], best[1])
+    assert m["select/val_fid"] == pytest.approx(grid[best])
+    # the test split is judged at the chosen pair, with the test noise
+    again = DiffusionModule.load_from_checkpoint(res.checkpoint, map_location="cpu", classifier_checkpoint=judge_ckpt)
+    again.setup("test")
+    again.hparams.guidance_scale, again.hparams.num_sample_steps = best
+    dm = MNISTDataModule(batch_size=16)
+    dm.setup("test")
+    fake, _ = again.sample(20, seed=again.noise_seed("test"))
+    want = again.judge_metrics(fake, dm._tensors("test").tensors[0][:16], labels=torch.arange(20) % 10, split="test")
+    assert m["test/fid"] == pytest.approx(want["test/fid"], rel=1e-4)
+
+
+def test_selection_arguments_are_checked():
+    with pytest.raises(ValueError, match="select_sample_steps must lie in"):
+        DiffusionModule(num_timesteps=50, num_sample_steps=4, select_sample_steps=[2, 80])
+    with pytest.raises(ValueError, match="select_guidance other than 1 needs an unconditional model"):
+        DiffusionModule(cond_drop_prob=0.0, guidance_scale=1.0, select_guidance=[1.0, 2.0])
