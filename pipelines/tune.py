@@ -205,8 +205,8 @@ def tune_variant(study_name: str, variant: str, config: Path, args: list[str], s
                 state = TrialState.PRUNED
             elif res.status == "FINISHED" and value is not None and math.isfinite(value):
                 state = TrialState.COMPLETE
-        except ConfigError:  # a point of the space the model refuses (keys were checked up front): a FAIL
-            pass
+        except ConfigError as e:  # a point of the space the model refuses (keys were checked up front): a FAIL
+            trial.set_user_attr("practicum.error", str(e)[:1000])
         except BaseException:  # the tracking store went away, or Ctrl-C between runs: close the trial, stop
             interrupted = True
             raise

@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 from pipelines.tracking import ConfigError
 from pipelines.tune import TuneSpec, default_storage, tune_variant
 from tests.pipelines.test_run import TOY
+from tests.pipelines.toy import HOOKS
 
 ROOT = Path(__file__).resolve().parents[2]
 LR = {"low": 1.0e-3, "high": 1.0e-1, "log": True}
@@ -117,6 +118,43 @@ def test_bad_region_is_pruned_and_stops_early(toy_config, tracking_uri, parent):
     assert max(steps) < TOY["trainer"]["max_steps"] // 2  # stopped at the first validation (step 4) of 12
 
 
+def test_failed_trials_are_counted_and_tuning_goes_on(toy_config, tracking_uri, parent):
+    study = optuna.create_study(study_name="toy-study/crash", storage=default_storage(tracking_uri))
+    # a crash mid-fit, a value the model refuses before any run opens, then a good one
+    for step, lr in ((5, 0.01), (100, -0.01), (100, 0.01)):
+        study.enqueue_trial({"model.init_args.fail_at_step": step, "model.init_args.lr": lr})
+    s = spec(params={"model.init_args.fail_at_step": {"low": 1, "high": 100, "type": "int"},
+                     "model.init_args.lr": {"low": -0.1, "high": 0.1}})
+    res = tune_variant("toy-study", "crash", toy_config, QUICK, s, tracking_uri, parent_run_id=parent,
+                       experiment="toy-study", system_metrics=False)
+    assert (res["n_trials"], res["trials_run_now"]) == (3, 3)
+    assert res["best_params"] == {"model.init_args.fail_at_step": 100, "model.init_args.lr": 0.01}
+    study = optuna.load_study(study_name="toy-study/crash", storage=default_storage(tracking_uri))
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    assert "lr must be > 0" in study.trials[1].user_attrs["practicum.error"]
+    runs = sorted(trial_runs(tracking_uri, parent), key=lambda r: r.data.tags["practicum.trial"])
+    assert [(r.data.tags["practicum.trial"], r.info.status, r.data.tags["practicum.trial_state"]) for r in runs] == [
+        ("0", "FAILED", "FAIL"), ("2", "FINISHED", "COMPLETE")]
+
+
+def test_interrupted_trial_gives_its_slot_back(toy_config, tracking_uri, parent, monkeypatch):
+    """Ctrl-C in a trial stops tuning; it says nothing about the params, so a re-run runs the whole budget."""
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(HOOKS, 3, ctrl_c)
+    args = [*QUICK, "--trainer.callbacks=[{class_path: tests.pipelines.toy.CallAt}]"]
+    kw = dict(parent_run_id=parent, experiment="toy-study", system_metrics=False)
+    res = tune_variant("toy-study", "v", toy_config, args, spec(n_trials=2), tracking_uri, **kw)
+    assert (res["trials_run_now"], res["n_trials"]) == (1, 0)
+    (run,) = trial_runs(tracking_uri, parent)
+    assert run.info.status == "KILLED" and run.data.tags["practicum.trial_state"] == "FAIL"
+
+    HOOKS.clear()
+    res = tune_variant("toy-study", "v", toy_config, args, spec(n_trials=2), tracking_uri, **kw)
+    assert (res["trials_run_now"], res["n_trials"]) == (2, 2)
+
+
 def test_orphaned_trial_of_a_dead_process_is_failed(toy_config, tracking_uri, parent):
     """A worker killed outright leaves its trial RUNNING; the next call here closes it, a live one's stays."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -130,6 +168,24 @@ def test_orphaned_trial_of_a_dead_process_is_failed(toy_config, tracking_uri, pa
                        experiment="toy-study", system_metrics=False)
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.RUNNING]
     assert res["trials_run_now"] == 0 and res["n_trials"] == 1  # the live trial holds the second slot
+
+
+def test_trial_that_lost_the_race_for_the_last_slot_is_not_run(toy_config, tracking_uri, parent, monkeypatch):
+    """Between our budget check and our ask, another worker takes the last slot: ours closes uncounted."""
+    real_ask = optuna.Study.ask
+
+    def raced_ask(study, *args, **kwargs):
+        monkeypatch.setattr(optuna.Study, "ask", real_ask)
+        real_ask(study)  # the other worker's trial, RUNNING
+        return real_ask(study, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "ask", raced_ask)
+    res = tune_variant("toy-study", "v", toy_config, QUICK, spec(n_trials=1), tracking_uri, parent_run_id=parent,
+                       experiment="toy-study", system_metrics=False)
+    study = optuna.load_study(study_name="toy-study/v", storage=default_storage(tracking_uri))
+    assert [(t.state, t.user_attrs) for t in study.trials] == [(TrialState.RUNNING, {}), (
+        TrialState.FAIL, {"practicum.uncounted": "surplus"})]
+    assert res["trials_run_now"] == 0 and trial_runs(tracking_uri) == []
 
 
 WORKER = """
