@@ -40,7 +40,9 @@ import inspect
 import json
 import math
 import os
+import re
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,9 +180,7 @@ def tune_variant(study_name: str, variant: str, config: Path, args: list[str], s
 
     # Keys and types are checked once, before any trial: a typo must not spend the budget on FAILs.
     PracticumCLI(["--config", str(config), *args, *_cli_args({k: p.low for k, p in spec.params.items()})])
-    study = optuna.create_study(storage=spec.storage or default_storage(uri), study_name=f"{study_name}/{variant}",
-                                direction=spec.direction, pruner=PRUNERS[spec.pruner](**spec.pruner_args),
-                                load_if_exists=True)
+    study = _open_study(spec.storage or default_storage(uri), f"{study_name}/{variant}", spec)
     _fail_orphans(study)
     tags = {trk.TAG_STUDY: study_name, trk.TAG_ROLE: "trial", trk.TAG_VARIANT: variant}
 
@@ -242,6 +242,25 @@ def tune_variant(study_name: str, variant: str, config: Path, args: list[str], s
     client.log_text(parent_run_id, json.dumps(result, indent=2), f"tune/{variant}.json")
     trk.log_params(client, parent_run_id, {f"tune.{variant}.{k}": v for k, v in best_params.items()})
     return result
+
+
+def _open_study(storage: str, name: str, spec: TuneSpec, attempts: int = 3) -> optuna.Study:
+    """The study in `storage`, created by whichever worker comes first."""
+    import sqlalchemy
+
+    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the driver Practicum installs is psycopg2.
+    storage = re.sub(r"^postgresql://", "postgresql+psycopg2://", storage)
+    for attempt in range(attempts):
+        try:
+            return optuna.create_study(storage=storage, study_name=name, direction=spec.direction,
+                                       pruner=PRUNERS[spec.pruner](**spec.pruner_args), load_if_exists=True)
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            # Workers starting at once on a fresh storage race to create its tables; the loser finds them next time.
+            if attempt == attempts - 1:
+                shown = sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True)
+                raise trk.TrackingError(f"Optuna storage '{shown}' is not usable: {str(e).splitlines()[0][:300]}. "
+                                        "Check tune.storage (a reachable database URL) or leave it null.") from None
+            time.sleep(1.0 + attempt)
 
 
 def _spent(study: optuna.Study, before: int | None = None) -> int:

@@ -12,7 +12,7 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from pipelines.tracking import ConfigError
+from pipelines.tracking import ConfigError, TrackingError
 from pipelines.tune import TuneSpec, default_storage, tune_variant
 from tests.pipelines.test_run import TOY
 from tests.pipelines.toy import HOOKS
@@ -153,6 +153,16 @@ def test_interrupted_trial_gives_its_slot_back(toy_config, tracking_uri, parent,
     HOOKS.clear()
     res = tune_variant("toy-study", "v", toy_config, args, spec(n_trials=2), tracking_uri, **kw)
     assert (res["trials_run_now"], res["n_trials"]) == (2, 2)
+
+
+def test_unreachable_storage_is_named_without_its_password(toy_config, tracking_uri, parent, monkeypatch):
+    monkeypatch.setattr("pipelines.tune.time.sleep", lambda s: None)
+    s = spec(storage="postgresql://tuner:s3cret@127.0.0.1:1/optuna")  # nothing listens on port 1
+    with pytest.raises(TrackingError, match=r"Optuna storage 'postgresql\+psycopg2://tuner:\*\*\*@127.0.0.1:1/optuna' is not "
+                                            r"usable: .*Check tune.storage") as e:
+        tune_variant("toy-study", "v", toy_config, QUICK, s, tracking_uri, parent_run_id=parent,
+                     experiment="toy-study", system_metrics=False)
+    assert "s3cret" not in str(e.value)
 
 
 def test_orphaned_trial_of_a_dead_process_is_failed(toy_config, tracking_uri, parent):
