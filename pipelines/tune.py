@@ -19,12 +19,17 @@ callback reports the metric at each validation and stops a trial the pruner give
 
 The budget lives in the Optuna storage, not in a process: `tune_variant` starts a trial only while
 the study holds fewer than ``n_trials`` finished or running ones, so re-running a finished study runs
-nothing, and an interrupted one runs only what is missing.
+nothing, and an interrupted one runs only what is missing. A trial that crashed or that the model
+refused (FAIL) has spent its slot; one stopped by Ctrl-C or SIGTERM has not, and tuning stops there.
+A worker killed outright (SIGKILL, the OOM killer) leaves its trial RUNNING: the next call on the
+same machine closes it as FAIL; a lost machine's trial keeps its slot until closed by hand
+(``study.tell(NUMBER, state=TrialState.FAIL)``). The sampler is TPE, which draws at random for its
+first 10 trials (Optuna's default), so a budget of 10 or fewer is a seeded random search.
 
 Several machines share one search by sharing its storage. Give the study file an RDB URL that every
 machine can reach and start the same command on each::
 
-    tune: {storage: "postgresql://user:pass@db-host/optuna", ...}
+    tune: {storage: "postgresql://user:pass@db-host/optuna", ...}   # psycopg2, which Practicum installs
     practicum study configs/studies/STUDY.yaml        # on every worker, same file
 
 Each worker asks the storage for the next trial; together they run exactly ``n_trials`` per variant
@@ -80,6 +85,17 @@ class ParamSpec:
 
 @dataclass
 class TuneSpec:
+    """A variant's search, as the study's ``tune:`` block declares it (read it with `from_dict`).
+
+    Args:
+        params: Dotted config key -> its range.
+        n_trials: Finished trials per variant, shared by every worker on the storage.
+        metric: The objective, a key the module logs at validation.
+        direction: minimize or maximize.
+        pruner: median, successive_halving or none; `pruner_args` go to its Optuna class.
+        storage: An Optuna RDB URL; None: `default_storage` of the tracking URI.
+    """
+
     params: dict[str, ParamSpec]
     n_trials: int = 20
     metric: str = "val/loss"
@@ -96,7 +112,7 @@ class TuneSpec:
 
         if not isinstance(raw, dict):
             raise bad("'tune' must be a mapping with n_trials, metric, direction, pruner, storage and params")
-        allowed = {f for f in cls.__dataclass_fields__}
+        allowed = set(cls.__dataclass_fields__)
         if unknown := set(raw) - allowed:
             raise bad(f"unknown tune key(s) {sorted(unknown)}; valid keys: {sorted(allowed)}")
         n = raw.get("n_trials", cls.n_trials)
@@ -133,6 +149,8 @@ def _param(raw: Any, where: str) -> ParamSpec:
     if not isinstance(raw, dict) or set(raw) - {"low", "high", "log", "type"} or not {"low", "high"} <= set(raw):
         raise ConfigError(f"{where}: {fix}; got {raw!r}")
     p = ParamSpec(**raw)
+    if not isinstance(p.log, bool):
+        raise ConfigError(f"{where}: log must be true or false, got {p.log!r}")
     if p.type not in ("float", "int"):
         raise ConfigError(f"{where}: type must be 'float' or 'int', got {p.type!r}")
     nums = (p.low, p.high)
