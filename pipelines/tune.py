@@ -1,0 +1,312 @@
+"""Budgeted hyperparameter search for one variant of a study: Optuna proposes, the pipeline runs.
+
+A study file declares it (`TuneSpec.from_dict` reads the ``tune:`` block)::
+
+    tune:
+      n_trials: 8                 # the budget, the same for every variant
+      metric: val/loss            # objective, read from the validation split
+      direction: minimize
+      pruner: median              # median | successive_halving | none
+      pruner_args: {n_startup_trials: 3}   # optional, the pruner class's own arguments
+      storage: null               # default: sqlite beside the tracking store (mlruns/optuna.db)
+      params:
+        model.init_args.lr: {low: 1.0e-4, high: 3.0e-2, log: true}
+        model.init_args.r: {low: 4, high: 64, log: true, type: int}
+
+Every trial is one real `run_experiment`: an MLflow child run of the study's parent, tagged
+``practicum.role=trial`` and ``practicum.trial_state`` (COMPLETE, PRUNED or FAIL). A Lightning
+callback reports the metric at each validation and stops a trial the pruner gives up on.
+
+The budget lives in the Optuna storage, not in a process: `tune_variant` starts a trial only while
+the study holds fewer than ``n_trials`` finished or running ones, so re-running a finished study runs
+nothing, and an interrupted one runs only what is missing. A trial that crashed or that the model
+refused (FAIL) has spent its slot; one stopped by Ctrl-C or SIGTERM has not, and tuning stops there.
+A worker killed outright (SIGKILL, the OOM killer) leaves its trial RUNNING: the next call on the
+same machine closes it as FAIL; a lost machine's trial keeps its slot until closed by hand
+(``study.tell(NUMBER, state=TrialState.FAIL)``). The sampler is TPE, which draws at random for its
+first 10 trials (Optuna's default), so a budget of 10 or fewer is a seeded random search.
+
+Several machines share one search by sharing its storage. Give the study file an RDB URL that every
+machine can reach and start the same command on each::
+
+    tune: {storage: "postgresql://user:pass@db-host/optuna", ...}   # psycopg2, which Practicum installs
+    practicum study configs/studies/STUDY.yaml        # on every worker, same file
+
+Each worker asks the storage for the next trial; together they run exactly ``n_trials`` per variant
+(a trial created in a race for the last slot is closed at once and not counted). The default SQLite
+file serves several processes on one machine, not several machines. Point every worker at one
+MLflow server too (``MLFLOW_TRACKING_URI``), so all the trial runs land in one place. A worker returns
+when no slot is left, so its best is over the trials finished by then; a later run reads the final one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from lightning import Callback
+from optuna.trial import TrialState
+
+from pipelines import tracking as trk
+from pipelines.tracking import ConfigError
+
+PRUNERS = {
+    "median": optuna.pruners.MedianPruner,
+    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    "none": optuna.pruners.NopPruner,
+}
+SPENT = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+UNCOUNTED = "practicum.uncounted"  # user attr of a closed trial that says nothing about its params
+
+
+@dataclass
+class ParamSpec:
+    """One searched value: a range, sampled uniformly or (``log``) log-uniformly."""
+
+    low: float
+    high: float
+    log: bool = False
+    type: str = "float"  # float | int
+
+    def suggest(self, trial: optuna.Trial, name: str) -> float | int:
+        if self.type == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+
+@dataclass
+class TuneSpec:
+    """A variant's search, as the study's ``tune:`` block declares it (read it with `from_dict`).
+
+    Args:
+        params: Dotted config key -> its range.
+        n_trials: Finished trials per variant, shared by every worker on the storage.
+        metric: The objective, a key the module logs at validation.
+        direction: minimize or maximize.
+        pruner: median, successive_halving or none; `pruner_args` go to its Optuna class.
+        storage: An Optuna RDB URL; None: `default_storage` of the tracking URI.
+    """
+
+    params: dict[str, ParamSpec]
+    n_trials: int = 20
+    metric: str = "val/loss"
+    direction: str = "minimize"
+    pruner: str = "median"
+    pruner_args: dict[str, Any] = field(default_factory=dict)
+    storage: str | None = None
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str) -> TuneSpec:
+        """The ``tune:`` block of a study; anything wrong is a ConfigError naming the key and the fix."""
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"{where}: {msg}")
+
+        if not isinstance(raw, dict):
+            raise bad("'tune' must be a mapping with n_trials, metric, direction, pruner, storage and params")
+        allowed = set(cls.__dataclass_fields__)
+        if unknown := set(raw) - allowed:
+            raise bad(f"unknown tune key(s) {sorted(unknown)}; valid keys: {sorted(allowed)}")
+        n = raw.get("n_trials", cls.n_trials)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise bad(f"tune.n_trials must be an integer >= 1, got {n!r}")
+        if raw.get("direction", cls.direction) not in ("minimize", "maximize"):
+            raise bad(f"tune.direction must be 'minimize' or 'maximize', got {raw['direction']!r}")
+        if not isinstance(raw.get("metric", cls.metric), str):
+            raise bad(f"tune.metric must be a metric key such as 'val/loss', got {raw['metric']!r}")
+        pruner, pruner_args = raw.get("pruner", cls.pruner), raw.get("pruner_args") or {}
+        if pruner not in PRUNERS:
+            raise bad(f"tune.pruner must be one of {sorted(PRUNERS)}, got {pruner!r}")
+        accepted = set(inspect.signature(PRUNERS[pruner]).parameters)
+        if not isinstance(pruner_args, dict) or set(pruner_args) - accepted:
+            raise bad(f"tune.pruner_args for '{pruner}' takes {sorted(accepted) or 'nothing'}, got {pruner_args!r}")
+        try:
+            PRUNERS[pruner](**pruner_args)
+        except (TypeError, ValueError) as e:
+            raise bad(f"tune.pruner_args: {e}") from None
+        storage = raw.get("storage")
+        if storage is not None and (not isinstance(storage, str) or "://" not in storage):
+            raise bad(f"tune.storage must be null (the default SQLite file) or a URL such as "
+                      f"postgresql://user:pass@host/db, got {storage!r}")
+        params = raw.get("params")
+        if not isinstance(params, dict) or not params:
+            raise bad("tune.params must map dotted config keys to ranges, e.g. "
+                      "{model.init_args.lr: {low: 1.0e-4, high: 1.0e-2, log: true}}")
+        return cls({k: _param(v, f"{where}: tune.params.{k}") for k, v in params.items()}, n,
+                   raw.get("metric", cls.metric), raw.get("direction", cls.direction), pruner, pruner_args, storage)
+
+
+def _param(raw: Any, where: str) -> ParamSpec:
+    fix = "give {low: L, high: H} with L < H, optionally log: true (needs L > 0) and type: int"
+    if not isinstance(raw, dict) or set(raw) - {"low", "high", "log", "type"} or not {"low", "high"} <= set(raw):
+        raise ConfigError(f"{where}: {fix}; got {raw!r}")
+    p = ParamSpec(**raw)
+    if not isinstance(p.log, bool):
+        raise ConfigError(f"{where}: log must be true or false, got {p.log!r}")
+    if p.type not in ("float", "int"):
+        raise ConfigError(f"{where}: type must be 'float' or 'int', got {p.type!r}")
+    nums = (p.low, p.high)
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in nums) or p.low >= p.high:
+        raise ConfigError(f"{where}: low must be a number below high, got low={p.low!r}, high={p.high!r}; {fix}")
+    if p.log and p.low <= 0:
+        raise ConfigError(f"{where}: a log range needs low > 0, got low={p.low!r}; raise low or drop log")
+    if p.type == "int" and not all(float(x).is_integer() for x in nums):
+        raise ConfigError(f"{where}: an int range needs whole bounds, got low={p.low!r}, high={p.high!r}")
+    return p
+
+
+def default_storage(uri: str) -> str:
+    """The Optuna storage of a study that names none: a SQLite file beside the tracking store."""
+    return f"sqlite:///{trk.local_dir(uri) / 'optuna.db'}"
+
+
+class TrialPruning(Callback):
+    """Reports `metric` to the trial after every validation; stops training when the pruner gives up.
+
+    Stopping (rather than raising Optuna's TrialPruned) lets the run end FINISHED with its metrics and
+    checkpoints logged like any other run; `pruned` tells the tuner what happened. Single-process
+    trials only: under DDP every rank would need the same verdict broadcast.
+    """
+
+    def __init__(self, trial: optuna.Trial, metric: str):
+        self.trial, self.metric, self.pruned = trial, metric, False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
+            return
+        self.trial.report(float(trainer.callback_metrics[self.metric]), trainer.global_step)
+        if self.trial.should_prune():
+            self.pruned = trainer.should_stop = True
+
+
+def tune_variant(study_name: str, variant: str, config: Path, args: list[str], spec: TuneSpec, uri: str, *,
+                 parent_run_id: str, experiment: str, seed: int = 0, system_metrics: bool = True) -> dict:
+    """Run the variant's missing trials, then record the best on the parent run.
+
+    Returns ``{"best_params", "best_value", "n_trials" (finished ones in the storage), "trials_run_now"}``;
+    ``best_value`` is NaN and ``best_params`` empty while no trial has completed.
+    """
+    from pipelines.config import PracticumCLI
+
+    # Keys and types are checked once, before any trial: a typo must not spend the budget on FAILs.
+    PracticumCLI(["--config", str(config), *args, *_cli_args({k: p.low for k, p in spec.params.items()})])
+    study = _open_study(spec.storage or default_storage(uri), f"{study_name}/{variant}", spec)
+    _fail_orphans(study)
+    tags = {trk.TAG_STUDY: study_name, trk.TAG_ROLE: "trial", trk.TAG_VARIANT: variant}
+
+    def run_trial(trial: optuna.Trial) -> bool:
+        """One trial as one pipeline run; tells the study how it ended. True when it was interrupted."""
+        from pipelines.run import run_experiment
+
+        # Who runs it, so a later call on this machine can close it should this process die (`_fail_orphans`).
+        trial.set_user_attr("practicum.host", socket.gethostname())
+        trial.set_user_attr("practicum.pid", os.getpid())
+        params = {k: p.suggest(trial, k) for k, p in spec.params.items()}
+        pruning = TrialPruning(trial, spec.metric)
+        state, value, res, interrupted = TrialState.FAIL, None, None, False
+        try:
+            res = run_experiment(config, [*args, *_cli_args(params)], uri, experiment=experiment,
+                                 run_name=f"{variant}/trial-{trial.number}", parent_run_id=parent_run_id,
+                                 tags={**tags, "practicum.trial": str(trial.number)},
+                                 system_metrics=system_metrics, callbacks=[pruning])
+            value = res.metrics.get(spec.metric)
+            interrupted = res.status == "KILLED"
+            if pruning.pruned and not interrupted:
+                state = TrialState.PRUNED
+            elif res.status == "FINISHED" and value is not None and math.isfinite(value):
+                state = TrialState.COMPLETE
+        except ConfigError as e:  # a point of the space the model refuses (keys were checked up front): a FAIL
+            trial.set_user_attr("practicum.error", str(e)[:1000])
+        except BaseException:  # the tracking store went away, or Ctrl-C between runs: close the trial, stop
+            interrupted = True
+            raise
+        finally:
+            if interrupted:  # not the params' doing: the slot goes back to the budget
+                trial.set_user_attr(UNCOUNTED, "interrupted")
+            study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+            if res is not None and res.run_id:
+                trk.MlflowClient(uri).set_tag(res.run_id, "practicum.trial_state", state.name)
+        return interrupted
+
+    ran = 0
+    while _spent(study) < spec.n_trials:
+        trial = study.ask()
+        if _spent(study, before=trial.number) >= spec.n_trials:  # another worker took the last slot meanwhile
+            trial.set_user_attr(UNCOUNTED, "surplus")
+            study.tell(trial, state=TrialState.FAIL)
+            break
+        # Seeded by trial number, not once per process: a resumed study, or a second worker, draws new
+        # points instead of replaying the first trials' ones, and one worker's search stays reproducible.
+        study.sampler = optuna.samplers.TPESampler(seed=seed + trial.number)
+        ran += 1
+        if run_trial(trial):
+            break  # Ctrl-C or SIGTERM: stop tuning, as a study stops at a killed variant
+
+    finished = [t for t in study.get_trials(deepcopy=False, states=SPENT[:3]) if UNCOUNTED not in t.user_attrs]
+    try:
+        best_params, best_value = study.best_trial.params, study.best_trial.value
+    except ValueError:  # no COMPLETE trial yet
+        best_params, best_value = {}, float("nan")
+    result = {"best_params": best_params, "best_value": best_value, "n_trials": len(finished), "trials_run_now": ran}
+    client = trk.MlflowClient(uri)
+    client.log_text(parent_run_id, json.dumps(result, indent=2), f"tune/{variant}.json")
+    trk.log_params(client, parent_run_id, {f"tune.{variant}.{k}": v for k, v in best_params.items()})
+    return result
+
+
+def _open_study(storage: str, name: str, spec: TuneSpec, attempts: int = 3) -> optuna.Study:
+    """The study in `storage`, created by whichever worker comes first."""
+    import sqlalchemy
+
+    # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the driver Practicum installs is psycopg2.
+    storage = re.sub(r"^postgresql://", "postgresql+psycopg2://", storage)
+    for attempt in range(attempts):
+        try:
+            return optuna.create_study(storage=storage, study_name=name, direction=spec.direction,
+                                       pruner=PRUNERS[spec.pruner](**spec.pruner_args), load_if_exists=True)
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            # Workers starting at once on a fresh storage race to create its tables; the loser finds them next time.
+            if attempt == attempts - 1:
+                shown = sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True)
+                raise trk.TrackingError(f"Optuna storage '{shown}' is not usable: {str(e).splitlines()[0][:300]}. "
+                                        "Check tune.storage (a reachable database URL) or leave it null.") from None
+            time.sleep(1.0 + attempt)
+
+
+def _spent(study: optuna.Study, before: int | None = None) -> int:
+    """Trials that use up the budget (finished or running), optionally only those numbered below `before`."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=SPENT)
+               if UNCOUNTED not in t.user_attrs and (before is None or t.number < before))
+
+
+def _fail_orphans(study: optuna.Study) -> None:
+    """Close as FAIL the RUNNING trials of dead processes on this machine (SIGKILL, the OOM killer).
+
+    They would otherwise hold their budget slots forever. A trial of another machine is left alone:
+    from here a slow trial and a dead one look the same.
+    """
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("practicum.host") == socket.gethostname() and not _alive(t.user_attrs["practicum.pid"]):
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _cli_args(params: dict[str, Any]) -> list[str]:
+    return [f"--{k}={v}" for k, v in params.items()]

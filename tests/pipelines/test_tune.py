@@ -1,0 +1,237 @@
+"""Budgeted search on the toy project: trials are real pipeline runs, the budget lives in Optuna's storage."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from pipelines.tracking import ConfigError, TrackingError
+from pipelines.tune import TuneSpec, default_storage, tune_variant
+from tests.pipelines.test_run import TOY
+from tests.pipelines.toy import HOOKS
+
+ROOT = Path(__file__).resolve().parents[2]
+LR = {"low": 1.0e-3, "high": 1.0e-1, "log": True}
+QUICK = ["--system_metrics=false"]
+
+
+@pytest.fixture
+def toy_config(tmp_path) -> Path:
+    p = tmp_path / "toy.yaml"
+    p.write_text(yaml.safe_dump(TOY))
+    return p
+
+
+@pytest.fixture
+def parent(tracking_uri) -> str:
+    client = MlflowClient(tracking_uri)
+    exp = client.create_experiment("toy-study")
+    return client.create_run(exp, run_name="toy-study", tags={"practicum.role": "parent"}).info.run_id
+
+
+def spec(**kw) -> TuneSpec:
+    return TuneSpec.from_dict({"n_trials": 3, "pruner": "none", "params": {"model.init_args.lr": LR}, **kw}, "test")
+
+
+def trial_runs(uri: str, parent_id: str | None = None):
+    client = MlflowClient(uri)
+    where = "tags.`practicum.role` = 'trial'" + (f" and tags.`mlflow.parentRunId` = '{parent_id}'" if parent_id else "")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], where)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"n_trails": 3, "params": {"x": LR}}, r"unknown tune key\(s\) \['n_trails'\]; valid keys: .*'n_trials'"),
+    ({"n_trials": 0, "params": {"x": LR}}, r"tune.n_trials must be an integer >= 1, got 0"),
+    ({"direction": "min", "params": {"x": LR}}, r"tune.direction must be 'minimize' or 'maximize', got 'min'"),
+    ({"pruner": "hyperband", "params": {"x": LR}}, r"tune.pruner must be one of \[.median., .none.*got .hyperband."),
+    ({"pruner_args": {"patience": 2}, "params": {"x": LR}}, r"tune.pruner_args for 'median' takes .*'n_startup"),
+    ({"storage": "optuna.db", "params": {"x": LR}}, r"tune.storage must be null .* or a URL such as postgresql://"),
+    ({"params": {}}, r"tune.params must map dotted config keys to ranges"),
+    ({"params": {"x": {"low": 0.1, "high": 0.01}}}, r"tune.params.x: low must be a number below high"),
+    ({"params": {"x": {"low": 0, "high": 1, "log": True}}}, r"tune.params.x: a log range needs low > 0"),
+    ({"params": {"x": {"low": 1, "hi": 2}}}, r"tune.params.x: give \{low: L, high: H\}"),
+    ({"params": {"x": {"low": 1.5, "high": 8, "type": "int"}}}, r"tune.params.x: an int range needs whole bounds"),
+    ({"params": {"x": {"low": 1, "high": 8, "type": "cat"}}}, r"tune.params.x: type must be 'float' or 'int'"),
+    ({"params": {"x": {"low": 1, "high": 8, "log": "yes"}}}, r"tune.params.x: log must be true or false"),
+])
+def test_bad_tune_block_names_the_key_and_the_fix(raw, message):
+    with pytest.raises(ConfigError, match=rf"^study s.yaml, variant 'v': {message}"):
+        TuneSpec.from_dict(raw, "study s.yaml, variant 'v'")
+
+
+def test_tune_runs_trials_as_children_and_a_rerun_runs_none(toy_config, tracking_uri, parent):
+    s = spec(params={"model.init_args.lr": LR, "model.init_args.hidden": {"low": 2, "high": 16, "type": "int"}})
+    kw = dict(parent_run_id=parent, experiment="toy-study", system_metrics=False)
+    res = tune_variant("toy-study", "narrow", toy_config, QUICK, s, tracking_uri, **kw)
+    assert res["n_trials"] == res["trials_run_now"] == 3
+
+    runs = trial_runs(tracking_uri, parent)
+    assert sorted(r.data.tags["practicum.trial"] for r in runs) == ["0", "1", "2"]
+    for r in runs:
+        t = r.data.tags
+        assert (t["practicum.variant"], t["practicum.study"], t["practicum.trial_state"]) == ("narrow", "toy-study",
+                                                                                               "COMPLETE")
+        assert r.info.run_name == f"narrow/trial-{t['practicum.trial']}" and r.info.status == "FINISHED"
+
+    # The best is the storage's best COMPLETE trial, and that trial's run logged the same params and value.
+    study = optuna.load_study(study_name="toy-study/narrow", storage=default_storage(tracking_uri))
+    best = min((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert res["best_params"] == best.params and res["best_value"] == best.value
+    run = next(r for r in runs if r.data.tags["practicum.trial"] == str(best.number))
+    assert float(run.data.params["model.init_args.lr"]) == pytest.approx(best.params["model.init_args.lr"])
+    assert run.data.params["model.init_args.hidden"] == str(best.params["model.init_args.hidden"])
+    assert run.data.metrics["val/loss"] == pytest.approx(best.value)
+
+    client = MlflowClient(tracking_uri)
+    logged = json.loads(Path(client.download_artifacts(parent, "tune/narrow.json")).read_text())
+    assert logged == res
+    assert client.get_run(parent).data.params["tune.narrow.model.init_args.hidden"] == str(best.params[
+        "model.init_args.hidden"])
+
+    again = tune_variant("toy-study", "narrow", toy_config, QUICK, s, tracking_uri, **kw)
+    assert again["trials_run_now"] == 0 and again["best_params"] == res["best_params"] and again["n_trials"] == 3
+    assert len(trial_runs(tracking_uri)) == 3
+
+
+def test_bad_region_is_pruned_and_stops_early(toy_config, tracking_uri, parent):
+    # Two good learning rates complete first; the third, far too small, trails their median at step 4.
+    study = optuna.create_study(study_name="toy-study/prune", storage=default_storage(tracking_uri))
+    for lr in (0.05, 0.03, 1.0e-5):
+        study.enqueue_trial({"model.init_args.lr": lr})
+    s = spec(pruner="median", pruner_args={"n_startup_trials": 2},
+             params={"model.init_args.lr": {"low": 1.0e-5, "high": 0.1, "log": True}})
+    res = tune_variant("toy-study", "prune", toy_config, QUICK, s, tracking_uri, parent_run_id=parent,
+                       experiment="toy-study", system_metrics=False)
+    assert res["n_trials"] == 3 and res["best_params"] == {"model.init_args.lr": 0.05}
+
+    study = optuna.load_study(study_name="toy-study/prune", storage=default_storage(tracking_uri))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    pruned = next(r for r in trial_runs(tracking_uri, parent) if r.data.tags["practicum.trial"] == "2")
+    assert pruned.data.tags["practicum.trial_state"] == "PRUNED" and pruned.info.status == "FINISHED"
+    steps = [m.step for m in MlflowClient(tracking_uri).get_metric_history(pruned.info.run_id, "train/loss")]
+    assert max(steps) < TOY["trainer"]["max_steps"] // 2  # stopped at the first validation (step 4) of 12
+
+
+def test_failed_trials_are_counted_and_tuning_goes_on(toy_config, tracking_uri, parent):
+    study = optuna.create_study(study_name="toy-study/crash", storage=default_storage(tracking_uri))
+    # a crash mid-fit, a value the model refuses before any run opens, then a good one
+    for step, lr in ((5, 0.01), (100, -0.01), (100, 0.01)):
+        study.enqueue_trial({"model.init_args.fail_at_step": step, "model.init_args.lr": lr})
+    s = spec(params={"model.init_args.fail_at_step": {"low": 1, "high": 100, "type": "int"},
+                     "model.init_args.lr": {"low": -0.1, "high": 0.1}})
+    res = tune_variant("toy-study", "crash", toy_config, QUICK, s, tracking_uri, parent_run_id=parent,
+                       experiment="toy-study", system_metrics=False)
+    assert (res["n_trials"], res["trials_run_now"]) == (3, 3)
+    assert res["best_params"] == {"model.init_args.fail_at_step": 100, "model.init_args.lr": 0.01}
+    study = optuna.load_study(study_name="toy-study/crash", storage=default_storage(tracking_uri))
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    assert "lr must be > 0" in study.trials[1].user_attrs["practicum.error"]
+    runs = sorted(trial_runs(tracking_uri, parent), key=lambda r: r.data.tags["practicum.trial"])
+    assert [(r.data.tags["practicum.trial"], r.info.status, r.data.tags["practicum.trial_state"]) for r in runs] == [
+        ("0", "FAILED", "FAIL"), ("2", "FINISHED", "COMPLETE")]
+
+
+def test_interrupted_trial_gives_its_slot_back(toy_config, tracking_uri, parent, monkeypatch):
+    """Ctrl-C in a trial stops tuning; it says nothing about the params, so a re-run runs the whole budget."""
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(HOOKS, 3, ctrl_c)
+    args = [*QUICK, "--trainer.callbacks=[{class_path: tests.pipelines.toy.CallAt}]"]
+    kw = dict(parent_run_id=parent, experiment="toy-study", system_metrics=False)
+    res = tune_variant("toy-study", "v", toy_config, args, spec(n_trials=2), tracking_uri, **kw)
+    assert (res["trials_run_now"], res["n_trials"]) == (1, 0)
+    (run,) = trial_runs(tracking_uri, parent)
+    assert run.info.status == "KILLED" and run.data.tags["practicum.trial_state"] == "FAIL"
+
+    HOOKS.clear()
+    res = tune_variant("toy-study", "v", toy_config, args, spec(n_trials=2), tracking_uri, **kw)
+    assert (res["trials_run_now"], res["n_trials"]) == (2, 2)
+
+
+def test_unreachable_storage_is_named_without_its_password(toy_config, tracking_uri, parent, monkeypatch):
+    monkeypatch.setattr("pipelines.tune.time.sleep", lambda s: None)
+    s = spec(storage="postgresql://tuner:s3cret@127.0.0.1:1/optuna")  # nothing listens on port 1
+    shown = r"postgresql\+psycopg2://tuner:\*\*\*@127.0.0.1:1/optuna"
+    with pytest.raises(TrackingError, match=rf"Optuna storage '{shown}' is not usable: .*Check tune.storage") as e:
+        tune_variant("toy-study", "v", toy_config, QUICK, s, tracking_uri, parent_run_id=parent,
+                     experiment="toy-study", system_metrics=False)
+    assert "s3cret" not in str(e.value)
+
+
+def test_orphaned_trial_of_a_dead_process_is_failed(toy_config, tracking_uri, parent):
+    """A worker killed outright leaves its trial RUNNING; the next call here closes it, a live one's stays."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    study = optuna.create_study(study_name="toy-study/v", storage=default_storage(tracking_uri))
+    host = __import__("socket").gethostname()
+    for pid in (int(dead.stdout), os.getpid()):
+        t = study.ask()
+        t.set_user_attr("practicum.host", host)
+        t.set_user_attr("practicum.pid", pid)
+    res = tune_variant("toy-study", "v", toy_config, QUICK, spec(n_trials=2), tracking_uri, parent_run_id=parent,
+                       experiment="toy-study", system_metrics=False)
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.RUNNING]
+    assert res["trials_run_now"] == 0 and res["n_trials"] == 1  # the live trial holds the second slot
+
+
+def test_trial_that_lost_the_race_for_the_last_slot_is_not_run(toy_config, tracking_uri, parent, monkeypatch):
+    """Between our budget check and our ask, another worker takes the last slot: ours closes uncounted."""
+    real_ask = optuna.Study.ask
+
+    def raced_ask(study, *args, **kwargs):
+        monkeypatch.setattr(optuna.Study, "ask", real_ask)
+        real_ask(study)  # the other worker's trial, RUNNING
+        return real_ask(study, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "ask", raced_ask)
+    res = tune_variant("toy-study", "v", toy_config, QUICK, spec(n_trials=1), tracking_uri, parent_run_id=parent,
+                       experiment="toy-study", system_metrics=False)
+    study = optuna.load_study(study_name="toy-study/v", storage=default_storage(tracking_uri))
+    assert [(t.state, t.user_attrs) for t in study.trials] == [(TrialState.RUNNING, {}), (
+        TrialState.FAIL, {"practicum.uncounted": "surplus"})]
+    assert res["trials_run_now"] == 0 and trial_runs(tracking_uri) == []
+
+
+WORKER = """
+import json, os, sys, time
+from pathlib import Path
+from mlflow import MlflowClient
+from pipelines.tune import TuneSpec, tune_variant
+uri, config, spec, ready = sys.argv[1], sys.argv[2], TuneSpec.from_dict(json.loads(sys.argv[3]), "w"), Path(sys.argv[4])
+client = MlflowClient(uri)
+parent = client.create_run(client.get_experiment_by_name("toy-study").experiment_id).info.run_id
+(ready / str(os.getpid())).touch()
+while len(list(ready.iterdir())) < 2:  # start together: imports take longer than the trials
+    time.sleep(0.05)
+print(json.dumps(tune_variant("toy-study", "v", config, ["--system_metrics=false"], spec, uri,
+                              parent_run_id=parent, experiment="toy-study", system_metrics=False)))
+"""
+
+
+def test_two_workers_share_one_budget(toy_config, tracking_uri, parent, tmp_path):
+    """Two processes on one storage, as two machines on one PostgreSQL: together exactly n_trials."""
+    raw = {"n_trials": 4, "pruner": "none", "params": {"model.init_args.lr": LR}}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    (tmp_path / "ready").mkdir()
+    cmd = [sys.executable, "-c", WORKER, tracking_uri, str(toy_config), json.dumps(raw), str(tmp_path / "ready")]
+    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for _ in range(2)]
+    outs = [w.communicate(timeout=240) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [err[-2000:] for _, err in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+
+    study = optuna.load_study(study_name="toy-study/v", storage=default_storage(tracking_uri))
+    states = [(t.number, t.state.name, t.user_attrs) for t in study.trials]
+    assert sum(r["trials_run_now"] for r in results) == 4, (results, states)
+    runs = trial_runs(tracking_uri)
+    assert len(runs) == len({r.data.tags["practicum.trial"] for r in runs}) == 4
+    counted = [t for t in study.trials if "practicum.uncounted" not in t.user_attrs]
+    assert len(counted) == 4 and all(t.state == TrialState.COMPLETE for t in counted), states
+    assert len({t.user_attrs["practicum.pid"] for t in counted}) == 2, states  # both workers really ran trials
