@@ -96,18 +96,18 @@ def run_rows(client: MlflowClient, parent) -> pd.DataFrame:
     for r in children(client, parent):
         seed = r.data.tags.get("practicum.seed")
         rows.append({"variant": r.data.tags.get(trk.TAG_VARIANT, r.info.run_name), "seed": seed,
-                     "status": r.info.status, **r.data.metrics})
+                     "status": r.info.status, "tuned": r.data.tags.get("practicum.tuned"), **r.data.metrics})
     for r in children(client, parent, role="estimate"):  # predicted ledger rows
         rows.append({"variant": f"{r.data.tags.get(trk.TAG_VARIANT)} (estimate)", "seed": None, "status": "ESTIMATE",
                      **{k.removeprefix("estimate/"): v for k, v in r.data.metrics.items()}})
-    return pd.DataFrame(rows, columns=["variant", "seed", "status"] + sorted({k for r in rows for k in r} - {
-        "variant", "seed", "status"}))
+    return pd.DataFrame(rows, columns=["variant", "seed", "status", "tuned"] + sorted({k for r in rows for k in r} - {
+        "variant", "seed", "status", "tuned"}))
 
 
 def study_table(client: MlflowClient, parent) -> StudyTable:
     meta = _meta(parent)
     runs = run_rows(client, parent)
-    columns = meta["columns"] or sorted(c for c in runs.columns[3:] if not c.startswith("system/"))
+    columns = meta["columns"] or sorted(c for c in runs.columns[4:] if not c.startswith("system/"))
     columns = list(dict.fromkeys(reported(c, meta["report"]) for c in columns))
     report_metric = reported(meta["primary"], meta["report"])
     if report_metric in columns:  # the study's primary metric first
@@ -124,6 +124,8 @@ def study_table(client: MlflowClient, parent) -> StudyTable:
         statuses = list(g["status"])
         status = statuses[0] if len(set(statuses)) == 1 else f"{statuses.count('FINISHED')}/{len(statuses)} FINISHED"
         row = {"variant": v, "n": len(g), "status": status}
+        if g["tuned"].notna().any():  # the best config of the variant's search, which its seeded runs used
+            row["tuned"] = g["tuned"].dropna().iloc[0]
         ok = g[g["status"].isin(["FINISHED", "ESTIMATE"])]
         for c in columns:
             row[c], row[f"{c} ±"], _ = st.mean_ci(ok[c].tolist())
@@ -187,7 +189,9 @@ def human(value: float, key: str) -> str:
 def people_table(t: StudyTable) -> pd.DataFrame:
     """The summary with mean ± interval in one cell, units, and all-empty columns left out."""
     out = pd.DataFrame({"variant": t.summary["variant"], "n": t.summary["n"], "status": t.summary["status"]})
-    metric_cols = [c for c in t.summary.columns if c not in ("variant", "n", "status", "ratio", "verdict")
+    if "tuned" in t.summary:
+        out["tuned"] = t.summary["tuned"].fillna("")
+    metric_cols = [c for c in t.summary.columns if c not in ("variant", "n", "status", "tuned", "ratio", "verdict")
                    and not c.endswith(" ±")]
     for c in metric_cols:
         unit_key = t.report_metric if c.startswith("Δ vs") else c

@@ -8,10 +8,11 @@ the right tracking store in between (`pipelines.run.run_experiment`).
 from __future__ import annotations
 
 import difflib
+import json
 import importlib.util
 import inspect
 import re
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from lightning import LightningDataModule, LightningModule, Trainer
@@ -73,6 +74,12 @@ class PracticumCLI(LightningCLI):
 
     def dump(self) -> str:
         return self.parser.dump(self.config, skip_none=False)
+
+
+def to_cli_args(overrides: dict[str, Any]) -> list[str]:
+    """Dotted overrides as command-line arguments, so a study variant or a tuning trial is parsed and
+    checked exactly like the same overrides typed after `practicum run`."""
+    return [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
 
 
 def project_of(class_path: str) -> str:

@@ -31,6 +31,9 @@ A study is an experiment with a verdict (`pipelines.compare`, `pipelines.stats`)
     modes: {val/bleu: max}         # which way is better, where the metric's name does not say
     equal_budget: true             # warn in the table when steps/samples/tokens differ (default true)
     quick: true                    # the table says it is a smoke test, not a verdict
+    tune: {n_trials: 6, params: {model.init_args.lr: {low: 1.0e-4, high: 1.0e-2, log: true}}}
+                                   # per variant, the same budget each (`pipelines.tune`); the seeded
+                                   # runs then use the variant's best config
 
 `requires` (a name or a list; known: cuda, bitsandbytes) keeps a variant out of a study on
 machines that cannot run it, so one study file serves a laptop and a GPU node alike; skipped
@@ -55,6 +58,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from pipelines import tracking as trk  # noqa: E402
 from pipelines.compare import StudyTable, render, study_table  # noqa: E402
+from pipelines.config import to_cli_args  # noqa: E402
 from pipelines.tracking import ConfigError, StageFailed  # noqa: E402
 
 STAGE_REF = re.compile(r"\{stages\.([\w-]+)\}")
@@ -109,6 +113,7 @@ class Study:
     modes: dict[str, str] = field(default_factory=dict)
     equal_budget: bool = True
     quick: bool = False
+    tune: Any = None  # pipelines.tune.TuneSpec
     path: Path | None = None
 
     def seed_args(self, seed: int | None) -> list[str]:
@@ -151,8 +156,12 @@ def _fill_stages(value: Any, stage_runs: dict[str, str] | None) -> Any:
     return STAGE_REF.sub(lambda m: stage_runs[m.group(1)], value)
 
 
-def to_cli_args(overrides: dict[str, Any]) -> list[str]:
-    return [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
+def _tune_spec(raw: Any, path: Path):
+    if raw is None:
+        return None
+    from pipelines.tune import TuneSpec
+
+    return TuneSpec.from_dict(raw, f"study {path}, tune")
 
 
 def load_study(path: str | Path) -> Study:
@@ -161,7 +170,7 @@ def load_study(path: str | Path) -> Study:
         raise ConfigError(f"study file {path} does not exist")
     raw = yaml.safe_load(path.read_text()) or {}
     allowed = {"name", "base", "variants", "primary_metric", "columns", "overrides", "stages", "seeds", "seed_keys",
-               "baseline", "report", "modes", "equal_budget", "quick"}
+               "baseline", "report", "modes", "equal_budget", "quick", "tune"}
     unknown = set(raw) - allowed
     if unknown:
         raise ConfigError(f"study {path}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(allowed)}")
@@ -215,6 +224,7 @@ def load_study(path: str | Path) -> Study:
         modes=modes,
         equal_budget=bool(raw.get("equal_budget", True)),
         quick=bool(raw.get("quick", False)),
+        tune=_tune_spec(raw.get("tune"), path),
         path=path.resolve(),
     )
 
@@ -235,6 +245,7 @@ def run_study(
     comparison.md, comparison.txt and plots.
     """
     from pipelines.run import RunResult, run_experiment  # Lightning: only when variants run
+    from pipelines.tune import tune_variant
 
     study = load_study(path)
     names = list(only or study.variants)
@@ -275,6 +286,7 @@ def run_study(
         client.log_param(parent, "overrides", " ".join(args))
     stage_runs = run_stages(study, client, exp_id, parent, uri, args, system_metrics)
     results: list[RunResult] = []
+    tuned: dict[str, dict] = {}
     status = "FINISHED"
     jobs = [(name, seed) for name in names for seed in study.seeds]
     bar = tqdm(jobs, desc=f"study {study.name}", unit="run", position=0, leave=True)
@@ -284,8 +296,17 @@ def run_study(
         child_tags = {trk.TAG_STUDY: study.name, trk.TAG_VARIANT: name, trk.TAG_ROLE: "variant"}
         try:
             config, vargs = study.variant_config(name, stage_runs)
-            res = run_experiment(config, [*vargs, *args, *study.seed_args(seed)], uri, experiment=study.name,
-                                 run_name=label, parent_run_id=parent, tags=child_tags, system_metrics=system_metrics)
+            if study.tune is not None and name not in tuned:  # the variant's search, once, before its seeds
+                tuned[name] = tune_variant(study.name, name, config, [*vargs, *args], study.tune, uri,
+                                           parent_run_id=parent, experiment=study.name, system_metrics=system_metrics)
+                tqdm.write(f"[{study.name}] {name}: tuned {tuned[name]['best_params']} "
+                           f"({study.tune.metric} {tuned[name]['best_value']:.4g}, {tuned[name]['n_trials']} trials)")
+            best = tuned[name]["best_params"] if name in tuned else {}
+            if best:
+                child_tags["practicum.tuned"] = json.dumps(best)
+            res = run_experiment(config, [*vargs, *args, *to_cli_args(best), *study.seed_args(seed)], uri,
+                                 experiment=study.name, run_name=label, parent_run_id=parent, tags=child_tags,
+                                 system_metrics=system_metrics)
         except (ConfigError, trk.TrackingError) as e:
             # The variant never started: record it as a FAILED child so the table shows it.
             run = client.create_run(exp_id, run_name=label, tags={

@@ -194,10 +194,10 @@ def tune_variant(study_name: str, variant: str, config: Path, args: list[str], s
     Returns ``{"best_params", "best_value", "n_trials" (finished ones in the storage), "trials_run_now"}``;
     ``best_value`` is NaN and ``best_params`` empty while no trial has completed.
     """
-    from pipelines.config import PracticumCLI
+    from pipelines.config import PracticumCLI, to_cli_args
 
     # Keys and types are checked once, before any trial: a typo must not spend the budget on FAILs.
-    PracticumCLI(["--config", str(config), *args, *_cli_args({k: p.low for k, p in spec.params.items()})])
+    PracticumCLI(["--config", str(config), *args, *to_cli_args({k: p.low for k, p in spec.params.items()})])
     study = _open_study(spec.storage or default_storage(uri), f"{study_name}/{variant}", spec)
     _fail_orphans(study)
     tags = {trk.TAG_STUDY: study_name, trk.TAG_ROLE: "trial", trk.TAG_VARIANT: variant}
@@ -213,7 +213,7 @@ def tune_variant(study_name: str, variant: str, config: Path, args: list[str], s
         pruning = TrialPruning(trial, spec.metric)
         state, value, res, interrupted = TrialState.FAIL, None, None, False
         try:
-            res = run_experiment(config, [*args, *_cli_args(params)], uri, experiment=experiment,
+            res = run_experiment(config, [*args, *to_cli_args(params)], uri, experiment=experiment,
                                  run_name=f"{variant}/trial-{trial.number}", parent_run_id=parent_run_id,
                                  tags={**tags, "practicum.trial": str(trial.number)},
                                  system_metrics=system_metrics, callbacks=[pruning])
@@ -306,7 +306,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
-
-
-def _cli_args(params: dict[str, Any]) -> list[str]:
-    return [f"--{k}={v}" for k, v in params.items()]

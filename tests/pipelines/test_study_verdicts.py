@@ -3,6 +3,7 @@
 statistics and the table's units against hand computations."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -125,3 +126,36 @@ def test_study_declarations_are_checked(seeded_study):
         seeded_study.write_text(yaml.safe_dump({**raw, **bad}))
         with pytest.raises(ConfigError, match=match):
             load_study(seeded_study)
+
+
+def test_tuned_study_is_one_parent_with_trials_and_seeded_runs_and_a_rerun_repeats_no_trial(seeded_study, tracking_uri):
+    import json
+
+    from mlflow import MlflowClient
+
+    raw = yaml.safe_load(seeded_study.read_text())
+    raw.update(seeds=[0, 1], variants={"base": {}, "wide": {"model.init_args.hidden": 16}},
+               tune={"n_trials": 3, "pruner": "none", "params": {"model.init_args.lr": {"low": 1e-3, "high": 1e-1, "log": True}}})
+    seeded_study.write_text(yaml.safe_dump(raw))
+    parent, table = run_study(seeded_study, ["--system_metrics=false", "--log_checkpoint=false"], tracking_uri)
+    client = MlflowClient(tracking_uri)
+    exp = client.get_run(parent).info.experiment_id
+    kids = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+    trials = [r for r in kids if r.data.tags["practicum.role"] == "trial"]
+    seeded = [r for r in kids if r.data.tags["practicum.role"] == "variant"]
+    assert sorted(r.data.tags["practicum.variant"] for r in trials) == ["base"] * 3 + ["wide"] * 3  # same budget
+    assert len(seeded) == 4
+    for v in ("base", "wide"):
+        best = json.loads(Path(client.download_artifacts(parent, f"tune/{v}.json")).read_text())["best_params"]
+        trial_values = {float(r.data.params["model.init_args.lr"]): r.data.metrics["val/loss"]
+                        for r in trials if r.data.tags["practicum.variant"] == v}
+        assert best["model.init_args.lr"] == pytest.approx(min(trial_values, key=trial_values.get))
+        for r in seeded:  # the seeded runs use the variant's best config
+            if r.data.tags["practicum.variant"] == v:
+                assert float(r.data.params["model.init_args.lr"]) == pytest.approx(best["model.init_args.lr"])
+        assert json.loads(dict(zip(table.summary["variant"], table.summary["tuned"]))[v]) == best  # shown in the table
+
+    again, table2 = run_study(seeded_study, ["--system_metrics=false", "--log_checkpoint=false"], tracking_uri)
+    kids2 = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{again}'")
+    assert [r for r in kids2 if r.data.tags["practicum.role"] == "trial"] == []  # the storage already holds them
+    assert list(table2.summary["tuned"]) == list(table.summary["tuned"])
