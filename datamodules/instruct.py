@@ -142,7 +142,7 @@ class InstructDataModule(LightningDataModule):
             val_fraction: Share held out for validation (records in instruct mode, the tail of
                 the shuffled token stream in text mode).
             test_fraction: Share held out as a test split that nothing selects on (0: none, and
-                no `test_dataloader`). It is the end of the validation share (records in
+                the pipeline does not test). It is the end of the validation share (records in
                 instruct mode, the tail of the token stream in text mode), so it must be below
                 val_fraction, and training data are the same as without it.
             max_records: Use at most this many records / documents (after the seeded shuffle).

@@ -188,7 +188,7 @@ class ShakespeareDataModule(L.LightningDataModule):
             val_batch_size: Validation batch size; default batch_size.
             train_frac: Leading fraction of the text used for training; the rest is validation.
             test_fraction: Trailing fraction of the whole text held out as a test split that
-                nothing selects on (0: none, and no `test_dataloader`). It comes out of the
+                nothing selects on (0: none, and the pipeline does not test). It comes out of the
                 validation part, which must keep some text (test_fraction < 1 - train_frac), so
                 the training text and stream are the same as without it; the test split is
                 scored like `val_windows=None`, every token once in consecutive windows.
