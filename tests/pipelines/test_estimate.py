@@ -163,6 +163,7 @@ def test_estimate_joins_a_study_and_compare_shows_it_beside_the_measurement(trac
     child = client.create_run(exp, tags={"mlflow.parentRunId": parent, "practicum.role": "variant",
                                          "practicum.variant": "lora"}).info.run_id
     client.log_metric(child, "mem/params_bytes", 123.0)
+    client.set_terminated(child)  # the table averages finished runs
     est = E.estimate(hf_config("llama", "s"), method="lora", r=2, batch_size=1, seq_len=8)
     run_id = E.log_estimate(est, tracking_uri=tracking_uri, study="s", variant="lora")
     assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent

@@ -120,7 +120,8 @@ def test_training_updates_the_ema_and_logs_without_a_judge(tmp_path):
 def test_pipeline_run_logs_judged_metrics_and_artifacts(tmp_path, judge_ckpt):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = {"block_out_channels": "[8, 16]", "attention": "[false, true]", "num_timesteps": 50,
-                 "num_sample_steps": 4, "num_eval_samples": 40, "eval_batch_size": 20, "classifier_checkpoint": judge_ckpt}
+                 "num_sample_steps": 4, "num_eval_samples": 40, "eval_batch_size": 20, "classifier_checkpoint": judge_ckpt,
+                 "select_guidance": "null", "select_sample_steps": "null"}  # the preset's selection: its own test
     res = run_experiment(
         "configs/diffusion/ddpm_mnist_cpu.yaml",
         [f"--model.init_args.{k}={v}" for k, v in overrides.items()]
