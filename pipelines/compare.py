@@ -187,7 +187,8 @@ def human(value: float, key: str) -> str:
 
 
 def people_table(t: StudyTable) -> pd.DataFrame:
-    """The summary with mean ± interval in one cell, units, and all-empty columns left out."""
+    """The summary with mean ± interval in one cell (no "± 0" where every seed agrees), units, and
+    all-empty columns left out."""
     out = pd.DataFrame({"variant": t.summary["variant"], "n": t.summary["n"], "status": t.summary["status"]})
     if "tuned" in t.summary:
         out["tuned"] = t.summary["tuned"].fillna("")
@@ -195,7 +196,7 @@ def people_table(t: StudyTable) -> pd.DataFrame:
                    and not c.endswith(" ±")]
     for c in metric_cols:
         unit_key = t.report_metric if c.startswith("Δ vs") else c
-        cells = [human(m, unit_key) + (f" ± {human(h, unit_key)}" if h == h and m == m else "")
+        cells = [human(m, unit_key) + (f" ± {human(h, unit_key)}" if h == h and m == m and h > 0 else "")
                  for m, h in zip(t.summary[c], t.summary.get(f"{c} ±", [float("nan")] * len(t.summary)))]
         if any(cells):
             out[c] = cells

@@ -115,6 +115,10 @@ def test_people_table_drops_empty_columns():
     t = StudyTable(summary, summary, pd.DataFrame(), None, "val/loss")
     assert list(people_table(t).columns) == ["variant", "n", "status", "val/loss"]
     assert people_table(t)["val/loss"][0] == "1.235"
+    t.summary["val/loss ±"] = [0.0]  # every seed agrees: no "± 0"
+    assert people_table(t)["val/loss"][0] == "1.235"
+    t.summary["val/loss ±"] = [0.01234]
+    assert people_table(t)["val/loss"][0] == "1.235 ± 0.01234"
 
 
 def test_study_declarations_are_checked(seeded_study):
