@@ -118,9 +118,9 @@ def study_table(client: MlflowClient, parent) -> StudyTable:
             runs[c] = float("nan")
     variants = list(dict.fromkeys(runs["variant"]))
     baseline = meta["baseline"] if meta["baseline"] in variants else (variants[0] if variants else None)
-    by_seed = {v: runs[runs["variant"] == v] for v in variants}
+    by_variant = {v: runs[runs["variant"] == v] for v in variants}
     rows, diffs = [], []
-    for v, g in by_seed.items():
+    for v, g in by_variant.items():
         statuses = list(g["status"])
         status = statuses[0] if len(set(statuses)) == 1 else f"{statuses.count('FINISHED')}/{len(statuses)} FINISHED"
         row = {"variant": v, "n": len(g), "status": status}
@@ -130,7 +130,7 @@ def study_table(client: MlflowClient, parent) -> StudyTable:
         for c in columns:
             row[c], row[f"{c} ±"], _ = st.mean_ci(ok[c].tolist())
         if baseline is not None and v != baseline and not v.endswith("(estimate)"):
-            base = by_seed[baseline]
+            base = by_variant[baseline]
             base = base[base["status"] == "FINISHED"]
             for c in columns:
                 mode = st.mode_of(c, meta["modes"])
