@@ -1,6 +1,7 @@
 """The pipeline's checkpoint: what it records, where it is fetched from, and how it is read.
 
-A Practicum checkpoint is Lightning's own dict plus two entries written by `CheckpointInfo`:
+A Practicum checkpoint is Lightning's own dict plus two entries written by `CheckpointInfo`
+(which also masks URL passwords in them and in the saved hyperparameters, `tracking.redact`):
 ``practicum`` (the LightningModule and DataModule class paths and the run it came from, so the
 file alone can be rebuilt for sampling) and ``practicum_rng`` (the global random states, so a
 resumed run draws the numbers an uninterrupted one would). Both hold plain types and tensors only.
@@ -40,7 +41,12 @@ class CheckpointInfo(Callback):
         self.info = info
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        checkpoint["practicum"] = dict(self.info)
+        checkpoint["practicum"] = trk.redact(dict(self.info))
+        # The module's and datamodule's init arguments (save_hyperparameters) are config values too:
+        # a URL password among them must not travel with the file.
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint[key] = trk.redact(checkpoint[key])
         name, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint["practicum_rng"] = {
             "torch": torch.get_rng_state(),

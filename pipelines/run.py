@@ -101,7 +101,7 @@ def run_experiment(
     status, error = "FINISHED", None
     trainer, metrics = None, {}
     try:
-        dump = cli.dump()
+        dump = trk.redact(cli.dump())  # the logged config and its params carry no URL password
         params = {k: v for k, v in trk.flatten(yaml.safe_load(dump)).items() if k != "resume"}
         s.log_config(dump, {**params, "seed": cfg.seed_everything})
         if s.resumed:

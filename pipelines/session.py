@@ -153,7 +153,7 @@ class Session:
         try:
             if error is not None:
                 self.client.set_tag(self.run_id, "practicum.error", one_line(error))
-                tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+                tb = trk.redact("".join(traceback.format_exception(type(error), error, error.__traceback__)))
                 self.client.log_text(self.run_id, tb, "error.txt")
             if self.log_checkpoint and self.ckpt_dir.is_dir():
                 for ckpt in sorted(self.ckpt_dir.glob("*.ckpt")):
@@ -172,4 +172,4 @@ class Session:
 
 def one_line(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:500]
+    return trk.redact(f"{type(e).__name__}: {msg[0] if msg else ''}")[:500]

@@ -281,9 +281,9 @@ def run_study(
         **({"practicum.skipped": json.dumps(skipped)} if skipped else {}),
     }
     parent = client.create_run(exp_id, tags=tags, run_name=study.name).info.run_id
-    client.log_text(parent, Path(path).read_text(), "study.yaml")
+    client.log_text(parent, trk.redact(Path(path).read_text()), "study.yaml")  # e.g. tune.storage's password
     if args:
-        client.log_param(parent, "overrides", " ".join(args))
+        client.log_param(parent, "overrides", trk.redact(" ".join(args)))
     stage_runs = run_stages(study, client, exp_id, parent, uri, args, system_metrics)
     results: list[RunResult] = []
     tuned: dict[str, dict] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -142,8 +143,43 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+# scheme://NETLOC, NETLOC ending at the path, query, fragment, whitespace or a quote; then its userinfo
+_URL_NETLOC = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<netloc>[^\s/?#'\"]*)")
+# Query parameters that carry a secret: database drivers' password=, tokens, S3/Azure signatures.
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&](?:password|passwd|pwd|secret|token|access_token|api_key|apikey|sig|signature"
+    r"|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&\s'\"#]+",
+    re.IGNORECASE,
+)
+REDACTED = "***"
+
+
+def redact(value: Any) -> Any:
+    """``value`` with the secrets of every URL in it masked: ``scheme://user:PASSWORD@host`` becomes
+    ``scheme://user:***@host`` and ``?password=...``/``token``/signature query values become ``***``.
+
+    Strings are searched anywhere (a URL inside a YAML dump or an error message); dicts, lists and
+    tuples are walked. Everything the pipeline logs or writes into a checkpoint goes through it, so
+    ``--tracking_uri=http://user:secret@host`` or a database URL in a config reaches no parameter,
+    tag, artifact or checkpoint.
+    """
+    if isinstance(value, str):
+        def netloc(m: re.Match) -> str:
+            userinfo, at, host = m["netloc"].rpartition("@")  # the password may itself hold an unescaped '@'
+            if not at or ":" not in userinfo:
+                return m[0]
+            return f"{m['scheme']}{userinfo.split(':', 1)[0]}:{REDACTED}@{host}"
+
+        return _SECRET_QUERY.sub(rf"\g<key>{REDACTED}", _URL_NETLOC.sub(netloc, value))
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
         client.log_batch(run_id, params=items[i : i + 100])
 

@@ -6,21 +6,24 @@ run the same server where there is no Docker engine:
 
 - PostgreSQL: a cluster initialised in a folder with the Debian binaries of the compose image's
   major version (``/usr/lib/postgresql/<major>/bin``, package ``postgresql-<major>``; another
-  installed major serves with a warning), started with the service's ``-c`` options, its user,
-  password and database created as the image would.
+  installed major serves with a warning), else with those of the ``pgserver`` wheel (a dev
+  dependency, so a fresh clone needs no apt), started with the service's ``-c`` options, its
+  user, password and database created as the image would.
 - MLflow: ``mlflow server`` with the compose service's ``command`` and ``environment`` after
   compose's ``${VAR}`` interpolation. Only what belongs to containers is swapped: the bind host
   (always ``127.0.0.1``) and port, the artifact folder, and the ``postgres`` hostname inside
   URIs. The basic-auth ini is rendered from ``docker/mlflow/basic_auth.ini`` exactly as the
   image's entrypoint renders it. So the two ways of starting the server cannot drift.
 
-Run ``python -m server [--port 5000] [--state-dir mlruns/server]``; it prints the URI
-and credentials and serves until Ctrl-C. Tests use :class:`TrackingServer` as a context manager.
+Run ``python -m server [--port 5000] [--state-dir mlruns/server]``; it prints the URI and
+the path of ``client.env`` (owner-only: the admin's credentials as ``export`` lines) and serves
+until Ctrl-C. Tests use :class:`TrackingServer` as a context manager.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import secrets
@@ -222,18 +225,34 @@ def _tail(path: Path, n: int = 40) -> str:
 PG_ROOT = Path("/usr/lib/postgresql")
 
 
-def postgres_bindir(major: int, root: Path = PG_ROOT) -> Path:
-    """The server binaries (initdb, pg_ctl): the compose image's major version where Debian has it.
+def wheel_bindir() -> Path | None:
+    """The binaries of the ``pgserver`` wheel (PostgreSQL 16, a dev dependency), if it is installed.
 
-    Where only another major version is installed (Debian 13 ships 17), that one serves with a
-    warning: the loopback server is the same stack, not the same files. ``PRACTICUM_PG_BINDIR``
-    picks a folder explicitly. Nothing installed is an error that says what to install.
+    Found without importing it: the server needs its files, not its Python API.
+    """
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    return d if (d / "initdb").is_file() else None
+
+
+def postgres_bindir(major: int, root: Path | None = None) -> Path:
+    """The server binaries (initdb, pg_ctl): the system's where installed, else the pip wheel's.
+
+    In order: ``PRACTICUM_PG_BINDIR`` (a folder picked explicitly); Debian's
+    ``<root>/<major>/bin`` for the compose image's major version (``root``: ``PRACTICUM_PG_ROOT``,
+    else ``/usr/lib/postgresql``); another installed major there (Debian 13 ships 17); the
+    ``pgserver`` wheel's, so that ``pip install -e '.[dev]'`` alone runs the server without apt.
+    Any other major than the compose file's serves with a warning: the loopback server is the same
+    stack, not the same files. Nothing found is an error that says what to install.
     """
     if os.environ.get("PRACTICUM_PG_BINDIR"):
         d = Path(os.environ["PRACTICUM_PG_BINDIR"])
         if not (d / "initdb").is_file():
             raise FileNotFoundError(f"PRACTICUM_PG_BINDIR={d} has no initdb; point it at PostgreSQL's bin folder")
         return d
+    root = Path(root or os.environ.get("PRACTICUM_PG_ROOT") or PG_ROOT)
     if (root / str(major) / "bin" / "initdb").is_file():
         return root / str(major) / "bin"
     found = sorted((int(p.parent.parent.name), p.parent) for p in root.glob("*/bin/initdb") if p.parent.parent.name.isdigit())
@@ -241,10 +260,16 @@ def postgres_bindir(major: int, root: Path = PG_ROOT) -> Path:
         print(f"warning: docker-compose.yml runs PostgreSQL {major}; using the installed {found[-1][0]} "
               f"(apt-get install postgresql-{major} to match)", file=sys.stderr)
         return found[-1][1]
+    wheel = wheel_bindir()
+    if wheel is not None:
+        print(f"note: no PostgreSQL under {root}; using the pgserver wheel's ({wheel.parent}), whose major "
+              f"version may differ from docker-compose.yml's {major}", file=sys.stderr)
+        return wheel
     raise FileNotFoundError(
-        f"PostgreSQL server binaries (initdb, pg_ctl) not found under {root}/<version>/bin: the tracking "
-        f"server runs its own PostgreSQL. Install it: apt-get update && apt-get install -y postgresql "
-        f"(Debian; postgresql-{major} matches docker-compose.yml), or set PRACTICUM_PG_BINDIR."
+        f"PostgreSQL server binaries (initdb, pg_ctl) not found under {root}/<version>/bin nor in the pgserver "
+        f"wheel: the tracking server runs its own PostgreSQL. Install the wheel: pip install -e '.[dev]' "
+        f"(or pip install pgserver); or the system's: apt-get install -y postgresql-{major} (Debian); "
+        f"or set PRACTICUM_PG_BINDIR to a PostgreSQL bin folder."
     )
 
 
@@ -431,6 +456,13 @@ class TrackingServer:
         args = set_option(args, "--artifacts-destination", str(self.state_dir / "artifacts"))
         env = {k: localize(v, hosts) for k, v in self.stack.mlflow_env.items()}
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(self.state_dir / "auth" / "basic_auth.ini")
+        # Any local user reads a process's command line (/proc/PID/cmdline, ps); only its owner reads
+        # its environment. Secrets (the database URI holds the password) go through the environment.
+        for secret in (self.db_password, self.admin_password, env.get("MLFLOW_FLASK_SERVER_SECRET_KEY", "")):
+            if secret and any(secret in a for a in args):
+                raise ValueError(f"{COMPOSE_FILE.name} puts a secret on the command line of mlflow server, where "
+                                 "every local user can read it; pass it in the service's environment instead "
+                                 "(e.g. MLFLOW_BACKEND_STORE_URI for --backend-store-uri)")
         mlflow = Path(sys.executable).with_name("mlflow")
         exe = [str(mlflow)] if mlflow.is_file() else [sys.executable, "-m", "mlflow"]
         return [*exe, "server", *args], env
@@ -539,6 +571,17 @@ def cli_env(state_dir: Path, dotenv: Path = REPO / ".env") -> dict[str, str]:
     return env
 
 
+def write_client_env(server: TrackingServer) -> Path:
+    """``client.env`` in the state folder, owner-only (0600): ``export`` lines of the URI and the admin's
+    credentials. A terminal's scrollback and logs are no place for the password."""
+    path = server.state_dir / "client.env"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older file may have been made with wider modes
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(f"export {k}={shlex.quote(v)}\n" for k, v in server.client_env().items()))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m server", description=__doc__.split("\n\n")[0])
     p.add_argument("--port", type=int, default=None, help="MLflow port (default: MLFLOW_PORT, else 5000; 0: any free)")
@@ -571,12 +614,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # start() has already stopped what it had started
         return 130
     try:
+        client = write_client_env(server)
         print(
             f"\nMLflow tracking server: {server.uri}  (PostgreSQL on {LOOPBACK}:{server.postgres.port}, "
             f"artifacts in {server.state_dir / 'artifacts'})\n"
-            f"Log in as {server.admin_username} / {server.admin_password}, or point practicum at it:\n\n"
-            + "".join(f"  export {k}={shlex.quote(v)}\n" for k, v in server.client_env().items())
-            + "\nCtrl-C stops it; the data stays in the state folder.",
+            f"Log in as {server.admin_username}: the password and the settings that point practicum at the server\n"
+            f"are in {client} (readable only by you). In a shell:\n\n  . {shlex.quote(str(client))}\n"
+            "\nCtrl-C stops it; the data stays in the state folder.",
             flush=True,
         )
         while server.running:

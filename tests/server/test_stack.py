@@ -70,12 +70,15 @@ def test_loopback_command_is_the_compose_command_with_container_parts_swapped(tm
     compose_args = srv.interpolate(COMPOSE["services"]["mlflow"]["command"], env)
     assert srv.get_option(compose_args, "--host") == "0.0.0.0"
     expected = list(compose_args)
-    for flag, value in [("--host", "127.0.0.1"), ("--port", "5123"), ("--artifacts-destination", str(tmp_path / "artifacts")),
-                        ("--backend-store-uri", f"postgresql+psycopg2://team:{env['POSTGRES_PASSWORD']}@127.0.0.1:6543/runs")]:
+    for flag, value in [("--host", "127.0.0.1"), ("--port", "5123"), ("--artifacts-destination", str(tmp_path / "artifacts"))]:
         expected[expected.index(flag) + 1] = value
     assert argv[argv.index("server") + 1 :] == expected  # everything else exactly as in the compose file
     assert srv.get_option(argv, "--app-name") == "basic-auth" and "--serve-artifacts" in argv
-    assert added["MLFLOW_AUTH_DATABASE_URI"] == srv.get_option(argv, "--backend-store-uri")
+    # The database URI (with its password) reaches mlflow through the environment, never argv.
+    db_uri = f"postgresql+psycopg2://team:{env['POSTGRES_PASSWORD']}@127.0.0.1:6543/runs"
+    assert added["MLFLOW_BACKEND_STORE_URI"] == added["MLFLOW_AUTH_DATABASE_URI"] == db_uri
+    assert srv.get_option(argv, "--backend-store-uri") is None
+    assert not any(env[k] in " ".join(argv) for k in srv.GENERATED_SECRETS)
     assert added["MLFLOW_AUTH_ADMIN_PASSWORD"] == env["MLFLOW_ADMIN_PASSWORD"]
     assert added["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
 
@@ -144,13 +147,69 @@ def test_bad_settings_fail_early_naming_the_variable(tmp_path):
         srv.TrackingServer(tmp_path, _env(MLFLOW_FLASK_SERVER_SECRET_KEY=""))
 
 
-def test_missing_postgres_fails_with_the_install_command(tmp_path, monkeypatch):
+def test_postgres_comes_from_the_system_else_the_wheel_else_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("PRACTICUM_PG_BINDIR", raising=False)
-    with pytest.raises(FileNotFoundError, match=r"apt-get install -y postgresql"):
+    # No system PostgreSQL under root: the pgserver wheel (a dev dependency) serves.
+    wheel = srv.wheel_bindir()
+    assert wheel is not None and (wheel / "pg_ctl").is_file(), "pip install -e '.[dev]' installs pgserver"
+    assert srv.postgres_bindir(15, root=tmp_path) == wheel
+    monkeypatch.setenv("PRACTICUM_PG_ROOT", str(tmp_path))  # the same, hidden by the environment
+    assert srv.postgres_bindir(15) == wheel
+    monkeypatch.setattr(srv, "wheel_bindir", lambda: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install -e '.\[dev\]'.*apt-get install -y postgresql-15"):
         srv.postgres_bindir(15, root=tmp_path)
     (tmp_path / "17" / "bin").mkdir(parents=True)  # Debian 13 ships 17 only: it serves, with a warning
     (tmp_path / "17" / "bin" / "initdb").touch()
     assert srv.postgres_bindir(15, root=tmp_path) == tmp_path / "17" / "bin"
+
+
+def test_compose_gives_mlflow_a_dedicated_s3_key_not_minios_root():
+    env = _env(MINIO_ROOT_USER="root-user", MINIO_ROOT_PASSWORD="root-" + secrets.token_hex(8),
+               MLFLOW_S3_ACCESS_KEY="mlflow", MLFLOW_S3_SECRET_KEY="s3-" + secrets.token_hex(8))
+    mlflow_env = srv.load_stack(env).mlflow_env
+    assert (mlflow_env["AWS_ACCESS_KEY_ID"], mlflow_env["AWS_SECRET_ACCESS_KEY"]) == ("mlflow", env["MLFLOW_S3_SECRET_KEY"])
+    assert not {env["MINIO_ROOT_USER"], env["MINIO_ROOT_PASSWORD"]} & set(mlflow_env.values())
+    assert "MLFLOW_S3_ACCESS_KEY" in srv.read_dotenv(srv.REPO / ".env.example")
+
+
+def _run_minio_init(tmp_path, env) -> tuple[subprocess.CompletedProcess, list[list[str]], dict]:
+    """The minio-init command as compose runs it, with a stand-in `mc` that records its calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "mc").write_text(textwrap.dedent("""\
+        #!/bin/sh
+        printf '%s\\0' "$@" >> "$MC_CALLS"; printf '\\n' >> "$MC_CALLS"
+        if [ "$2" = policy ] && [ "$3" = create ]; then cp "$6" "$MC_POLICY"; fi
+    """))
+    (bin_dir / "mc").chmod(0o755)
+    svc = srv.interpolate(COMPOSE["services"]["minio-init"], env)
+    run_env = {**svc["environment"], "PATH": f"{bin_dir}:/usr/bin:/bin", "TMPDIR": str(tmp_path),
+               "MC_CALLS": str(tmp_path / "calls"), "MC_POLICY": str(tmp_path / "policy.json")}
+    r = subprocess.run([*svc["entrypoint"], *svc["command"]], env=run_env, capture_output=True, text=True)
+    calls = [line.split("\0")[:-1] for line in (tmp_path / "calls").read_text().splitlines()] \
+        if (tmp_path / "calls").exists() else []
+    policy = json.loads((tmp_path / "policy.json").read_text()) if (tmp_path / "policy.json").exists() else None
+    return r, calls, policy
+
+
+def test_minio_init_creates_a_key_whose_policy_names_only_the_bucket(tmp_path):
+    env = _env(MINIO_ROOT_USER="root-user", MINIO_ROOT_PASSWORD="root-" + secrets.token_hex(8),
+               MLFLOW_S3_BUCKET="team-runs", MLFLOW_S3_ACCESS_KEY="mlflow", MLFLOW_S3_SECRET_KEY="s3-" + secrets.token_hex(8))
+    r, calls, policy = _run_minio_init(tmp_path, env)
+    assert r.returncode == 0, r.stderr
+    assert ["admin", "user", "add", "store", "mlflow", env["MLFLOW_S3_SECRET_KEY"]] in calls
+    assert calls[-1] == ["admin", "policy", "attach", "store", "mlflow-artifacts", "--user", "mlflow"]
+    resources = {res for st in policy["Statement"] for res in st["Resource"]}
+    assert resources == {"arn:aws:s3:::team-runs", "arn:aws:s3:::team-runs/*"}
+    assert all(st["Effect"] == "Allow" and all(a.startswith("s3:") and "*" not in a for a in st["Action"])
+               for st in policy["Statement"])
+    assert not any(a.startswith("s3:") and "Bucket" in a and a not in ("s3:GetBucketLocation", "s3:ListBucket",
+                   "s3:ListBucketMultipartUploads") for st in policy["Statement"] for a in st["Action"])
+    # MinIO's root key, or none, is refused before anything is created.
+    for bad in ({"MLFLOW_S3_ACCESS_KEY": "root-user"}, {"MLFLOW_S3_SECRET_KEY": ""}):
+        (tmp_path / "calls").unlink(missing_ok=True)
+        r, calls, _ = _run_minio_init(tmp_path, {**env, **bad})
+        assert r.returncode == 1 and "MLFLOW_S3_ACCESS_KEY (not MINIO_ROOT_USER)" in r.stderr and calls == []
 
 
 def test_cli_generates_missing_secrets_once(tmp_path, monkeypatch):
