@@ -588,8 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dir", type=Path, default=REPO / "mlruns" / "server",
                    help="database, artifacts and logs (default: mlruns/server)")
     p.add_argument("--compose-file", type=Path, default=COMPOSE_FILE)
+    p.add_argument("--env-file", type=Path, default=REPO / ".env", help="settings and secrets (default: .env)")
     a = p.parse_args(argv)
-    env = cli_env(a.state_dir)
+    env = cli_env(a.state_dir, a.env_file)
     port = a.port if a.port is not None else int(env.get("MLFLOW_PORT") or 5000)
     try:
         server = TrackingServer(a.state_dir, env, port=port or None, compose_file=a.compose_file)

@@ -9,14 +9,17 @@ Missing PostgreSQL binaries make those tests error with the install command, nev
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,7 @@ from mlflow.server import get_app_client
 from packaging.requirements import Requirement
 
 import server.stack as srv
+from tests.pipelines.toy import ToyModule
 
 COMPOSE = yaml.safe_load(srv.COMPOSE_FILE.read_text())
 DOCKER = srv.REPO / "docker" / "mlflow"
@@ -398,3 +402,149 @@ def test_runs_and_artifacts_survive_a_restart(server, admin, tmp_path):
     # The admin from the first start still logs in; a second bootstrap did not replace it.
     assert _search(server, (server.admin_username, server.admin_password)).status_code == 200
     assert _search(server).status_code == 401
+
+
+def _command_lines() -> dict[int, str]:
+    """Every process's command line, as any local user reads it (ps, /proc/PID/cmdline)."""
+    out = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                out[int(p.name)] = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:  # ended meanwhile
+                pass
+    return out
+
+
+def _process_group(pgid: int) -> list[int]:
+    pids = []
+    for pid in _command_lines():
+        try:
+            if os.getpgid(pid) == pgid:
+                pids.append(pid)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def test_no_secret_on_any_command_line(server):
+    secrets_ = (server.db_password, server.admin_password, server.stack.mlflow_env["MLFLOW_FLASK_SERVER_SECRET_KEY"])
+    assert len(_process_group(server._proc.pid)) >= 2  # mlflow server and its uvicorn worker: both checked below
+    leaks = {pid: line for pid, line in _command_lines().items() if any(s in line for s in secrets_)}
+    assert leaks == {}, "secrets on a command line"
+    # The URI does reach mlflow: through its environment, which only the process's owner can read.
+    environ = Path(f"/proc/{server._proc.pid}/environ")
+    assert f"MLFLOW_BACKEND_STORE_URI=postgresql+psycopg2://mlflow:{server.db_password}@".encode() in environ.read_bytes()
+    assert environ.stat().st_mode & 0o077 == 0
+
+
+class SourcedToy(ToyModule):
+    """The toy model with a URL among its init arguments (saved by save_hyperparameters, which
+    keeps the arguments the subclass's signature names: so all of them)."""
+
+    def __init__(self, source: str = "", hidden: int = 8, lr: float = 1e-2, fail_at_step: int = -1,
+                 nan_at_step: int = -1, init_shift: int = 0):
+        super().__init__(hidden, lr, fail_at_step, nan_at_step, init_shift)
+
+
+def _holds(path: Path, secret: str) -> bool:
+    """Whether the file holds `secret`, also inside any zip member (a torch checkpoint is a zip)."""
+    data = path.read_bytes()
+    if secret.encode() in data:
+        return True
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            return any(secret.encode() in z.read(name) for name in z.namelist())
+    return False
+
+
+def test_credentials_in_the_tracking_uri_and_config_are_logged_nowhere(server, tmp_path, monkeypatch):
+    from pipelines.checkpoint import read_checkpoint
+    from pipelines.run import run_experiment
+    from pipelines.tracking import checkpoint_dir
+
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)  # the URL's user:password is the only login
+    monkeypatch.chdir(tmp_path)  # the pipeline's local checkpoint folder
+    password, db_secret = server.admin_password, "db-" + secrets.token_urlsafe(12)
+    uri = f"http://{server.admin_username}:{password}@127.0.0.1:{server.port}"
+    config = tmp_path / "toy.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        seed_everything: 3
+        trainer: {{max_steps: 4, limit_val_batches: 1, limit_test_batches: 1, enable_progress_bar: false,
+                  enable_model_summary: false}}
+        model:
+          class_path: {__name__}.SourcedToy
+          init_args: {{hidden: 6, source: "postgresql://reader:{db_secret}@db.example:5432/corpus?sslmode=require"}}
+        data: {{class_path: tests.pipelines.toy.ToyDataModule, init_args: {{n: 32, batch_size: 8}}}}
+    """))
+    result = run_experiment(config, [f"--tracking_uri={uri}"], experiment="redaction", system_metrics=False)
+    assert result.status == "FINISHED", result.error
+
+    admin = MlflowClient(server.uri)  # reads with the admin's own login, not the URL's
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", server.admin_username)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    run = admin.get_run(result.run_id)
+    # The values were logged, with their passwords masked (so the checks below look at real entries).
+    assert run.data.params["tracking_uri"] == f"http://{server.admin_username}:***@127.0.0.1:{server.port}"
+    assert run.data.params["model.init_args.source"] == "postgresql://reader:***@db.example:5432/corpus?sslmode=require"
+    for secret in (password, db_secret):
+        assert not [k for k, v in {**run.data.params, **run.data.tags}.items() if secret in v], "secret in params/tags"
+
+    downloaded = Path(admin.download_artifacts(result.run_id, "", str(tmp_path / "artifacts")))
+    local = checkpoint_dir(uri, result.run_id)
+    files = [p for p in [*downloaded.rglob("*"), *local.rglob("*")] if p.is_file()]
+    names = {p.name for p in files}
+    assert {"config.yaml", "best.ckpt", "last.ckpt"} <= names
+    for secret in (password, db_secret):
+        assert [p for p in files if _holds(p, secret)] == [], "secret in an artifact or checkpoint"
+    ckpt = read_checkpoint(local / "last.ckpt")
+    assert ckpt["hyper_parameters"]["source"].startswith("postgresql://reader:***@")
+    assert ckpt["practicum"]["tracking_uri"] == run.data.params["tracking_uri"]
+
+
+def test_make_server_on_the_wheels_postgres_shows_no_secret(tmp_path):
+    """`python -m server` (make server) on a machine without system PostgreSQL: the pgserver wheel's
+    serves; the admin's password goes to an owner-only file, not to the terminal or any command line."""
+    state = _state_dir()
+    (tmp_path / "empty.env").touch()  # not the developer's .env
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PRACTICUM_PG_"))}
+    env.update(_env(), PRACTICUM_PG_ROOT=str(tmp_path))  # an empty root hides /usr/lib/postgresql
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--port", "0", "--state-dir", str(state), "--env-file", str(tmp_path / "empty.env")],
+        cwd=srv.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = ""
+        for line in proc.stdout:  # until it serves (or exits: start-up gives up after 180 s)
+            out += line
+            if "Ctrl-C stops it" in line:
+                break
+        assert proc.poll() is None, out
+        assert "pgserver wheel" in out
+        wheel_version = subprocess.run([str(srv.wheel_bindir() / "initdb"), "--version"], capture_output=True, text=True).stdout
+        major = (state / "postgres" / "data" / "PG_VERSION").read_text().strip()
+        assert re.search(rf"\) {major}\.", wheel_version), (major, wheel_version)  # made by the wheel's initdb
+
+        client_env = state / "client.env"
+        assert str(client_env) in out
+        assert client_env.stat().st_mode & 0o777 == 0o600
+        client = srv.read_dotenv(client_env)
+        assert client["MLFLOW_TRACKING_PASSWORD"] == env["MLFLOW_ADMIN_PASSWORD"]
+        search = requests.get(client["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search",
+                              params={"max_results": 1}, timeout=30,
+                              auth=(client["MLFLOW_TRACKING_USERNAME"], client["MLFLOW_TRACKING_PASSWORD"]))
+        assert search.status_code == 200  # the file is all a teammate needs
+        for key in srv.GENERATED_SECRETS:
+            assert env[key] not in out, f"{key} printed"
+            assert not [pid for pid, line in _command_lines().items() if env[key] in line], f"{key} on a command line"
+        proc.send_signal(signal.SIGTERM)  # stops as Ctrl-C does
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # main() stops PostgreSQL and MLflow before it exits
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(state, ignore_errors=True)
