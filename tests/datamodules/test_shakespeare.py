@@ -10,7 +10,7 @@ import torch
 import datamodules.shakespeare as sh
 from datamodules.shakespeare import RandomWindowBatches, ShakespeareDataModule, play_to_text
 from datamodules.tokenizers import tokenizer_from_state, train_tokenizer
-from tests.data import shakespeare_text, tiny_shakespeare
+from tests.data import shakespeare_text
 
 TEXT = shakespeare_text()
 SAMPLE = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak. Ünïcødé — ok?\n"
@@ -41,10 +41,12 @@ def test_char_tokenizer_names_unseen_character():
         tok.encode("abz")
 
 
-def test_tinyshakespeare_split_matches_nanogpt():
-    path = tiny_shakespeare()
-    assert sh.md5sum(path) == sh.TINYSHAKESPEARE_MD5  # the checksum the download is held to
-    dm = tiny_dm(path=str(path), max_chars=None)
+def test_tinyshakespeare_ships_with_the_package_and_matches_nanogpt():
+    # No path, no network: the packaged copy, which must be the exact nanoGPT corpus.
+    text = sh.load_tinyshakespeare()
+    assert hashlib.md5(text.encode("utf-8")).hexdigest() == "6fb458f1232090904fb40fe944165e91"
+    assert len(text) == 1_115_394
+    dm = tiny_dm(path=None, max_chars=None)
     dm.setup()
     # nanoGPT's shakespeare_char prepare.py: 65 characters, 1,003,854 train / 111,540 val tokens
     assert dm.tokenizer.vocab_size == 65
@@ -151,24 +153,19 @@ def test_test_split_is_cut_from_validation_and_leaves_training_alone():
     assert torch.equal(x.reshape(-1), b.test_data[: n * 16]) and torch.equal(y.reshape(-1), b.test_data[1 : n * 16 + 1])
 
 
-def test_download_checks_md5(tmp_path, monkeypatch):
-    """The download is kept only when its md5 is the expected one (here that of a stand-in text:
-    the real file's md5 is checked against the constant in the split test above)."""
-    good = TEXT.read_bytes()
-    monkeypatch.setattr(sh, "TINYSHAKESPEARE_MD5", hashlib.md5(good).hexdigest())
+def test_packaged_corpus_is_checked_and_installed(monkeypatch):
+    """A damaged packaged copy is refused by its md5, and the wheel carries the file (package-data)."""
+    import tomllib
 
-    def fake_fetch(url, dest):
-        assert url == sh.TINYSHAKESPEARE_URL
-        Path(dest).write_bytes(good)
-
-    monkeypatch.setattr(sh.urllib.request, "urlretrieve", fake_fetch)
-    dm = ShakespeareDataModule(corpus="tinyshakespeare", cache_dir=str(tmp_path), max_chars=5000, block_size=8)
-    dm.prepare_data()
-    assert (tmp_path / "tinyshakespeare" / "input.txt").is_file()
-    dm.setup()
-    monkeypatch.setattr(sh.urllib.request, "urlretrieve", lambda url, dest: Path(dest).write_text("corrupt"))
-    with pytest.raises(ValueError, match="md5"):
-        sh.download_tinyshakespeare(tmp_path / "other")
+    pyproject = tomllib.loads((Path(sh.__file__).parents[1] / "pyproject.toml").read_text())
+    assert "data/*.xz" in pyproject["tool"]["setuptools"]["package-data"]["datamodules"]
+    monkeypatch.setattr(sh, "TINYSHAKESPEARE_MD5", "0" * 32)
+    sh.load_tinyshakespeare.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="md5 mismatch.*path="):
+            sh.load_tinyshakespeare()
+    finally:
+        sh.load_tinyshakespeare.cache_clear()
 
 
 @pytest.mark.parametrize(
