@@ -116,7 +116,7 @@ def check_reachable(client: MlflowClient, uri: str, attempts: int = 3) -> None:
             time.sleep(1.0 if attempt < attempts - 1 else 0)
     first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
     raise TrackingError(
-        f"tracking store at '{uri}' is not usable: {first}. Start the server (make server, or docker compose up), "
+        f"tracking store at '{redact(uri)}' is not usable: {redact(first)}. Start the server (make server, or docker compose up), "
         "check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, or use --tracking_uri."
     ) from None
 

@@ -459,7 +459,7 @@ class TrackingServer:
         # Any local user reads a process's command line (/proc/PID/cmdline, ps); only its owner reads
         # its environment. Secrets (the database URI holds the password) go through the environment.
         for secret in (self.db_password, self.admin_password, env.get("MLFLOW_FLASK_SERVER_SECRET_KEY", "")):
-            if secret and any(secret in a for a in args):
+            if len(secret) >= 8 and any(secret in a for a in args):  # shorter ones could match by chance
                 raise ValueError(f"{COMPOSE_FILE.name} puts a secret on the command line of mlflow server, where "
                                  "every local user can read it; pass it in the service's environment instead "
                                  "(e.g. MLFLOW_BACKEND_STORE_URI for --backend-store-uri)")

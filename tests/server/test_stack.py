@@ -87,6 +87,16 @@ def test_loopback_command_is_the_compose_command_with_container_parts_swapped(tm
     assert added["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
 
 
+def test_a_compose_file_with_a_secret_on_the_command_line_is_refused(tmp_path):
+    # The old compose file's way: the database URI as an argument of mlflow server.
+    doc = yaml.safe_load(srv.COMPOSE_FILE.read_text())
+    doc["services"]["mlflow"]["command"] += ["--backend-store-uri", doc["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]]
+    (tmp_path / "compose.yml").write_text(yaml.safe_dump(doc))
+    server = srv.TrackingServer(tmp_path / "state", _env(), port=5000, compose_file=tmp_path / "compose.yml")
+    with pytest.raises(ValueError, match="secret on the command line.*MLFLOW_BACKEND_STORE_URI"):
+        server.mlflow_command(db_port=5432)
+
+
 def test_compose_pins_versions_and_binds_loopback():
     services = COMPOSE["services"]
     for name, svc in services.items():
