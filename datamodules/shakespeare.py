@@ -10,8 +10,8 @@ cut from the end of the validation text, so the training text never changes with
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
-import lzma
 import re
 from importlib import resources
 from pathlib import Path
@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_wor
 from datamodules.tokenizers import TOKENIZERS, Tokenizer, train_tokenizer
 
 # karpathy/char-rnn's data/tinyshakespeare/input.txt (public domain; the corpus nanoGPT's
-# shakespeare_char reports on), shipped xz-compressed (360 kB) so it needs no download.
+# shakespeare_char reports on), shipped gzip-compressed (430 kB: zlib is in every Python build,
+# unlike xz's library) so it needs no download.
 TINYSHAKESPEARE_SOURCE = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"  # of the decompressed text
 CORPORA = ("shakespeare-plays", "tinyshakespeare")
@@ -34,9 +35,9 @@ CORPORA = ("shakespeare-plays", "tinyshakespeare")
 @functools.lru_cache(maxsize=1)
 def load_tinyshakespeare() -> str:
     """The packaged tiny Shakespeare text (1,115,394 characters), checked against its md5."""
-    raw = lzma.decompress((resources.files("datamodules") / "data" / "tinyshakespeare.txt.xz").read_bytes())
+    raw = gzip.decompress((resources.files("datamodules") / "data" / "tinyshakespeare.txt.gz").read_bytes())
     if hashlib.md5(raw).hexdigest() != TINYSHAKESPEARE_MD5:
-        raise ValueError("datamodules/data/tinyshakespeare.txt.xz does not hold tiny Shakespeare (md5 mismatch); "
+        raise ValueError("datamodules/data/tinyshakespeare.txt.gz does not hold tiny Shakespeare (md5 mismatch); "
                          "reinstall practicum, or pass path= to a copy of " + TINYSHAKESPEARE_SOURCE)
     return raw.decode("utf-8")
 

@@ -158,7 +158,7 @@ def test_packaged_corpus_is_checked_and_installed(monkeypatch):
     import tomllib
 
     pyproject = tomllib.loads((Path(sh.__file__).parents[1] / "pyproject.toml").read_text())
-    assert "data/*.xz" in pyproject["tool"]["setuptools"]["package-data"]["datamodules"]
+    assert "data/*.gz" in pyproject["tool"]["setuptools"]["package-data"]["datamodules"]
     monkeypatch.setattr(sh, "TINYSHAKESPEARE_MD5", "0" * 32)
     sh.load_tinyshakespeare.cache_clear()
     try:
