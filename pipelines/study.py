@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -57,7 +58,8 @@ import yaml  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from pipelines import tracking as trk  # noqa: E402
-from pipelines.compare import StudyTable, render, study_table  # noqa: E402
+from pipelines.compare import StudyTable, render, reported, study_table  # noqa: E402
+from pipelines.console import summary_line  # noqa: E402
 from pipelines.config import to_cli_args  # noqa: E402
 from pipelines.tracking import ConfigError, StageFailed  # noqa: E402
 
@@ -244,6 +246,7 @@ def run_study(
     logged to the parent: comparison.csv (the summary's raw values), runs.csv, differences.csv,
     comparison.md, comparison.txt and plots.
     """
+    from pipelines.callbacks import ProgressLine
     from pipelines.run import RunResult, run_experiment  # Lightning: only when variants run
     from pipelines.tune import tune_variant
 
@@ -289,24 +292,31 @@ def run_study(
     tuned: dict[str, dict] = {}
     status = "FINISHED"
     jobs = [(name, seed) for name in names for seed in study.seeds]
-    bar = tqdm(jobs, desc=f"study {study.name}", unit="run", position=0, leave=True)
-    for name, seed in bar:
+    metric = reported(study.primary_metric, study.report)
+    # One line for the whole study (runs done, elapsed, remaining; the running variant, its step and
+    # metric), and one line per finished run above it.
+    bar = tqdm(total=len(jobs), desc=study.name, unit="run", position=0, leave=False, dynamic_ncols=True)
+    for name, seed in jobs:
         label = name if seed is None else f"{name} seed={seed}"
         bar.set_postfix_str(label)
         child_tags = {trk.TAG_STUDY: study.name, trk.TAG_VARIANT: name, trk.TAG_ROLE: "variant"}
+        started = time.monotonic()
         try:
             config, vargs = study.variant_config(name, stage_runs)
             if study.tune is not None and name not in tuned:  # the variant's search, once, before its seeds
                 tuned[name] = tune_variant(study.name, name, config, [*vargs, *args], study.tune, uri,
-                                           parent_run_id=parent, experiment=study.name, system_metrics=system_metrics)
-                tqdm.write(f"[{study.name}] {name}: tuned {tuned[name]['best_params']} "
-                           f"({study.tune.metric} {tuned[name]['best_value']:.4g}, {tuned[name]['n_trials']} trials)")
+                                           parent_run_id=parent, experiment=study.name, system_metrics=system_metrics,
+                                           progress=ProgressLine(bar, f"{name} tuning", study.tune.metric))
+                bar.write(f"[{study.name}] {name}: tuned {tuned[name]['best_params']} "
+                          f"({study.tune.metric} {tuned[name]['best_value']:.4g}, {tuned[name]['n_trials']} trials)")
+                started = time.monotonic()
             best = tuned[name]["best_params"] if name in tuned else {}
             if best:
                 child_tags["practicum.tuned"] = json.dumps(best)
             res = run_experiment(config, [*vargs, *args, *to_cli_args(best), *study.seed_args(seed)], uri,
                                  experiment=study.name, run_name=label, parent_run_id=parent, tags=child_tags,
-                                 system_metrics=system_metrics)
+                                 system_metrics=system_metrics, callbacks=[ProgressLine(bar, label, study.primary_metric)],
+                                 progress_bar=False)
         except (ConfigError, trk.TrackingError) as e:
             # The variant never started: record it as a FAILED child so the table shows it.
             run = client.create_run(exp_id, run_name=label, tags={
@@ -315,10 +325,12 @@ def run_study(
             client.set_terminated(run.info.run_id, "FAILED")
             res = RunResult(run.info.run_id, "FAILED", error=str(e))
         results.append(res)
-        tqdm.write(f"[{study.name}] {label}: {res.status}" + (f" ({res.error})" if res.error else ""))
+        bar.update(1)
+        bar.write(f"[{study.name}] " + summary_line(label, res, metric, time.monotonic() - started))
         if res.status == "KILLED":
             status = "KILLED"
             break
+    bar.close()
     if all(r.status == "FAILED" for r in results):
         status = "FAILED"
     table = study_table(client, client.get_run(parent))
