@@ -58,7 +58,7 @@ import yaml  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from pipelines import tracking as trk  # noqa: E402
-from pipelines.compare import StudyTable, render, reported, study_table  # noqa: E402
+from pipelines.compare import StudyTable, human, render, reported, study_table  # noqa: E402
 from pipelines.console import summary_line  # noqa: E402
 from pipelines.config import to_cli_args  # noqa: E402
 from pipelines.tracking import ConfigError, StageFailed  # noqa: E402
@@ -391,16 +391,22 @@ def study_plots(client: trk.MlflowClient, parent_id: str, primary: str) -> dict[
     figs: dict[str, Any] = {}
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, rs in groups.items():
+    markers = "osD^vP*X"
+    for i, (name, rs) in enumerate(groups.items()):
         curves = [{m.step: m.value for m in client.get_metric_history(r.info.run_id, primary)} for r in rs]
         curves = [c for c in curves if c]
         if not curves:
             continue
         steps = sorted(set.intersection(*(set(c) for c in curves)))
         vals = np.array([[c[t] for t in steps] for c in curves])
-        (line,) = ax.plot(steps, vals.mean(0), label=f"{name} (n={len(curves)})", marker="." if len(steps) < 30 else None)
-        if len(curves) > 1:
+        # distinct hollow markers: variants with equal values (two k-NNs) stay visible on top of each other
+        (line,) = ax.plot(steps, vals.mean(0), label=f"{name} (n={len(curves)})", marker=markers[i % len(markers)],
+                          markevery=max(1, len(steps) // 15), markerfacecolor="none", markersize=5 + 2 * (i % 3))
+        if len(curves) > 1 and len(steps) > 1:
             ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
+        elif len(curves) > 1:  # one evaluation (a fit-once model): its spread as an error bar
+            ax.errorbar(steps, vals.mean(0), yerr=[vals.mean(0) - vals.min(0), vals.max(0) - vals.mean(0)],
+                        color=line.get_color(), capsize=4, linewidth=1)
     ax.set(xlabel="step", ylabel=primary, title=f"{primary} per variant: mean over seeds, band min-max")
     if ax.lines:
         ax.legend()
@@ -413,14 +419,20 @@ def study_plots(client: trk.MlflowClient, parent_id: str, primary: str) -> dict[
 
     # The ledger, the peaks and the throughput each get their own axis: a few-MiB ledger difference
     # (LoRA's optimizer state against full's) must not be a sliver under a GiB-sized RSS.
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
-    bottom = np.zeros(len(names))
-    for key in MEMORY_KEYS:
-        mean, _ = stat(key, 2**20)
-        bars = ax1.bar(names, mean, bottom=bottom, label=key.split("/")[1].replace("_bytes", ""))
-        ax1.bar_label(bars, labels=[f"{v:.3g}" if v else "" for v in mean], label_type="center", fontsize=7)
-        bottom = bottom + mean
-    ax1.set(ylabel="MiB", title="memory ledger (stacked, exact bytes)")
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))
+    # The ledger's components side by side on a log axis, each bar labelled: a LoRA run's optimizer
+    # state is a few percent of full fine-tuning's, and a logistic regression's KiB sit beside a k-NN's MiB.
+    width = 0.8 / len(MEMORY_KEYS)
+    for i, key in enumerate(MEMORY_KEYS):
+        mean, _ = stat(key)
+        x = np.arange(len(names)) + (i - (len(MEMORY_KEYS) - 1) / 2) * width
+        bars = ax1.bar(x, np.where(mean > 0, mean, np.nan), width, label=key.split("/")[1].replace("_bytes", ""))
+        ax1.bar_label(bars, labels=[human(v, key) if v > 0 else "" for v in mean], fontsize=6, rotation=90,
+                      padding=2)
+    ax1.set_xticks(np.arange(len(names)), names)
+    ax1.set_yscale("log")
+    ax1.margins(y=0.25)
+    ax1.set(ylabel="bytes (log)", title="memory ledger per component (exact bytes)")
     ax1.legend(fontsize=7)
     width = 0.8 / len(PEAK_KEYS)
     for i, key in enumerate(PEAK_KEYS):
@@ -437,6 +449,8 @@ def study_plots(client: trk.MlflowClient, parent_id: str, primary: str) -> dict[
     mean, sd = stat(key)
     bars = ax3.bar(names, mean, yerr=sd, capsize=3, color="tab:green")
     ax3.bar_label(bars, fmt="%.4g", fontsize=7)
+    if (mean > 0).all() and mean.max() / mean.min() > 20:  # a fit-once model beside gradient steps
+        ax3.set_yscale("log")
     ax3.set(ylabel=key, title="throughput (error bar: sd over seeds)")
     for a in (ax1, ax2, ax3):
         a.tick_params(axis="x", rotation=30)
