@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	@for s in $(DEMO_STUDIES); do echo "== practicum study $$s"; $(BIN)/practicum study $$s || exit 1; done
-	@echo; echo "Compare again any time: $(BIN)/practicum compare STUDY_NAME"; echo "Browse every run: $(BIN)/practicum ui  (then open http://127.0.0.1:5000)"
+	@echo; echo "== What to look at next: each study's verdict, and the page of its runs"
+	@$(BIN)/practicum summary $(DEMO_STUDIES)
+	@echo "Tables again: $(BIN)/practicum compare STUDY_NAME    The UI: $(BIN)/practicum ui --open"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

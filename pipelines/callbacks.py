@@ -1,7 +1,9 @@
-"""The callbacks every run gets, whatever its project: a NaN guard, the resource ledger, checkpoints."""
+"""The callbacks every run gets, whatever its project: a NaN guard, the resource ledger, checkpoints;
+and a study's progress line."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +51,32 @@ def pipeline_callbacks(ckpt_dir: Path, info: dict[str, Any], monitor: str | None
     last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
                            enable_version_counter=False, every_n_train_steps=every_n_steps)
     return [NaNGuard(), ResourceMonitor(), best, last, *tail]
+
+
+class ProgressLine(Callback):
+    """Feeds one study-wide bar: the variant and seed running, its step of max_steps and the primary metric.
+
+    The bar itself (`tqdm`) counts runs and shows elapsed and remaining time; this only sets its postfix,
+    at most a few times a second.
+    """
+
+    def __init__(self, bar, label: str, metric: str, every_s: float = 0.5):
+        self.bar, self.label, self.metric, self.every_s = bar, label, metric, every_s
+        self._last = 0.0
+
+    def _update(self, trainer, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.every_s:
+            return
+        self._last = now
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        step = f"step {trainer.global_step}" + (f"/{total}" if total else "")
+        value = trainer.callback_metrics.get(self.metric)
+        shown = f" {self.metric} {float(value):.4g}" if value is not None and value.numel() == 1 else ""
+        self.bar.set_postfix_str(f"{self.label} {step}{shown}", refresh=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._update(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._update(trainer, force=True)

@@ -15,7 +15,10 @@ USAGE = """practicum <command> ...
   compare STUDY [--format table|csv|json|markdown]   the study's table, rebuilt from MLflow
   estimate CONFIG.yaml [--gpu H100-80GB] [--section.key=value ...]   predict the fine-tune's memory per GPU, offline
   generate CHECKPOINT_OR_RUN_ID --prompt TEXT [--max_new_tokens N]   sample from a trained model
-  ui [--port 5000]                            the MLflow UI on the tracking store
+  summary STUDY_OR_YAML ...                   each study's one-line verdict and the URL of its runs
+  ui [--port 5000] [--study NAME] [--open]    the MLflow UI on the tracking store, landing on a study's runs
+
+  --verbose (any command): show what Lightning, MLflow and Python warnings say; quiet by default
 """
 
 
@@ -25,12 +28,17 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    commands = {"run": cmd_run, "study": cmd_study, "compare": cmd_compare, "estimate": cmd_estimate, "generate": cmd_generate, "ui": cmd_ui}
+    verbose = "--verbose" in rest
+    rest = [a for a in rest if a != "--verbose"]
+    commands = {"run": cmd_run, "study": cmd_study, "compare": cmd_compare, "summary": cmd_summary,
+                "estimate": cmd_estimate, "generate": cmd_generate, "ui": cmd_ui}
     if cmd not in commands:
         print(f"practicum: unknown command '{cmd}'; choose one of: {', '.join(commands)}\n\n{USAGE}", file=sys.stderr)
         return 2
+    from pipelines import console
     from pipelines.tracking import ConfigError, StageFailed, TrackingError
 
+    console.configure(verbose)
     try:
         return commands[cmd](rest)
     except (ConfigError, TrackingError, StageFailed, FileNotFoundError, LookupError) as e:
@@ -70,15 +78,38 @@ def cmd_study(args: list[str]) -> int:
     p.add_argument("--variants", nargs="+", help="run only these variants")
     p.add_argument("--no_system_metrics", action="store_true")
     ns, rest = p.parse_known_args(args)
+    from pipelines import tracking as trk
     from pipelines.compare import render
     from pipelines.study import run_study
 
     parent, table = run_study(ns.study, rest, ns.tracking_uri, only=ns.variants,
                               system_metrics=not ns.no_system_metrics)
-    print(f"\nstudy parent run {parent}\n")
-    print(render(table, "table"))
-    print("\nOpen the MLflow UI with: practicum ui")
+    uri = trk.resolve_tracking_uri(ns.tracking_uri)
+    exp_id = trk.MlflowClient(uri).get_run(parent).info.experiment_id
+    print(f"\n{render(table, 'table')}\n\nverdict: {table.verdict_line()}")
+    print(f"runs:    {trk.runs_url(trk.ui_base(uri), exp_id)}" + ("" if uri.startswith("http") else "  (after: practicum ui)"))
     return 0 if (table.runs["status"] == "FINISHED").all() else 1
+
+
+def cmd_summary(args: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="practicum summary")
+    p.add_argument("studies", nargs="+", help="study names, or study YAML files")
+    p.add_argument("--tracking_uri")
+    ns = p.parse_args(args)
+    from pipelines import tracking as trk
+    from pipelines.compare import find_parent, study_table
+    from pipelines.study import load_study
+
+    uri = trk.resolve_tracking_uri(ns.tracking_uri)
+    client = trk.MlflowClient(uri)
+    for name in ns.studies:
+        name = load_study(name).name if name.endswith((".yaml", ".yml")) else name
+        parent = find_parent(client, name)
+        print(f"{name}: {study_table(client, parent).verdict_line()}\n"
+              f"    {trk.runs_url(trk.ui_base(uri), parent.info.experiment_id)}")
+    if not uri.startswith("http"):
+        print("(the links open once the UI runs: practicum ui)")
+    return 0
 
 
 def cmd_compare(args: list[str]) -> int:
@@ -159,22 +190,67 @@ def cmd_ui(args: list[str]) -> int:
     p = argparse.ArgumentParser(prog="practicum ui")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--study", help="land on this study's runs (default: the newest study)")
+    p.add_argument("--open", action="store_true", help="open the page in the browser")
     p.add_argument("--tracking_uri")
     ns = p.parse_args(args)
     from pipelines import tracking as trk
 
     uri = trk.resolve_tracking_uri(ns.tracking_uri)
+    url = landing_url(uri, trk.ui_base(uri, ns.host, ns.port), ns.study)
     if uri.startswith(("http://", "https://")):
-        print(f"The tracking server has its own UI: {uri}")
+        print(f"The tracking server has its own UI: {url}")
+        _open(url, ns.open)
         return 0
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", ns.host, "--port", str(ns.port)]
     if art := trk.default_artifact_location(uri):
         cmd += ["--default-artifact-root", art]
-    print(f"MLflow UI on {uri}: http://{ns.host}:{ns.port}  (Ctrl-C stops it)", flush=True)
+    print(f"MLflow UI on {uri}: {url}  (Ctrl-C stops it)", flush=True)
     try:
-        return subprocess.call(cmd, env={**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"})
+        proc = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"})
+        if ns.open and _wait_http(trk.ui_base(uri, ns.host, ns.port)):
+            _open(url, True)
+        return proc.wait()
     except KeyboardInterrupt:
         return 0
+
+
+def landing_url(uri: str, base: str, study: str | None = None) -> str:
+    """The runs of `study` (default: the newest study's parent run) in the model-training view; the
+    experiment list when the store holds no study yet."""
+    from pipelines import tracking as trk
+    from pipelines.compare import find_parent
+
+    client = trk.MlflowClient(uri)
+    if study:
+        return trk.runs_url(base, find_parent(client, study).info.experiment_id)
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    newest = client.search_runs(exp_ids, f"tags.`{trk.TAG_ROLE}` = 'parent'", order_by=["attributes.start_time DESC"],
+                                max_results=1) if exp_ids else []
+    if not newest:  # no study yet: the newest run's experiment, or the list of experiments
+        newest = client.search_runs(exp_ids, order_by=["attributes.start_time DESC"], max_results=1) if exp_ids else []
+    return trk.runs_url(base, newest[0].info.experiment_id) if newest else f"{base}/#/experiments"
+
+
+def _wait_http(base: str, timeout_s: float = 60.0) -> bool:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=2)
+            return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+def _open(url: str, really: bool) -> None:
+    if really:
+        import webbrowser
+
+        webbrowser.open(url)
 
 
 if __name__ == "__main__":

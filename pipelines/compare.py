@@ -76,6 +76,16 @@ class StudyTable:
     warnings: list[str] = field(default_factory=list)
     quick: bool = False
 
+    def verdict_line(self) -> str:
+        """One line: each variant against the baseline on the report metric, as the verdicts say it."""
+        d = self.differences[self.differences["metric"] == self.report_metric]
+        if d.empty:
+            return f"{self.report_metric}: no baseline to compare against"
+        parts = [f"{r['variant']} {r['verdict']} (Δ {human(r['difference'], self.report_metric)}"
+                 f" ± {human(r['difference ±'], self.report_metric)}, n={r['n_pairs']})" for _, r in d.iterrows()]
+        return (f"{self.report_metric} vs {self.baseline}: " + "; ".join(parts)
+                + (" [quick: a smoke test, not a verdict]" if self.quick else ""))
+
 
 def _meta(parent) -> dict:
     t = parent.data.tags

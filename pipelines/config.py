@@ -7,6 +7,7 @@ the right tracking store in between (`pipelines.run.run_experiment`).
 
 from __future__ import annotations
 
+import os
 import difflib
 import json
 import importlib.util
@@ -46,6 +47,11 @@ class PracticumCLI(LightningCLI):
         parser.add_argument("--run_name", type=Optional[str], default=None)
         parser.add_argument("--log_checkpoint", type=bool, default=True, help="upload checkpoints to the run")
         parser.add_argument("--system_metrics", type=bool, default=True, help="MLflow CPU/RAM/GPU sampling")
+        parser.add_argument("--log_model", type=bool, default=os.environ.get("PRACTICUM_LOG_MODEL", "1") != "0",
+                            help="also log the best checkpoint as an MLflow Model (pyfunc); "
+                                 "default on, off with $PRACTICUM_LOG_MODEL=0")
+        parser.add_argument("--register", type=Optional[str], default=None,
+                            help="register the logged model under this name in the MLflow Model Registry")
         parser.add_argument("--checkpoint_monitor", type=Optional[str], default="val/loss")
         parser.add_argument("--checkpoint_mode", type=str, default="min")
         parser.add_argument("--checkpoint_every_n_steps", type=Optional[int], default=None,

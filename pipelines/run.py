@@ -9,6 +9,7 @@ resume and inputs from earlier runs are `pipelines.checkpoint`.
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,13 @@ from typing import Sequence
 import yaml
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from pipelines import console
 from pipelines import tracking as trk
 from pipelines.callbacks import pipeline_callbacks
 from pipelines.checkpoint import find_resume_point, inputs_tag, resolve_run_inputs
 from pipelines.config import PracticumCLI, check_strategy, project_of
+from pipelines.lineage import DataLineage, log_datasets
+from pipelines.tracking import ConfigError
 from pipelines.resources import ResourceMonitor
 from pipelines.session import Session, is_rank_zero, one_line
 
@@ -59,15 +63,18 @@ def run_experiment(
     tags: dict[str, str] | None = None,
     system_metrics: bool = True,
     callbacks: Sequence = (),
+    progress_bar: bool = True,
 ) -> RunResult:
     """Fit (then test, where the datamodule has a test split) one config into one MLflow run.
 
     `callbacks` are added to the config's and the pipeline's (a tuner's pruning callback, say).
+    `progress_bar=False` leaves the progress to the caller (a study draws one line for all its runs).
 
     Raises ``ConfigError`` for a config the schema rejects (before any run is opened) and
     ``TrackingError`` when the store cannot be used. Any error after the run is opened ends the run
     FAILED (Ctrl-C or SIGTERM: KILLED) with what it logged kept, and is returned, not raised.
     """
+    console.apply()  # Lightning and MLflow are imported by now: their INFO chatter off unless --verbose
     # 1. Parse against the typed signatures; resolve where the run goes, once.
     cli = PracticumCLI((["--config", str(config)] if config else []) + list(args))
     cfg = cli.config
@@ -111,11 +118,13 @@ def run_experiment(
         info = {"class_path": cfg.model.class_path, "run_id": s.run_id, "tracking_uri": uri,
                 **({"datamodule_class_path": cfg.data.class_path} if cfg.get("data") else {})}
         trainer_cfg = cli.config_init.get("trainer") or {}
-        callbacks = [*(trainer_cfg.get("callbacks") or []), *callbacks, *pipeline_callbacks(
+        lineage = DataLineage()
+        callbacks = [*(trainer_cfg.get("callbacks") or []), *callbacks, lineage, *pipeline_callbacks(
             s.ckpt_dir, info, cfg.checkpoint_monitor, cfg.checkpoint_mode, cfg.checkpoint_every_n_steps,
             checkpointing=trainer_cfg.get("enable_checkpointing") is not False)]
         trainer = cli.instantiate_trainer(logger=s.logger or False, callbacks=callbacks,
-                                          default_root_dir=trainer_cfg.get("default_root_dir") or str(trk.local_dir(uri)))
+                                          default_root_dir=trainer_cfg.get("default_root_dir") or str(trk.local_dir(uri)),
+                                          **console.trainer_overrides(trainer_cfg, progress_bar))
 
         # 5. Fit, then test the best checkpoint where the project has a test split.
         trainer.fit(model, datamodule=dm, ckpt_path=resume_ckpt)
@@ -129,6 +138,9 @@ def run_experiment(
             trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=False)
         if trainer.interrupted:
             status = "KILLED"
+        elif trainer.is_global_zero:
+            _log_model(s, cfg, model, trainer)
+            _log_datasets(s, dm, lineage)
     except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or Lightning's SIGTERMException
         status, error = "KILLED", e
     except Exception as e:
@@ -137,6 +149,36 @@ def run_experiment(
         # 6. Close the run with its status; checkpoints and the error are uploaded.
         status, error = s.end(status, error)
     return _result(s.run_id, status, error, trainer, metrics)
+
+
+def _log_model(s: Session, cfg, model, trainer) -> None:
+    """The best checkpoint as the run's MLflow Model (and a Registry version with --register). A model
+    that cannot be logged is a warning on the run, not a failed run: the checkpoint is there."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if not (cfg.log_model or cfg.register) or not best:
+        if cfg.register:
+            raise ConfigError(f"--register {cfg.register}: the run saved no checkpoint to register "
+                              "(enable checkpointing)")
+        return
+    from pipelines import models
+
+    try:
+        example = None
+        if models.kind_of(model) == "tensor" and trainer.val_dataloaders is not None:
+            example = next(iter(trainer.val_dataloaders))
+        models.log_model(s.client, s.run_id, s.uri, model, best, cfg.register, example)
+    except Exception as e:  # noqa: BLE001  (the run's results stand without their MLflow Model)
+        if cfg.register:
+            raise
+        s.set_tags({"practicum.model_error": one_line(e)})
+        print(f"warning: run {s.run_id} has no MLflow Model ({one_line(e)})", file=sys.stderr)
+
+
+def _log_datasets(s: Session, dm, lineage: DataLineage) -> None:
+    try:
+        log_datasets(s.client, s.run_id, dm, lineage.used)
+    except Exception as e:  # noqa: BLE001  (lineage is a convenience of the UI, never a failed run)
+        s.set_tags({"practicum.dataset_error": one_line(e)})
 
 
 def _scalars(d: dict) -> dict[str, float]:

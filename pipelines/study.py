@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -57,7 +58,8 @@ import yaml  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from pipelines import tracking as trk  # noqa: E402
-from pipelines.compare import StudyTable, render, study_table  # noqa: E402
+from pipelines.compare import StudyTable, human, render, reported, study_table  # noqa: E402
+from pipelines.console import summary_line  # noqa: E402
 from pipelines.config import to_cli_args  # noqa: E402
 from pipelines.tracking import ConfigError, StageFailed  # noqa: E402
 
@@ -244,6 +246,7 @@ def run_study(
     logged to the parent: comparison.csv (the summary's raw values), runs.csv, differences.csv,
     comparison.md, comparison.txt and plots.
     """
+    from pipelines.callbacks import ProgressLine
     from pipelines.run import RunResult, run_experiment  # Lightning: only when variants run
     from pipelines.tune import tune_variant
 
@@ -289,24 +292,31 @@ def run_study(
     tuned: dict[str, dict] = {}
     status = "FINISHED"
     jobs = [(name, seed) for name in names for seed in study.seeds]
-    bar = tqdm(jobs, desc=f"study {study.name}", unit="run", position=0, leave=True)
-    for name, seed in bar:
+    metric = reported(study.primary_metric, study.report)
+    # One line for the whole study (runs done, elapsed, remaining; the running variant, its step and
+    # metric), and one line per finished run above it.
+    bar = tqdm(total=len(jobs), desc=study.name, unit="run", position=0, leave=False, dynamic_ncols=True)
+    for name, seed in jobs:
         label = name if seed is None else f"{name} seed={seed}"
         bar.set_postfix_str(label)
         child_tags = {trk.TAG_STUDY: study.name, trk.TAG_VARIANT: name, trk.TAG_ROLE: "variant"}
+        started = time.monotonic()
         try:
             config, vargs = study.variant_config(name, stage_runs)
             if study.tune is not None and name not in tuned:  # the variant's search, once, before its seeds
                 tuned[name] = tune_variant(study.name, name, config, [*vargs, *args], study.tune, uri,
-                                           parent_run_id=parent, experiment=study.name, system_metrics=system_metrics)
-                tqdm.write(f"[{study.name}] {name}: tuned {tuned[name]['best_params']} "
-                           f"({study.tune.metric} {tuned[name]['best_value']:.4g}, {tuned[name]['n_trials']} trials)")
+                                           parent_run_id=parent, experiment=study.name, system_metrics=system_metrics,
+                                           progress=ProgressLine(bar, f"{name} tuning", study.tune.metric))
+                bar.write(f"[{study.name}] {name}: tuned {tuned[name]['best_params']} "
+                          f"({study.tune.metric} {tuned[name]['best_value']:.4g}, {tuned[name]['n_trials']} trials)")
+                started = time.monotonic()
             best = tuned[name]["best_params"] if name in tuned else {}
             if best:
                 child_tags["practicum.tuned"] = json.dumps(best)
             res = run_experiment(config, [*vargs, *args, *to_cli_args(best), *study.seed_args(seed)], uri,
                                  experiment=study.name, run_name=label, parent_run_id=parent, tags=child_tags,
-                                 system_metrics=system_metrics)
+                                 system_metrics=system_metrics, callbacks=[ProgressLine(bar, label, study.primary_metric)],
+                                 progress_bar=False)
         except (ConfigError, trk.TrackingError) as e:
             # The variant never started: record it as a FAILED child so the table shows it.
             run = client.create_run(exp_id, run_name=label, tags={
@@ -315,10 +325,12 @@ def run_study(
             client.set_terminated(run.info.run_id, "FAILED")
             res = RunResult(run.info.run_id, "FAILED", error=str(e))
         results.append(res)
-        tqdm.write(f"[{study.name}] {label}: {res.status}" + (f" ({res.error})" if res.error else ""))
+        bar.update(1)
+        bar.write(f"[{study.name}] " + summary_line(label, res, metric, time.monotonic() - started))
         if res.status == "KILLED":
             status = "KILLED"
             break
+    bar.close()
     if all(r.status == "FAILED" for r in results):
         status = "FAILED"
     table = study_table(client, client.get_run(parent))
@@ -379,16 +391,22 @@ def study_plots(client: trk.MlflowClient, parent_id: str, primary: str) -> dict[
     figs: dict[str, Any] = {}
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, rs in groups.items():
+    markers = "osD^vP*X"
+    for i, (name, rs) in enumerate(groups.items()):
         curves = [{m.step: m.value for m in client.get_metric_history(r.info.run_id, primary)} for r in rs]
         curves = [c for c in curves if c]
         if not curves:
             continue
         steps = sorted(set.intersection(*(set(c) for c in curves)))
         vals = np.array([[c[t] for t in steps] for c in curves])
-        (line,) = ax.plot(steps, vals.mean(0), label=f"{name} (n={len(curves)})", marker="." if len(steps) < 30 else None)
-        if len(curves) > 1:
+        # distinct hollow markers: variants with equal values (two k-NNs) stay visible on top of each other
+        (line,) = ax.plot(steps, vals.mean(0), label=f"{name} (n={len(curves)})", marker=markers[i % len(markers)],
+                          markevery=max(1, len(steps) // 15), markerfacecolor="none", markersize=5 + 2 * (i % 3))
+        if len(curves) > 1 and len(steps) > 1:
             ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
+        elif len(curves) > 1:  # one evaluation (a fit-once model): its spread as an error bar
+            ax.errorbar(steps, vals.mean(0), yerr=[vals.mean(0) - vals.min(0), vals.max(0) - vals.mean(0)],
+                        color=line.get_color(), capsize=4, linewidth=1)
     ax.set(xlabel="step", ylabel=primary, title=f"{primary} per variant: mean over seeds, band min-max")
     if ax.lines:
         ax.legend()
@@ -401,14 +419,20 @@ def study_plots(client: trk.MlflowClient, parent_id: str, primary: str) -> dict[
 
     # The ledger, the peaks and the throughput each get their own axis: a few-MiB ledger difference
     # (LoRA's optimizer state against full's) must not be a sliver under a GiB-sized RSS.
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
-    bottom = np.zeros(len(names))
-    for key in MEMORY_KEYS:
-        mean, _ = stat(key, 2**20)
-        bars = ax1.bar(names, mean, bottom=bottom, label=key.split("/")[1].replace("_bytes", ""))
-        ax1.bar_label(bars, labels=[f"{v:.3g}" if v else "" for v in mean], label_type="center", fontsize=7)
-        bottom = bottom + mean
-    ax1.set(ylabel="MiB", title="memory ledger (stacked, exact bytes)")
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))
+    # The ledger's components side by side on a log axis, each bar labelled: a LoRA run's optimizer
+    # state is a few percent of full fine-tuning's, and a logistic regression's KiB sit beside a k-NN's MiB.
+    width = 0.8 / len(MEMORY_KEYS)
+    for i, key in enumerate(MEMORY_KEYS):
+        mean, _ = stat(key)
+        x = np.arange(len(names)) + (i - (len(MEMORY_KEYS) - 1) / 2) * width
+        bars = ax1.bar(x, np.where(mean > 0, mean, np.nan), width, label=key.split("/")[1].replace("_bytes", ""))
+        ax1.bar_label(bars, labels=[human(v, key) if v > 0 else "" for v in mean], fontsize=6, rotation=90,
+                      padding=2)
+    ax1.set_xticks(np.arange(len(names)), names)
+    ax1.set_yscale("log")
+    ax1.margins(y=0.25)
+    ax1.set(ylabel="bytes (log)", title="memory ledger per component (exact bytes)")
     ax1.legend(fontsize=7)
     width = 0.8 / len(PEAK_KEYS)
     for i, key in enumerate(PEAK_KEYS):
@@ -425,6 +449,8 @@ def study_plots(client: trk.MlflowClient, parent_id: str, primary: str) -> dict[
     mean, sd = stat(key)
     bars = ax3.bar(names, mean, yerr=sd, capsize=3, color="tab:green")
     ax3.bar_label(bars, fmt="%.4g", fontsize=7)
+    if (mean > 0).all() and mean.max() / mean.min() > 20:  # a fit-once model beside gradient steps
+        ax3.set_yscale("log")
     ax3.set(ylabel=key, title="throughput (error bar: sd over seeds)")
     for a in (ax1, ax2, ax3):
         a.tick_params(axis="x", rotation=30)

@@ -17,6 +17,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 from mlflow.entities import Param
@@ -121,16 +122,35 @@ def check_reachable(client: MlflowClient, uri: str, attempts: int = 3) -> None:
     ) from None
 
 
+# MLflow 3 opens an experiment in its GenAI view unless told it holds model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if "mlflow.experimentKind" not in exp.tags:  # made before Practicum tagged its experiments
+            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=default_artifact_location(uri))
+        return client.create_experiment(name, artifact_location=default_artifact_location(uri), tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:  # created by a concurrent process meanwhile
         return client.get_experiment_by_name(name).experiment_id
+
+
+def ui_base(uri: str, host: str = "127.0.0.1", port: int = 5000) -> str:
+    """Where the UI of this store is: the server itself (credentials left out), or `practicum ui`'s address."""
+    if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)
+        return urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), parts.path, "", ""))
+    return f"http://{host}:{port}"
+
+
+def runs_url(base: str, experiment_id: str) -> str:
+    """The experiment's runs table in the UI's model-training view (MLflow 3 reads ``workflowType``)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -188,11 +188,13 @@ class TrialPruning(Callback):
 
 
 def tune_variant(study_name: str, variant: str, config: Path, args: list[str], spec: TuneSpec, uri: str, *,
-                 parent_run_id: str, experiment: str, seed: int = 0, system_metrics: bool = True) -> dict:
+                 parent_run_id: str, experiment: str, seed: int = 0, system_metrics: bool = True,
+                 progress=None) -> dict:
     """Run the variant's missing trials, then record the best on the parent run.
 
     Returns ``{"best_params", "best_value", "n_trials" (finished ones in the storage), "trials_run_now"}``;
-    ``best_value`` is NaN and ``best_params`` empty while no trial has completed.
+    ``best_value`` is NaN and ``best_params`` empty while no trial has completed. `progress`: a
+    callback that shows each trial's progress instead of Lightning's bar (a study's progress line).
     """
     from pipelines.config import PracticumCLI, to_cli_args
 
@@ -216,7 +218,8 @@ def tune_variant(study_name: str, variant: str, config: Path, args: list[str], s
             res = run_experiment(config, [*args, *to_cli_args(params)], uri, experiment=experiment,
                                  run_name=f"{variant}/trial-{trial.number}", parent_run_id=parent_run_id,
                                  tags={**tags, "practicum.trial": str(trial.number)},
-                                 system_metrics=system_metrics, callbacks=[pruning])
+                                 system_metrics=system_metrics, callbacks=[pruning, *([progress] if progress else [])],
+                                 progress_bar=progress is None)
             value = res.metrics.get(spec.metric)
             interrupted = res.status == "KILLED"
             if pruning.pruned and not interrupted:

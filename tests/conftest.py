@@ -4,6 +4,8 @@ import shutil
 import pytest
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+# Logging each run's MLflow Model costs seconds a run; the tests of that feature turn it on (--log_model=true).
+os.environ.setdefault("PRACTICUM_LOG_MODEL", "0")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,111 @@
+"""Open `practicum ui`'s URL in headless Chromium, check it lands on the study's runs, keep a screenshot.
+
+    python benchmarks/ui_screenshot.py [--tracking_uri URI] [--study NAME] [--out docs/images/mlflow-runs.png]
+
+Starts `practicum ui` on a free port for the store (default: mlruns/ after `make demo`), takes the
+URL it prints, and loads it in Chromium through Playwright (Debian's `chromium`, or $CHROMIUM; Playwright
+cannot download browsers offline). Exits 1, after saving the screenshot anyway, when the page is not
+the experiment's runs table in the model-training view, or does not list the study's parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tracking_uri")
+    p.add_argument("--study")
+    p.add_argument("--out", default="docs/images/mlflow-runs.png")
+    ns = p.parse_args()
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        print("no Chromium found: install Debian's `chromium` or set $CHROMIUM", file=sys.stderr)
+        return 2
+    from playwright.sync_api import sync_playwright
+
+    from pipelines import tracking as trk
+    from pipelines.compare import find_parent
+
+    uri = trk.resolve_tracking_uri(ns.tracking_uri)
+    client = trk.MlflowClient(uri)
+    port = free_port()
+    cmd = [sys.executable, "-m", "pipelines", "ui", "--port", str(port), "--tracking_uri", uri,
+           *(["--study", ns.study] if ns.study else [])]
+    ui = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        line = ui.stdout.readline()
+        m = re.search(r"(http://\S+)", line)
+        if not m:
+            print(f"practicum ui printed no URL: {line!r}", file=sys.stderr)
+            return 1
+        url = m.group(1)
+        exp_id = re.search(r"/experiments/(\d+)/runs", url).group(1)
+        parents = client.search_runs([exp_id], f"tags.`{trk.TAG_ROLE}` = 'parent'", max_results=1,
+                                     order_by=["attributes.start_time DESC"])
+        expected = parents[0].info.run_name if parents else find_parent(client, ns.study).info.run_name
+        deadline = time.monotonic() + 300  # the server takes seconds to start (a minute on a busy machine)
+        while time.monotonic() < deadline and ui.poll() is None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            print("the MLflow UI did not start", file=sys.stderr)
+            return 1
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1600, "height": 900})
+            page.goto(url)
+            ok = True
+            try:  # the runs table lists the study's parent run by name
+                page.get_by_text(expected, exact=True).first.wait_for(timeout=60_000)
+            except Exception:  # noqa: BLE001
+                ok = False
+            for label in ("Expand", "Expand row"):  # show the study's children under its parent
+                button = page.get_by_role("button", name=label)
+                if button.count():
+                    button.first.click()
+                    break
+            close = page.get_by_role("button", name="Close")  # the assistant's side panel
+            if close.count():
+                close.first.click()
+            time.sleep(2)  # let the table settle for the picture
+            Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=ns.out)
+            landed = page.url
+            genai = page.get_by_text("Traces", exact=True).count() > 0 and page.get_by_text("Detect Issues").count() > 0
+            browser.close()
+        checks = {
+            "the runs route": f"/experiments/{exp_id}/runs" in landed,
+            "the model-training view": "workflowType=machine_learning" in landed and not genai,
+            f"the parent run '{expected}' listed": ok,
+        }
+        for what, passed in checks.items():
+            print(f"{'ok  ' if passed else 'FAIL'} {what}")
+        print(f"{landed}\nscreenshot: {ns.out}")
+        return 0 if all(checks.values()) else 1
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""A run's best checkpoint as an MLflow Model, so `mlflow.pyfunc.load_model("runs:/ID/model")` serves it.
+
+One pyfunc wrapper for every project, chosen by what the module can do, as `practicum generate` does:
+a module with ``generate_text`` (the mini-GPT, a fine-tuned LM) takes prompts and returns text; one
+with ``sample`` (the DDPM) takes digit labels and returns images; any other ``nn.Module`` takes the
+input tensor of its ``forward``. The checkpoint travels as the model's artifact and is read with
+``weights_only=True`` (`pipelines.checkpoint.read_checkpoint`); Practicum's packages travel as code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+CODE = [str(ROOT / p) for p in ("modules", "datamodules", "pipelines")]
+TEXT_PARAMS = {"max_new_tokens": 100, "temperature": 0.8, "top_k": 0, "seed": 0}
+IMAGE_PARAMS = {"seed": 0}
+
+
+def kind_of(module) -> str | None:
+    if hasattr(module, "generate_text"):
+        return "text"
+    if hasattr(module, "sample") and hasattr(module, "schedule"):
+        return "images"
+    if type(module).forward is not __import__("torch").nn.Module.forward:
+        return "tensor"
+    return None
+
+
+class CheckpointModel(mlflow.pyfunc.PythonModel):
+    """pyfunc around a Practicum checkpoint (see the module docstring for the three interfaces)."""
+
+    def load_context(self, context) -> None:
+        from pipelines.checkpoint import locate, read_checkpoint
+
+        path = context.artifacts["checkpoint"]
+        info = read_checkpoint(path).get("practicum") or {}
+        cls = locate(info["class_path"])
+        self.module = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True).eval()
+        self.kind = kind_of(self.module)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
+        import torch
+
+        params = params or {}
+        with torch.no_grad():
+            if self.kind == "text":
+                p = {**TEXT_PARAMS, **params}
+                return [self.module.generate_text(str(prompt), max_new_tokens=int(p["max_new_tokens"]),
+                                                  temperature=float(p["temperature"]), top_k=int(p["top_k"]) or None,
+                                                  seed=int(p["seed"]))
+                        for prompt in _column(model_input, "prompt")]
+            if self.kind == "images":
+                labels = torch.as_tensor(np.asarray(_column(model_input, "label"), dtype=np.int64))
+                images, _ = self.module.sample(len(labels), labels=labels, seed=int(params.get("seed", 0)))
+                return ((images[:, 0] + 1) / 2).numpy()  # (n, H, W) in [0, 1]
+            x = torch.as_tensor(np.asarray(model_input), dtype=torch.float32)
+            return self.module(x).numpy()
+
+
+def _column(df, name: str) -> list:
+    if isinstance(df, pd.DataFrame):
+        if name not in df.columns:
+            raise ValueError(f"the model takes a column '{name}'; got columns {list(df.columns)}")
+        return df[name].tolist()
+    return list(df)
+
+
+def signature_and_example(module, example_batch=None):
+    """The signature and input example of each interface; None for a module without one."""
+    from mlflow.models import infer_signature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    kind = kind_of(module)
+    if kind == "text":
+        params = ParamSchema([ParamSpec(k, "long" if isinstance(v, int) else "double", v) for k, v in TEXT_PARAMS.items()])
+        sig = mlflow.models.ModelSignature(Schema([ColSpec("string", "prompt")]), Schema([ColSpec("string")]), params)
+        # MLflow checks the example by serving it once: a few tokens keep that check cheap
+        return sig, (pd.DataFrame({"prompt": ["ROMEO:"]}), {"max_new_tokens": 8})
+    if kind == "images":
+        size = module.config.image_size
+        params = ParamSchema([ParamSpec("seed", "long", 0)])
+        sig = mlflow.models.ModelSignature(Schema([ColSpec("long", "label")]),
+                                           Schema([TensorSpec(np.dtype(np.float32), (-1, size, size))]), params)
+        return sig, (pd.DataFrame({"label": [7]}), {"seed": 0})
+    if kind == "tensor" and example_batch is not None:
+        import torch
+
+        x = example_batch[0] if isinstance(example_batch, (list, tuple)) else example_batch
+        x = x[:2].float()
+        with torch.no_grad():
+            y = module.eval()(x)
+        return infer_signature(x.numpy(), y.numpy()), x.numpy()
+    return None, None
+
+
+def log_model(client, run_id: str, uri: str, module, checkpoint: str, register: str | None = None,
+              example_batch=None) -> str | None:
+    """Log `checkpoint` as the run's MLflow Model ``model``; with `register`, also a Registry version.
+
+    Returns the model URI, or None where the module has no interface to serve.
+    """
+    sig, example = signature_and_example(module, example_batch)
+    if sig is None:
+        return None
+    # MLflow's model logging is fluent only: point it at this run's store for the call, then back.
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        # Leaving the block marks the run FINISHED; the pipeline sets its true status right after.
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=CheckpointModel(), artifacts={"checkpoint": checkpoint},
+                signature=sig, input_example=example, code_paths=CODE, pip_requirements=_requirements(),
+                registered_model_name=register,
+            )
+    finally:
+        mlflow.set_tracking_uri(before)
+    client.set_tag(run_id, "practicum.model_uri", f"runs:/{run_id}/model")
+    return info.model_uri
+
+
+def _requirements() -> list[str]:
+    """Pinned from this environment, instead of MLflow's slow inference (it imports the model in a subprocess)."""
+    from importlib import metadata
+
+    out = []
+    for dist in ("torch", "lightning", "mlflow", "numpy", "pandas", "jsonargparse", "torchmetrics"):
+        try:
+            out.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return out

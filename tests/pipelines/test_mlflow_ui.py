@@ -1,0 +1,109 @@
+"""What the MLflow UI shows of a run: its MLflow Model (served in a fresh process), its datasets, and the
+URL `practicum ui` lands on."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from modules.diffusion.module import DiffusionModule
+from pipelines import tracking as trk
+from pipelines.cli import landing_url
+from pipelines.generate import load_checkpoint
+from pipelines.run import run_experiment
+from tests.modules.gpt.test_gpt_module import CONFIG as GPT_CONFIG
+from tests.modules.gpt.test_gpt_module import SMALL as GPT_SMALL
+
+ROOT = Path(__file__).resolve().parents[2]
+DDPM = [f"--model.init_args.{k}={v}" for k, v in {
+    "block_out_channels": "[8, 16]", "attention": "[false, true]", "num_timesteps": 50, "num_sample_steps": 4,
+    "num_eval_samples": 20, "eval_batch_size": 20, "classifier_checkpoint": "null",
+    "select_guidance": "null", "select_sample_steps": "null"}.items()] + [
+    "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1", "--data.init_args.batch_size=8", "--data.init_args.train_limit=32",
+    "--system_metrics=false", "--log_model=true"]
+
+
+def predict_in_fresh_process(uri: str, run_id: str, frame: dict, params: dict, cwd: Path):
+    """``mlflow.pyfunc.load_model("runs:/ID/model").predict(...)`` in a new interpreter, as a user serves it."""
+    code = (
+        "import json, sys, mlflow, numpy as np, pandas as pd\n"
+        f"mlflow.set_tracking_uri({uri!r})\n"
+        f"m = mlflow.pyfunc.load_model('runs:/{run_id}/model')\n"
+        f"out = m.predict(pd.DataFrame({frame!r}), params={params!r})\n"
+        "print(json.dumps(np.asarray(out).tolist()))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_gpt_run_logs_a_pyfunc_model_that_generates_in_a_fresh_process(tracking_uri, tmp_path):
+    res = run_experiment(GPT_CONFIG, [*GPT_SMALL, "--log_model=true", "--data.init_args.test_fraction=0.05"],
+                         tracking_uri=tracking_uri)
+    assert res.status == "FINISHED", res.error
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.get_run(res.run_id)
+    mlflow.set_tracking_uri(tracking_uri)
+    signature = mlflow.models.get_model_info(f"runs:/{res.run_id}/model").signature
+    assert signature.inputs.input_names() == ["prompt"] and signature.params is not None
+    assert run.data.tags["practicum.model_uri"] == f"runs:/{res.run_id}/model"
+
+    text = predict_in_fresh_process(tracking_uri, res.run_id, {"prompt": ["ROMEO:", "First"]},
+                                    {"max_new_tokens": 12, "seed": 3}, tmp_path)
+    reference = load_checkpoint(res.checkpoint)  # the best checkpoint, as `practicum generate` loads it
+    assert text == [reference.generate_text(p, 12, temperature=0.8, seed=3) for p in ("ROMEO:", "First")]
+
+    # the data the run used, per split, as MLflow datasets with their context
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation", "test"}
+    assert len({d.digest for d in inputs.values()}) == 3 and all(d.name.startswith("shakespeare") for d in inputs.values())
+    assert json.loads(inputs["validation"].profile)["num_examples"] > 0
+
+
+def test_ddpm_run_logs_a_pyfunc_model_that_samples_the_asked_digits(tracking_uri, tmp_path):
+    res = run_experiment(ROOT / "configs/diffusion/ddpm_mnist_cpu.yaml", DDPM, tracking_uri=tracking_uri)
+    assert res.status == "FINISHED", res.error
+    images = np.asarray(predict_in_fresh_process(tracking_uri, res.run_id, {"label": [3, 5]}, {"seed": 1}, tmp_path))
+    module = DiffusionModule.load_from_checkpoint(res.checkpoint, map_location="cpu", weights_only=True).eval()
+    with torch.no_grad():
+        expected, _ = module.sample(2, labels=torch.tensor([3, 5]), seed=1)
+    assert images.shape == (2, 28, 28) and 0 <= images.min() and images.max() <= 1
+    np.testing.assert_allclose(images, ((expected[:, 0] + 1) / 2).numpy(), atol=1e-5)
+    # training/validation/test datasets of the map-style MNIST carry the schema of one example
+    run = mlflow.MlflowClient(tracking_uri).get_run(res.run_id)
+    schemas = [json.loads(i.dataset.schema) for i in run.inputs.dataset_inputs]
+    assert schemas and all("mlflow_tensorspec" in s for s in schemas)
+
+
+def test_register_puts_the_model_in_the_registry(tracking_uri):
+    res = run_experiment(GPT_CONFIG, [*GPT_SMALL, "--register=tiny-gpt"], tracking_uri=tracking_uri)
+    assert res.status == "FINISHED", res.error
+    versions = mlflow.MlflowClient(tracking_uri).search_model_versions("name = 'tiny-gpt'")
+    assert [v.run_id for v in versions] == [res.run_id]
+
+
+def test_ui_lands_on_the_newest_study_in_the_model_training_view(tracking_uri):
+    client = trk.MlflowClient(tracking_uri)
+    base = "http://127.0.0.1:5999"
+    assert landing_url(tracking_uri, base) == f"{base}/#/experiments"  # an empty store: the list
+    ids = {}
+    for name in ("older-study", "newer-study"):
+        ids[name] = trk.get_or_create_experiment(client, name, tracking_uri)
+        client.create_run(ids[name], tags={trk.TAG_STUDY: name, trk.TAG_ROLE: "parent"})
+    client.create_run(trk.get_or_create_experiment(client, "gpt", tracking_uri))  # a plain run, newer still
+    url = landing_url(tracking_uri, base)
+    assert url == f"{base}/#/experiments/{ids['newer-study']}/runs?workflowType=machine_learning"
+    assert landing_url(tracking_uri, base, "older-study").endswith(f"/experiments/{ids['older-study']}/runs"
+                                                                    "?workflowType=machine_learning")
+    # MLflow 3 opens an untagged experiment in its GenAI view
+    assert client.get_experiment(ids["older-study"]).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_ui_url_of_a_server_leaves_credentials_out():
+    assert trk.ui_base("https://alice:s3cret@mlflow.example.org:8443/") == "https://mlflow.example.org:8443/"
