@@ -15,6 +15,8 @@ from typing import Any
 from lightning.pytorch import Callback
 from mlflow.entities import Dataset, DatasetInput, InputTag
 
+from pipelines.tracking import redact
+
 SOURCE_KEYS = ("path", "dataset", "name", "source", "backbone", "tokenizer")
 
 
@@ -67,7 +69,7 @@ def describe(dm) -> tuple[str, str, str]:
         return name, "local", Path(what).resolve().as_uri()
     source = {"datamodule": f"{type(dm).__module__}.{type(dm).__qualname__}",
               **{k: v for k, v in args.items() if isinstance(v, (str, int, float, bool)) or v is None}}
-    return name, "code", json.dumps(source, default=str)
+    return name, "code", redact(json.dumps(source, default=str))
 
 
 def _schema(data) -> str | None:
