@@ -71,8 +71,9 @@ class DepthModule(L.LightningModule):
         return self.net(x)
 
     def _logging_step(self) -> bool:
+        # Lightning writes on_step logs when (step + 1) % log_every_n_steps == 0: measure then only.
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1
-        return self.global_step % max(1, every) == 0
+        return (self.global_step + 1) % max(1, every) == 0
 
     def training_step(self, batch, batch_idx):
         x, y = batch
