@@ -5,8 +5,9 @@ charts each group together):
     grad_norm/layer_01 .. layer_NN, grad_norm/stem, grad_norm/head, grad_norm/total   the L2 norm of
         each block's W x W weight gradient (Lightning's `grad_norm`), layer 01 nearest the input
     grad_ratio/first_last        grad_norm/layer_01 / grad_norm/layer_NN
-    act_mean/, act_std/, act_sat/ layer_01 ..   per hidden activation (00 = the stem's): mean and standard deviation of the
-        activations, and the fraction saturated (sigmoid outside [0.01, 0.99], tanh |a| > 0.99, ReLU == 0)
+    act_mean/, act_std/, act_sat/ layer_00 .. layer_NN   per hidden activation (00: the stem's):
+        mean, standard deviation, and the fraction saturated (sigmoid outside [0.01, 0.99],
+        tanh |a| > 0.99, ReLU == 0)
 At the end of training: grad_ratio/first_last_gmean (the geometric mean of the ratio over every
 logged step, the run's summary), train/loss_epoch of the last epoch, and the figure
 grad_norm_by_layer.png (gradient norm against layer, at the first logged step and averaged over training).
@@ -134,7 +135,8 @@ class DepthModule(L.LightningModule):
         fig, ax = plt.subplots(figsize=(6, 4))
         layers = np.arange(1, g.shape[1] + 1)
         ax.semilogy(layers, g[0], marker="o", label="first logged step")
-        ax.semilogy(layers, np.exp(np.log(np.maximum(g, 1e-30)).mean(0)), marker="s", label="geometric mean over training")
+        ax.semilogy(layers, np.exp(np.log(np.maximum(g, 1e-30)).mean(0)), marker="s",
+                    label="geometric mean over training")
         ax.set(xlabel="block (1 = nearest the input)", ylabel="weight-gradient L2 norm",
                title=f"depth {h.depth}, {h.activation}, residual={h.residual}, norm={h.norm}")
         ax.legend()
