@@ -30,6 +30,7 @@ from modules.gpt.attention import (  # noqa: F401  (causal_mask, attention_refer
 from modules.gpt.moe import MoE
 
 POS_EMBS = ("learned", "sinusoidal", "rope", "alibi")
+SINUSOIDAL_SCALE = 0.02 * math.sqrt(2.0)  # RMS of the fixed table = the learned table's init std
 
 # One layer's cached keys and values: (k, v), each (B, nkv, T_kept, hs).
 LayerCache = tuple[torch.Tensor, torch.Tensor]
@@ -394,7 +395,10 @@ class GPT(nn.Module):
         if self.config.pos_emb == "learned":
             x = x + self.transformer.wpe(pos)
         elif self.config.pos_emb == "sinusoidal":
-            x = x + sinusoidal_embedding(pos, self.config.n_embd, x.dtype)
+            # at the token embeddings' scale: GPT-2's init gives them (and a learned table) std 0.02,
+            # while sin/cos have RMS 1/sqrt(2); unscaled, position would drown the token identity
+            # (Vaswani et al. scale the tokens up by sqrt(C) instead, which the tied lm_head forbids)
+            x = x + SINUSOIDAL_SCALE * sinusoidal_embedding(pos, self.config.n_embd, x.dtype)
         elif self.config.pos_emb == "rope":
             rope = rope_cos_sin(pos, self.config.head_size, self.config.rope_base, x.dtype)
         x = self.transformer.drop(x)
