@@ -182,7 +182,7 @@ def test_position_free_schemes_run_past_block_size_learned_does_not():
 
 
 def test_parameter_counts_per_variant():
-    C, L, V, T = 32, 2, 37, 16
+    C, L, T = 32, 2, 16
     mha = model()
     assert model(pos_emb="rope").num_params(non_embedding=False) == mha.num_params(non_embedding=False) - T * C
     assert model(pos_emb="alibi").num_params() == mha.num_params()  # the non-embedding count is unchanged
@@ -193,7 +193,6 @@ def test_parameter_counts_per_variant():
         # the same parameters again when the MLP takes them back: 2C per hidden unit per layer
         equal = model(n_kv_head=n_kv, mlp_hidden=4 * C + saved // (2 * C * L))
         assert equal.num_params() == mha.num_params()
-    assert V  # (vocab only enters through the tied embedding, identical in all)
 
 
 @pytest.mark.parametrize("kw, match", [
