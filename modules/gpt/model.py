@@ -1,11 +1,12 @@
 """A decoder-only transformer (GPT-2 style, pre-LayerNorm) in the shape of nanoGPT.
 
 Only torch is imported here: the LightningModule that trains this lives in `module.py`,
-the Mixture-of-Experts feed-forward in `moe.py`. Parameter names follow nanoGPT / GPT-2
+the Mixture-of-Experts feed-forward in `moe.py`, the attention math (masks, GQA, sliding windows,
+RoPE, ALiBi) in `attention.py`. Parameter names follow nanoGPT / GPT-2
 (`transformer.wte/wpe/h/ln_f`, `lm_head`, `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`,
 `mlp.c_proj`) because LoRA and checkpoint loading elsewhere depend on them.
 
-Shape legend: B batch, T time, C n_embd, nh n_head, hs head size (C // nh), V vocab.
+Shape legend: B batch, T time, C n_embd, nh n_head, nkv n_kv_head, hs head size (C // nh), V vocab.
 """
 
 from __future__ import annotations
@@ -17,10 +18,44 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from modules.gpt.attention import (  # noqa: F401  (causal_mask, attention_reference: re-exported)
+    alibi_slopes,
+    apply_rope,
+    attention_reference,
+    attention_sdpa,
+    causal_mask,
+    rope_cos_sin,
+    sinusoidal_embedding,
+)
 from modules.gpt.moe import MoE
 
-# Keys of a per-layer KV cache: (k, v), each (B, nh, T_past, hs).
-KVCache = tuple[torch.Tensor, torch.Tensor]
+POS_EMBS = ("learned", "sinusoidal", "rope", "alibi")
+SINUSOIDAL_SCALE = 0.02 * math.sqrt(2.0)  # RMS of the fixed table = the learned table's init std
+
+# One layer's cached keys and values: (k, v), each (B, nkv, T_kept, hs).
+LayerCache = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class KVCache:
+    """What `generate` keeps of earlier positions: per layer the rotated keys and the values.
+
+    A full-attention layer keeps every position; a layer with a sliding window W keeps only the last
+    W (a rolling buffer: older keys can never be attended to again), so its memory stops growing.
+    `length` counts every position seen, the position of the next token.
+    """
+
+    layers: list[LayerCache]
+    length: int
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache tensors."""
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+    def bytes_per_token(self) -> float:
+        """Bytes one position costs, summed over layers and measured from the tensors: each layer's
+        bytes over the positions it holds and the batch (equals GPT.kv_bytes_per_token_formula)."""
+        return sum((k.nbytes + v.nbytes) / (k.size(0) * k.size(2)) for k, v in self.layers)
 
 
 @dataclass
@@ -37,6 +72,18 @@ class GPTConfig:
         bias: Biases in Linear layers and LayerNorms (GPT-2: True; nanoGPT's small presets: False).
         attention: "sdpa" (F.scaled_dot_product_attention, FlashAttention on a GPU) or
             "reference" (explicit softmax(QK^T / sqrt(hs)) V, for tests and teaching).
+        n_kv_head: Key/value heads, each shared by n_head // n_kv_head query heads: None or
+            n_head is multi-head attention, 1 multi-query (Shazeer 2019), in between grouped-query
+            (Ainslie et al. 2023). The KV cache shrinks by n_head / n_kv_head.
+        sliding_window: None (full causal attention), W (every query sees its W most recent
+            positions, itself included), or a list with one W or None per layer.
+        pos_emb: "learned" (GPT-2's table of block_size rows: no position past it exists),
+            "sinusoidal" (Vaswani et al.'s fixed table, added like the learned one), "rope"
+            (rotary, Su et al. 2021: q and k rotated by position) or "alibi" (Press et al. 2022:
+            linear distance penalty on the scores). The last three run at any length.
+        rope_base: RoPE's base theta: frequencies base^(-2i / hs).
+        mlp_hidden: Hidden width of the dense MLP; None means 4 * n_embd. Lets a GQA/MQA model
+            spend the attention parameters it saves on the MLP, for comparisons at equal size.
         ffn: "mlp" (GELU MLP, 4C hidden) or "moe" (Mixture-of-Experts, see `moe.py`).
         n_experts: MoE experts per MoE layer.
         top_k: Experts each token is routed to.
@@ -62,6 +109,11 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False
     attention: str = "sdpa"
+    n_kv_head: int | None = None
+    sliding_window: int | list[int | None] | None = None
+    pos_emb: str = "learned"
+    rope_base: float = 10000.0
+    mlp_hidden: int | None = None
     ffn: str = "mlp"
     n_experts: int = 8
     top_k: int = 2
@@ -90,6 +142,33 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.attention not in ("sdpa", "reference"):
             raise ValueError(f"GPTConfig.attention must be 'sdpa' or 'reference', got {self.attention!r}")
+        if self.n_kv_head is not None and (
+            not isinstance(self.n_kv_head, int) or self.n_kv_head <= 0 or self.n_head % self.n_kv_head != 0
+        ):
+            raise ValueError(
+                f"GPTConfig.n_kv_head ({self.n_kv_head!r}) must be a positive divisor of n_head ({self.n_head}): "
+                "each key/value head serves an equal group of query heads (None: one per query head)"
+            )
+        windows = self.sliding_window if isinstance(self.sliding_window, list) else [self.sliding_window]
+        if isinstance(self.sliding_window, list) and len(windows) != self.n_layer:
+            raise ValueError(
+                f"GPTConfig.sliding_window lists {len(windows)} windows for n_layer={self.n_layer} layers; "
+                "give one per layer (null for full attention) or a single integer for all"
+            )
+        if any(w is not None and (not isinstance(w, int) or w <= 0) for w in windows):
+            raise ValueError(f"GPTConfig.sliding_window must be a positive integer, None or a list of them, "
+                             f"got {self.sliding_window!r}")
+        if self.pos_emb not in POS_EMBS:
+            raise ValueError(f"GPTConfig.pos_emb must be one of {POS_EMBS}, got {self.pos_emb!r}")
+        if self.pos_emb == "rope" and self.head_size % 2:
+            raise ValueError(f"GPTConfig.pos_emb='rope' rotates pairs of channels: head size n_embd // n_head "
+                             f"must be even, got {self.head_size}")
+        if self.pos_emb == "sinusoidal" and self.n_embd % 2:
+            raise ValueError(f"GPTConfig.pos_emb='sinusoidal' needs an even n_embd, got {self.n_embd}")
+        if self.rope_base <= 1.0:
+            raise ValueError(f"GPTConfig.rope_base must be > 1, got {self.rope_base}")
+        if self.mlp_hidden is not None and (not isinstance(self.mlp_hidden, int) or self.mlp_hidden <= 0):
+            raise ValueError(f"GPTConfig.mlp_hidden must be a positive integer or None, got {self.mlp_hidden!r}")
         if self.ffn not in ("mlp", "moe"):
             raise ValueError(f"GPTConfig.ffn must be 'mlp' or 'moe', got {self.ffn!r}")
         if self.top_k > self.n_experts:
@@ -110,6 +189,16 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of block `layer` (0-based), None for full attention."""
+        if isinstance(self.sliding_window, list):
+            return self.sliding_window[layer]
+        return self.sliding_window
+
+    @property
     def expert_width(self) -> int:
         return self.expert_hidden if self.expert_hidden is not None else 4 * self.n_embd
 
@@ -118,70 +207,54 @@ class GPTConfig:
         return self.ffn == "moe" and (layer + 1) % self.moe_every == 0
 
 
-def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> torch.Tensor:
-    """Boolean (t_q, t_k) mask, True where attention is allowed.
-
-    Queries are the last `t_q` positions of a length-`t_k` sequence (the first t_k - t_q keys
-    come from a KV cache), so query i may see keys 0 .. t_k - t_q + i.
-    """
-    q_pos = torch.arange(t_k - t_q, t_k, device=device)[:, None]
-    k_pos = torch.arange(t_k, device=device)[None, :]
-    return k_pos <= q_pos
-
-
-def attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: nn.Module | None = None
-) -> torch.Tensor:
-    """softmax(QK^T / sqrt(hs)) V with a causal mask, written out (Vaswani et al. 2017, eq. 1).
-
-    q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs) with Tk >= Tq. Returns (B, nh, Tq, hs).
-    """
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, Tq, Tk)
-    att = att.masked_fill(~causal_mask(q.size(-2), k.size(-2), q.device), float("-inf"))
-    att = F.softmax(att, dim=-1)
-    if dropout is not None:
-        att = dropout(att)
-    return att @ v
-
-
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.n_head = config.n_head
+        self.n_kv_head = config.kv_heads
+        self.head_size = config.head_size
         self.n_embd = config.n_embd
+        self.window = config.window(layer)
         self.dropout = config.dropout
         self.use_sdpa = config.attention == "sdpa"
-        # q, k, v projections for all heads in one matmul
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # q (C) and k, v (nkv * hs each) for all heads in one matmul; with nkv == nh this is
+        # GPT-2's c_attn of width 3C, so MHA checkpoints load unchanged
+        self.kv_width = self.n_kv_head * self.head_size
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * self.kv_width, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
+        if config.pos_emb == "alibi":
+            self.register_buffer("alibi", alibi_slopes(config.n_head), persistent=False)
+        else:
+            self.alibi = None
 
     def forward(
-        self, x: torch.Tensor, past: KVCache | None = None
-    ) -> tuple[torch.Tensor, KVCache]:
-        """x: (B, T, C); past: cached (k, v) of earlier positions. Returns (y, new cache)."""
+        self,
+        x: torch.Tensor,
+        past: LayerCache | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, LayerCache]:
+        """x: (B, T, C); past: cached (k, v) of earlier positions; rope: (cos, sin) of the T new
+        positions, each (T, hs). Returns (y, this layer's new cache)."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q, k, v = self.c_attn(x).split([self.n_embd, self.kv_width, self.kv_width], dim=2)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if past is not None:
-            k = torch.cat([past[0], k], dim=2)  # (B, nh, T_past + T, hs)
+            k = torch.cat([past[0], k], dim=2)  # (B, nkv, T_kept + T, hs)
             v = torch.cat([past[1], v], dim=2)
         if self.use_sdpa:
             p = self.dropout if self.training else 0.0
-            if past is None:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-            elif T == 1:
-                # one new query sees every cached key: no mask needed
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-            else:
-                mask = causal_mask(T, k.size(2), x.device)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            y = attention_sdpa(q, k, v, p, self.window, self.alibi)
         else:
-            y = attention_reference(q, k, v, self.attn_dropout)
+            y = attention_reference(q, k, v, self.attn_dropout, self.window, self.alibi)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        if self.window is not None:  # rolling buffer: no later query reaches further back than W
+            k, v = k[:, :, -self.window :], v[:, :, -self.window :]
         return self.resid_dropout(self.c_proj(y)), (k, v)
 
 
@@ -202,19 +275,21 @@ def build_ffn(config: GPTConfig, layer: int) -> nn.Module:
     """The feed-forward of block `layer`: chosen from the config when the model is built."""
     if config.is_moe_layer(layer):
         return MoE(config, mlp=MLP)
-    return MLP(config)
+    return MLP(config, config.mlp_hidden)
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = build_ffn(config, layer)
 
-    def forward(self, x: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        a, cache = self.attn(self.ln_1(x), past)
+    def forward(
+        self, x: torch.Tensor, past: LayerCache | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, LayerCache]:
+        a, cache = self.attn(self.ln_1(x), past, rope)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, cache
@@ -224,15 +299,16 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
+        modules = dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         )
+        if config.pos_emb != "learned":  # the other schemes have no trained position parameters
+            del modules["wpe"]
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying (Press & Wolf 2017): the output projection reuses the token embedding
         self.transformer.wte.weight = self.lm_head.weight
@@ -256,7 +332,7 @@ class GPT(nn.Module):
         """Parameter count; position embeddings excluded by default as in nanoGPT (token
         embeddings stay in: tied to lm_head they are used as output weights)."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -275,6 +351,17 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_active_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
+    def kv_bytes_per_token_formula(self, dtype: torch.dtype = torch.float32) -> int:
+        """KV-cache bytes one position costs: 2 (k and v) x n_layer x n_kv_head x hs x dtype bytes."""
+        c = self.config
+        return 2 * c.n_layer * c.kv_heads * c.head_size * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the position scheme allows: block_size rows of a learned table;
+        None (no limit) for the schemes computed from the position."""
+        return self.config.block_size if self.config.pos_emb == "learned" else None
+
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -291,24 +378,36 @@ class GPT(nn.Module):
             )
         return logits, loss
 
-    def _forward(
-        self, idx: torch.Tensor, past: list[KVCache] | None = None
-    ) -> tuple[torch.Tensor, list[KVCache]]:
+    def _forward(self, idx: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Logits (B, T, V) of idx (B, T), the positions after those in `past`, and the cache
+        extended by them (a new object: `past` is left as it was)."""
         B, T = idx.size()
-        t0 = 0 if past is None else past[0][0].size(2)
-        if t0 + T > self.config.block_size:
+        t0 = 0 if past is None else past.length
+        if self.max_positions is not None and t0 + T > self.max_positions:
             raise ValueError(
-                f"sequence length {t0 + T} exceeds block_size {self.config.block_size}; "
-                "crop the context to the last block_size tokens"
+                f"sequence length {t0 + T} exceeds block_size {self.config.block_size}, the rows of the "
+                "learned position table; crop the context to the last block_size tokens, or use "
+                "pos_emb='rope', 'alibi' or 'sinusoidal', which run at any length"
             )
         pos = torch.arange(t0, t0 + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos_emb == "learned":
+            x = x + self.transformer.wpe(pos)
+        elif self.config.pos_emb == "sinusoidal":
+            # at the token embeddings' scale: GPT-2's init gives them (and a learned table) std 0.02,
+            # while sin/cos have RMS 1/sqrt(2); unscaled, position would drown the token identity
+            # (Vaswani et al. scale the tokens up by sqrt(C) instead, which the tied lm_head forbids)
+            x = x + SINUSOIDAL_SCALE * sinusoidal_embedding(pos, self.config.n_embd, x.dtype)
+        elif self.config.pos_emb == "rope":
+            rope = rope_cos_sin(pos, self.config.head_size, self.config.rope_base, x.dtype)
+        x = self.transformer.drop(x)
         caches = []
         for i, block in enumerate(self.transformer.h):
-            x, cache = block(x, None if past is None else past[i])
+            x, cache = block(x, None if past is None else past.layers[i], rope)
             caches.append(cache)
         x = self.transformer.ln_f(x)
-        return self.lm_head(x), caches  # (B, T, V)
+        return self.lm_head(x), KVCache(caches, t0 + T)  # (B, T, V)
 
     def moe_layers(self) -> list[tuple[int, nn.Module]]:
         """(block index, MoE module) for every MoE block."""
@@ -335,10 +434,12 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens).
 
-        With `use_cache` the keys/values of earlier positions are kept, so each step runs the
-        model on one token. Position embeddings are absolute, so once the sequence outgrows
-        block_size the cache cannot be shifted: from then on each step re-runs the last
-        block_size tokens, exactly what the uncached path does. temperature 0 means greedy.
+        With `use_cache` the keys/values of earlier positions are kept (`KVCache`; a rolling
+        buffer of W positions in sliding-window layers), so each step runs the model on one token.
+        Once the sequence outgrows block_size every step re-runs the last block_size tokens, which
+        is exactly what the uncached path does, for every position scheme: a learned table has no
+        row past block_size, and with RoPE or ALiBi a longer cache would give the deeper layers
+        context the uncached path does not see. temperature 0 means greedy.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")

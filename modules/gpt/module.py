@@ -1,15 +1,19 @@
-"""GPTModule: trains the mini-GPT (dense or MoE) through the common pipeline."""
+"""GPTModule: trains the mini-GPT (dense or MoE, any attention variant) through the common pipeline."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from datamodules.shakespeare import consecutive_windows
 from datamodules.tokenizers import Tokenizer, tokenizer_from_state
 from modules.artifacts import log_figure, log_text
 from modules.gpt.model import GPT, GPTConfig
@@ -37,6 +41,11 @@ class GPTModule(L.LightningModule):
         dropout: float = 0.0,
         bias: bool = False,
         attention: str = "sdpa",
+        n_kv_head: int | None = None,
+        sliding_window: int | list[int | None] | None = None,
+        pos_emb: str = "learned",
+        rope_base: float = 10000.0,
+        mlp_hidden: int | None = None,
         ffn: str = "mlp",
         n_experts: int = 8,
         top_k: int = 2,
@@ -62,15 +71,17 @@ class GPTModule(L.LightningModule):
         sample_temperature: float = 0.8,
         sample_top_k: int | None = 200,
         sample_seed: int = 1337,
+        eval_block_sizes: list[int] | None = None,
     ):
         """Mini-GPT language model; model fields are those of `GPTConfig`.
 
         Args:
             vocab_size: None takes the datamodule tokenizer's vocabulary in `setup`.
             block_size: None takes the datamodule's block_size in `setup`.
-            n_layer, n_head, n_embd, dropout, bias, attention, ffn, n_experts, top_k,
-                expert_hidden, moe_every, capacity_factor, eval_capacity_factor, dropless,
-                aux_loss_coef, z_loss_coef, shared_expert, noisy_topk: see `GPTConfig`.
+            n_layer, n_head, n_embd, dropout, bias, attention, n_kv_head, sliding_window, pos_emb,
+                rope_base, mlp_hidden, ffn, n_experts, top_k, expert_hidden, moe_every,
+                capacity_factor, eval_capacity_factor, dropless, aux_loss_coef, z_loss_coef,
+                shared_expert, noisy_topk: see `GPTConfig`.
             lr: Peak learning rate after warm-up.
             min_lr: Learning rate at the end of the cosine decay.
             warmup_steps: Linear warm-up steps.
@@ -83,6 +94,11 @@ class GPTModule(L.LightningModule):
             sample_prompt: Prompt of the text samples logged at each validation and at the end.
             sample_tokens: Tokens per sample; 0 logs no samples.
             sample_temperature, sample_top_k, sample_seed: Sampling settings of those samples.
+            eval_block_sizes: Context lengths at which the test split is scored again after the
+                usual test (Press et al.'s extrapolation test: non-overlapping windows of each
+                length), logged as test/loss_ctx{L} (every token) and test/loss_ctx{L}_tail (the
+                tokens at positions >= the training block_size). Lengths a learned position table
+                cannot reach are logged as NaN, and said so, instead of failing the run.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -90,6 +106,8 @@ class GPTModule(L.LightningModule):
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={lr}, min_lr={min_lr}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if eval_block_sizes is not None and any(not isinstance(t, int) or t <= 1 for t in eval_block_sizes):
+            raise ValueError(f"eval_block_sizes must be context lengths > 1, got {eval_block_sizes}")
         if lr_decay_steps is not None and lr_decay_steps < warmup_steps:
             raise ValueError(f"lr_decay_steps ({lr_decay_steps}) must be >= warmup_steps ({warmup_steps})")
         self.model: GPT | None = None
@@ -243,6 +261,40 @@ class GPTModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_score("test", self.test_loss)
+        if self.hparams.eval_block_sizes:
+            self._log_long_context()
+
+    @torch.no_grad()
+    def _log_long_context(self) -> None:
+        """The test split scored in non-overlapping windows of each eval_block_sizes length."""
+        data = getattr(self.trainer.datamodule, "test_data", None)
+        if data is None:
+            raise ValueError("eval_block_sizes needs a datamodule with a test split (`test_data`, "
+                             "e.g. ShakespeareDataModule(test_fraction=0.05))")
+        trained = self.hparams.block_size
+        limit = self.model.max_positions
+        batch = getattr(self.trainer.datamodule, "val_batch_size", 32)
+        metrics = {}
+        for length in self.hparams.eval_block_sizes:
+            key = f"test/loss_ctx{length}"
+            if limit is not None and length > limit:
+                rank_zero_warn(f"{key}: pos_emb='{self.hparams.pos_emb}' has {limit} position rows and cannot "
+                               f"score {length}-token windows; logged as NaN")
+                metrics[key] = metrics[f"{key}_tail"] = float("nan")
+                continue
+            if len(data) <= length + 1:
+                raise ValueError(f"the test split has {len(data)} tokens, too few for a {length}-token window")
+            x, y = consecutive_windows(data, length)
+            total = torch.zeros(length, dtype=torch.float64, device=self.device)  # summed loss per position
+            for i in range(0, len(x), batch):
+                xb, yb = x[i : i + batch].to(self.device), y[i : i + batch].to(self.device)
+                logits, _ = self.model(xb)
+                loss = F.cross_entropy(logits.transpose(1, 2).float(), yb, reduction="none")  # (b, T)
+                total += loss.sum(0).double()
+            per_pos = total / len(x)
+            metrics[key] = per_pos.mean().item()
+            metrics[f"{key}_tail"] = per_pos[trained:].mean().item() if length > trained else float("nan")
+        self.log_dict(metrics, sync_dist=False)
 
     def on_fit_start(self) -> None:
         # params/active counts embeddings like the pipeline's params/total; the FLOPs estimate
@@ -255,8 +307,41 @@ class GPTModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self._log_sample("samples/final.txt")
+        self._log_generation()
         if self._moe_total is not None:
             self._log_heatmap()
+
+    @torch.no_grad()
+    def _log_generation(self) -> None:
+        """KV-cache size, measured from the cache tensors of one block_size-long sequence, and
+        greedy generation speed with the cache (batch 1, block_size - 1 new tokens)."""
+        if not self.trainer.is_global_zero:
+            return
+        bs = self.hparams.block_size
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            idx = torch.zeros(1, bs, dtype=torch.long, device=self.device)
+            _, cache = self.model._forward(idx)
+            dtype = cache.layers[0][0].dtype
+            self.model.generate(idx[:, :1], min(8, bs - 1), temperature=0.0)  # warm-up
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            self.model.generate(idx[:, :1], bs - 1, temperature=0.0)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+        finally:
+            self.model.train(was_training)
+        metrics = {
+            "gen/kv_cache_bytes": float(cache.nbytes()),  # one sequence at block_size
+            "gen/kv_bytes_per_token": float(cache.bytes_per_token()),
+            "gen/kv_bytes_per_token_formula": float(self.model.kv_bytes_per_token_formula(dtype)),
+            "gen/tokens_per_s": (bs - 1) / elapsed if bs > 1 else float("nan"),
+        }
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
 
     def _log_sample(self, artifact_file: str) -> None:
         hp = self.hparams
