@@ -30,6 +30,7 @@ from modules.gpt.attention import (  # noqa: F401  (causal_mask, attention_refer
 from modules.gpt.moe import MoE
 
 POS_EMBS = ("learned", "sinusoidal", "rope", "alibi")
+NORMS = ("layernorm", "rmsnorm")
 SINUSOIDAL_SCALE = 0.02 * math.sqrt(2.0)  # RMS of the fixed table = the learned table's init std
 
 # One layer's cached keys and values: (k, v), each (B, nkv, T_kept, hs).
@@ -82,6 +83,8 @@ class GPTConfig:
             (rotary, Su et al. 2021: q and k rotated by position) or "alibi" (Press et al. 2022:
             linear distance penalty on the scores). The last three run at any length.
         rope_base: RoPE's base theta: frequencies base^(-2i / hs).
+        norm: "layernorm" (GPT-2; with `bias`) or "rmsnorm" (Zhang & Sennrich 2019, as in Llama:
+            x / RMS(x) * g, no mean subtraction and no bias), before attention, MLP and the head.
         mlp_hidden: Hidden width of the dense MLP; None means 4 * n_embd. Lets a GQA/MQA model
             spend the attention parameters it saves on the MLP, for comparisons at equal size.
         ffn: "mlp" (GELU MLP, 4C hidden) or "moe" (Mixture-of-Experts, see `moe.py`).
@@ -113,6 +116,7 @@ class GPTConfig:
     sliding_window: int | list[int | None] | None = None
     pos_emb: str = "learned"
     rope_base: float = 10000.0
+    norm: str = "layernorm"
     mlp_hidden: int | None = None
     ffn: str = "mlp"
     n_experts: int = 8
@@ -158,6 +162,8 @@ class GPTConfig:
         if any(w is not None and (not isinstance(w, int) or w <= 0) for w in windows):
             raise ValueError(f"GPTConfig.sliding_window must be a positive integer, None or a list of them, "
                              f"got {self.sliding_window!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"GPTConfig.norm must be one of {NORMS}, got {self.norm!r}")
         if self.pos_emb not in POS_EMBS:
             raise ValueError(f"GPTConfig.pos_emb must be one of {POS_EMBS}, got {self.pos_emb!r}")
         if self.pos_emb == "rope" and self.head_size % 2:
@@ -278,12 +284,19 @@ def build_ffn(config: GPTConfig, layer: int) -> nn.Module:
     return MLP(config, config.mlp_hidden)
 
 
+def build_norm(config: GPTConfig) -> nn.Module:
+    """LayerNorm (GPT-2) or RMSNorm (Llama): torch's own, at torch's default eps."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = build_norm(config)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = build_norm(config)
         self.mlp = build_ffn(config, layer)
 
     def forward(
@@ -304,7 +317,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=build_norm(config),
         )
         if config.pos_emb != "learned":  # the other schemes have no trained position parameters
             del modules["wpe"]

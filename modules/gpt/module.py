@@ -45,6 +45,7 @@ class GPTModule(L.LightningModule):
         sliding_window: int | list[int | None] | None = None,
         pos_emb: str = "learned",
         rope_base: float = 10000.0,
+        norm: str = "layernorm",
         mlp_hidden: int | None = None,
         ffn: str = "mlp",
         n_experts: int = 8,
@@ -79,7 +80,7 @@ class GPTModule(L.LightningModule):
             vocab_size: None takes the datamodule tokenizer's vocabulary in `setup`.
             block_size: None takes the datamodule's block_size in `setup`.
             n_layer, n_head, n_embd, dropout, bias, attention, n_kv_head, sliding_window, pos_emb,
-                rope_base, mlp_hidden, ffn, n_experts, top_k, expert_hidden, moe_every,
+                rope_base, norm, mlp_hidden, ffn, n_experts, top_k, expert_hidden, moe_every,
                 capacity_factor, eval_capacity_factor, dropless, aux_loss_coef, z_loss_coef,
                 shared_expert, noisy_topk: see `GPTConfig`.
             lr: Peak learning rate after warm-up.

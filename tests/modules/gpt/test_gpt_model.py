@@ -142,3 +142,23 @@ def test_compiled_bf16_on_gpu_matches_eager_fp32(ffn):
     loss.backward()
     assert abs(loss.item() - ref.item()) < 2e-2
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fast.parameters() if p.requires_grad)
+
+
+def test_rmsnorm_variant_normalises_by_the_root_mean_square_only():
+    """norm="rmsnorm": every norm of the model is x / sqrt(mean(x^2) + eps) * g (no mean, no bias), and the
+    model keeps LayerNorm's parameter count when LayerNorm has no bias."""
+    torch.manual_seed(0)
+    ln = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16))
+    rms = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16, norm="rmsnorm"))
+    norms = [m for m in rms.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm))]
+    assert len(norms) == 5 and all(isinstance(m, torch.nn.RMSNorm) for m in norms)
+    assert sum(p.numel() for p in ln.parameters()) == sum(p.numel() for p in rms.parameters())
+    x = torch.randn(3, 7, 16) + 2.0  # a mean LayerNorm would remove and RMSNorm keeps
+    g = torch.rand(16) + 0.5
+    with torch.no_grad():
+        norms[0].weight.copy_(g)
+    eps = torch.finfo(x.dtype).eps
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
+    torch.testing.assert_close(norms[0](x), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        GPTConfig(norm="batchnorm")
