@@ -9,11 +9,13 @@ on global rank 0 only (Lightning's loggers are no-ops elsewhere anyway).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import torch
 
 
 def _mlflow(logger) -> tuple[Any, str] | None:
@@ -58,3 +60,15 @@ def log_file(loggers: Iterable, local_path: str | os.PathLike, artifact_path: st
     for lg in loggers:
         if ml := _mlflow(lg):
             (ml[0].log_artifacts if p.is_dir() else ml[0].log_artifact)(ml[1], str(p), artifact_path)
+
+
+def image_grid(x: torch.Tensor, nrow: int, pad: int = 2) -> np.ndarray:
+    """(N, 1, H, W) in [-1, 1] -> one (rows*(H+pad)+pad, nrow*(W+pad)+pad) uint8 image, white borders."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()
+    n, h, w = x.shape
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = x[i]
+    return grid

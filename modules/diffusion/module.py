@@ -13,7 +13,6 @@ with fresh sampling noise (`test/...`, what it reports).
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Literal
 
@@ -21,10 +20,10 @@ import lightning as L
 import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
-from torchmetrics.image.fid import FrechetInceptionDistance
 
-from modules.artifacts import log_figure, log_image, log_text
-from modules.classifier.model import LeNet, LeNetFeatures
+from modules.artifacts import image_grid, log_figure, log_image, log_text
+from modules.classifier.judge import judge_samples
+from modules.classifier.model import LeNet
 from modules.classifier.module import load_judge
 from modules.diffusion.model import Denoiser, DiffusionConfig
 from modules.diffusion.schedule import NoiseSchedule, l_simple
@@ -43,18 +42,6 @@ def ema_with_warmup(decay: float):
         torch._foreach_lerp_(ema_params, params, 1.0 - d)  # ema = d * ema + (1 - d) * p
 
     return avg
-
-
-def image_grid(x: torch.Tensor, nrow: int, pad: int = 2) -> np.ndarray:
-    """(N, 1, H, W) in [-1, 1] -> one (rows*(H+pad)+pad, nrow*(W+pad)+pad) uint8 image, white borders."""
-    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()
-    n, h, w = x.shape
-    rows = math.ceil(n / nrow)
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=np.uint8)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = x[i]
-    return grid
 
 
 class DiffusionModule(L.LightningModule):
@@ -260,7 +247,8 @@ class DiffusionModule(L.LightningModule):
         self, fake: torch.Tensor, real: torch.Tensor, reference: torch.Tensor | None = None,
         labels: torch.Tensor | None = None, split: str = "val",
     ) -> dict[str, float]:
-        """FID in LeNet-feature space, class coverage and mean confidence of `fake` (N, 1, H, W).
+        """FID in LeNet-feature space, class coverage and mean confidence of `fake` (N, 1, H, W)
+        (`modules.classifier.judge.judge_samples`, shared with the other generators).
 
         real: held-out digits (the FID reference). reference: other real digits, for the
         real-vs-real floor (FID of a perfect generator with the same sample sizes). labels: the
@@ -269,32 +257,9 @@ class DiffusionModule(L.LightningModule):
         the validation label accuracy keeps its older key `diffusion/label_accuracy`, which runs
         and studies already compare on.
         """
-        judge = self.judge.to(self.device)
-        logits = torch.cat([judge(f.to(self.device)) for f in fake.split(500)])
-        probs = logits.softmax(-1)
-        pred = probs.argmax(-1)
-        out = {
-            f"{split}/class_coverage": pred.unique().numel() / judge.config.num_classes,
-            f"{split}/classifier_confidence": probs.max(-1).values.mean().item(),
-        }
-        if labels is not None:
-            key = "diffusion/label_accuracy" if split == "val" else f"{split}/label_accuracy"
-            out[key] = (pred.cpu() == labels).float().mean().item()
-
-        # one metric: the real features are extracted once, and kept by reset() for the floor
-        metric = FrechetInceptionDistance(feature=LeNetFeatures(judge), reset_real_features=False).to(self.device)
-        for chunk in real.split(500):
-            metric.update(chunk.to(self.device), real=True)
-
-        def fid_against_real(b: torch.Tensor) -> float:
-            metric.reset()  # drops the previous fake features only
-            for chunk in b.split(500):
-                metric.update(chunk.to(self.device), real=False)
-            return float(metric.compute())
-
-        out[f"{split}/fid"] = fid_against_real(fake)
-        if reference is not None:
-            out[f"{split}/fid_floor"] = fid_against_real(reference)
+        out = judge_samples(self.judge, fake, real, reference, labels, split=split, device=self.device)
+        if split == "val" and labels is not None:
+            out["diffusion/label_accuracy"] = out.pop("val/label_accuracy")
         return out
 
     def noise_seed(self, split: str) -> int:
