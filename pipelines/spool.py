@@ -62,6 +62,7 @@ class Spool:
         self.client, self.run_id, self.folder, self.retry_s = client, run_id, Path(folder), retry_s
         self.queue: list[dict[str, Any]] = []  # journal lines from `sent` on, in order
         self._sent = 0
+        self._unmerged = 0  # this many writes at the head of the queue go out one by one
         self._next_try = 0.0
         self._warned = False
 
@@ -121,7 +122,10 @@ class Spool:
                 if is_outage(e):
                     self._failed(e)
                     return False
-                self._delivered(n)  # refused for good: retrying cannot help
+                if n > 1:  # one of the merged writes was refused: send them one by one to find which
+                    self._unmerged = n
+                    continue
+                self._delivered(1)  # refused for good: retrying cannot help
                 raise
             self._delivered(n)
         return True
@@ -156,7 +160,7 @@ class Spool:
         """The next queued write, with the batches right behind it merged into one request (a backlog of
         per-step metrics goes out 1,000 at a time)."""
         first = self.queue[0]
-        if first["op"] != "batch":
+        if first["op"] != "batch" or self._unmerged:
             return 1, first
         metrics, params, tags = list(first["metrics"]), dict(first["params"]), dict(first["tags"])
         n = 1
@@ -191,6 +195,7 @@ class Spool:
 
     def _delivered(self, n: int) -> None:
         del self.queue[:n]
+        self._unmerged = max(self._unmerged - n, 0)
         self._sent += n
         if not self.queue:  # all arrived: the journal and its file copies are done with
             shutil.rmtree(self.folder, ignore_errors=True)
