@@ -102,7 +102,7 @@ def test_fsdp_preset_wraps_transformer_blocks():
     assert init.state_dict_type == "sharded"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP in Lightning needs CUDA")
+@pytest.mark.gpu  # FSDP in Lightning needs CUDA
 def test_fsdp_single_gpu_run_and_resume(tmp_path, tracking_uri, practicum_cli):
     cfg = tmp_path / "gpt.yaml"
     cfg.write_text(yaml.safe_dump({**GPT, "trainer": {**GPT["trainer"], "accelerator": "gpu", "max_steps": 10}}))
