@@ -114,6 +114,8 @@ class Session:
 
                 self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, tracking_uri=uri,
                                                      resume_logging=self.resumed)
+                if hasattr(getattr(self._monitor, "mlflow_logger", None), "client"):
+                    self._monitor.mlflow_logger.client = self.client  # its samples go through the spool too
                 self._monitor.start()
             except Exception as e:  # missing psutil/pynvml parts must not stop training
                 print(f"warning: system metrics off ({e})", file=sys.stderr)

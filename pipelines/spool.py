@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,8 @@ class Spool:
         self._unmerged = 0  # this many writes at the head of the queue go out one by one
         self._next_try = 0.0
         self._warned = False
+        self._lock = threading.RLock()  # MLflow's system-metrics thread writes too
+        self._owner = threading.current_thread()  # only it drains the queue, so a refusal surfaces there
 
     @classmethod
     def load(cls, folder: Path, client: MlflowClient | None = None) -> Spool:
@@ -93,6 +96,10 @@ class Spool:
 
     def submit(self, op: dict[str, Any]) -> None:
         """Send `op` now if nothing is queued before it; else (or if the store is unreachable) queue it."""
+        with self._lock:
+            self._submit(op)
+
+    def _submit(self, op: dict[str, Any]) -> None:
         if not self.queue:
             try:
                 self._send(op)
@@ -102,7 +109,8 @@ class Spool:
                     raise
                 self._failed(e)
         self._enqueue(op)
-        self.drain()
+        if threading.current_thread() is self._owner:
+            self.drain()
 
     # -- sending ---------------------------------------------------------------------------
     def drain(self, force: bool = False) -> bool:
@@ -112,6 +120,10 @@ class Spool:
         training one failed request per `retry_s`, not one per step. A write the store rejects is
         dropped from the queue and raised.
         """
+        with self._lock:
+            return self._drain(force)
+
+    def _drain(self, force: bool) -> bool:
         if not force and time.monotonic() < self._next_try:
             return not self.queue
         while self.queue:
