@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -24,6 +23,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from pipelines.cli import main
 from pipelines.run import run_experiment
 from pipelines.spool import Spool, is_outage, spool_dir
+from tests.data import shakespeare_text
 from tests.helpers import free_port
 from tests.pipelines import toy
 
@@ -31,19 +31,12 @@ ROOT = Path(__file__).resolve().parents[2]
 QUIET = ["--system_metrics=false"]
 REFUSED = "API request to http://127.0.0.1:1/api/2.0/mlflow/runs/log-batch failed with exception ConnectionError"
 
-# mini-GPT (logs a text sample at every validation and at the end), as small as it goes
-GPT = {
-    "seed_everything": 3,
-    "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 20, "val_check_interval": 10,
-                "check_val_every_n_epoch": None, "log_every_n_steps": 1, "enable_progress_bar": False,
-                "enable_model_summary": False, "limit_val_batches": 2, "limit_test_batches": 1},
-    "model": {"class_path": "modules.gpt.module.GPTModule",
-              "init_args": {"n_layer": 1, "n_head": 2, "n_embd": 16, "lr": 3e-3, "warmup_steps": 2,
-                            "lr_decay_steps": 20, "sample_tokens": 8}},
-    "data": {"class_path": "datamodules.shakespeare.ShakespeareDataModule",
-             "init_args": {"corpus": "shakespeare-plays", "block_size": 16, "batch_size": 4, "val_windows": 8,
-                           "max_chars": 20_000}},
-}
+# the mini-GPT preset (logs a text sample at every validation and at the end), as small as it goes
+GPT = ["--model.init_args.n_layer=1", "--model.init_args.n_head=2", "--model.init_args.n_embd=16",
+       "--model.init_args.warmup_steps=2", "--model.init_args.lr_decay_steps=20", "--model.init_args.sample_tokens=8",
+       "--data.init_args.max_chars=20000", "--data.init_args.block_size=16", "--data.init_args.batch_size=4",
+       "--data.init_args.val_windows=8", "--trainer.max_steps=20", "--trainer.val_check_interval=10",
+       "--trainer.log_every_n_steps=1", "--trainer.enable_model_summary=false", *QUIET]
 # DDPM (logs an image grid at every validation, a final grid, a denoising strip and a loss curve), no judge
 DDPM = ["--model.init_args.block_out_channels=[8, 16]", "--model.init_args.attention=[false, false]",
         "--model.init_args.num_timesteps=20", "--model.init_args.num_sample_steps=1",
@@ -256,16 +249,14 @@ def _artifacts(client, run_id, folder=None):
     return out
 
 
-def _with_hooks(cfg: dict, hooks: dict) -> dict:
-    toy.HOOKS.update(hooks)
-    return {**cfg, "trainer": {**cfg["trainer"], "callbacks": [{"class_path": "tests.pipelines.toy.CallAt"}]}}
+CALL_AT = '--trainer.callbacks=[{"class_path": "tests.pipelines.toy.CallAt"}]'  # runs toy.HOOKS[step]()
 
 
-def test_gpt_samples_checkpoints_and_metrics_logged_during_an_outage_arrive_when_the_server_is_back(tmp_path, store):
+def test_gpt_samples_checkpoints_and_metrics_logged_during_an_outage_arrive_when_the_server_is_back(store):
     # down after step 3, back after step 15: the sample of step 10 and the metrics of steps 4-15 wait
-    cfg = tmp_path / "gpt.yaml"
-    cfg.write_text(yaml.safe_dump(_with_hooks(GPT, {3: store.stop, 15: store.start})))
-    res = run_experiment(cfg, QUIET, store.uri)
+    toy.HOOKS.update({3: store.stop, 15: store.start})
+    res = run_experiment(ROOT / "configs/gpt/shakespeare_char_cpu.yaml",
+                         [*GPT, f"--data.init_args.path={shakespeare_text()}", CALL_AT], store.uri)
     assert res.status == "FINISHED", res.error
     client = MlflowClient(store.uri)
     run = client.get_run(res.run_id)
@@ -278,12 +269,12 @@ def test_gpt_samples_checkpoints_and_metrics_logged_during_an_outage_arrive_when
     assert not spool_dir(Path("mlruns"), res.run_id).exists()
 
 
-def test_ddpm_run_outlasting_the_server_keeps_its_grids_locally_until_practicum_sync(tmp_path, store, monkeypatch, capsys):
+def test_ddpm_run_outlasting_the_server_keeps_its_grids_locally_until_practicum_sync(store, monkeypatch, capsys):
     # down after step 1 and still down when the run ends: it does not fail, and nothing is lost
     monkeypatch.setenv("PRACTICUM_TRACKING_WAIT_S", "1")
     toy.HOOKS.update({1: store.stop})
     res = run_experiment(ROOT / "configs/diffusion/ddpm_mnist_cpu.yaml",
-                         [*DDPM, '--trainer.callbacks=[{"class_path": "tests.pipelines.toy.CallAt"}]'], store.uri)
+                         [*DDPM, CALL_AT], store.uri)
     assert res.status == "FINISHED", res.error
     assert f"practicum sync {res.run_id}" in capsys.readouterr().err
     spooled = spool_dir(Path("mlruns"), res.run_id)
