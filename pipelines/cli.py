@@ -15,6 +15,7 @@ USAGE = """practicum <command> ...
   compare STUDY [--format table|csv|json|markdown]   the study's table, rebuilt from MLflow
   estimate CONFIG.yaml [--gpu H100-80GB] [--section.key=value ...]   predict the fine-tune's memory per GPU, offline
   generate CHECKPOINT_OR_RUN_ID --prompt TEXT [--max_new_tokens N]   sample from a trained model
+  sync [RUN_ID ...] [--tracking_uri URI]      send what runs kept locally while the tracking server was down
   summary STUDY_OR_YAML ...                   each study's one-line verdict and the URL of its runs
   ui [--port 5000] [--study NAME] [--open]    the MLflow UI on the tracking store, landing on a study's runs
 
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     verbose = "--verbose" in rest
     rest = [a for a in rest if a != "--verbose"]
     commands = {"run": cmd_run, "study": cmd_study, "compare": cmd_compare, "summary": cmd_summary,
-                "estimate": cmd_estimate, "generate": cmd_generate, "ui": cmd_ui}
+                "estimate": cmd_estimate, "generate": cmd_generate, "sync": cmd_sync,
+                "ui": cmd_ui}
     if cmd not in commands:
         print(f"practicum: unknown command '{cmd}'; choose one of: {', '.join(commands)}\n\n{USAGE}", file=sys.stderr)
         return 2
@@ -184,6 +186,52 @@ def cmd_generate(args: list[str]) -> int:
     print(model.generate_text(ns.prompt, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
                               top_k=ns.top_k, seed=ns.seed))
     return 0
+
+
+def cmd_sync(args: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="practicum sync", description="Send the writes a run kept in its spool folder "
+                                "(<store>/spool/RUN_ID) because the tracking server was down when it ended.")
+    p.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="default: every run with a spool folder")
+    p.add_argument("--tracking_uri", help="default: the server the run was logging to")
+    p.add_argument("--wait_s", type=float, default=0.0, help="wait this long for an unreachable server")
+    ns = p.parse_args(args)
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import tracking as trk
+    from pipelines.spool import Spool, spool_dir
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # a server still down is reported, not waited on
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    root = trk.local_dir(trk.resolve_tracking_uri(ns.tracking_uri)) / "spool"
+    run_ids = ns.run_ids or sorted(d.name for d in root.glob("*") if (d / "meta.json").is_file())
+    if not run_ids:
+        print(f"practicum sync: nothing to send ({root} holds no spooled run)")
+        return 0
+    left = 0
+    for run_id in run_ids:
+        folder = spool_dir(root.parent, run_id)
+        if not (folder / "meta.json").is_file():
+            raise FileNotFoundError(f"run {run_id} has nothing spooled in {root} (run practicum sync from the folder "
+                                    "the run was started in, or pass the --tracking_uri it logged to)")
+        spool = Spool.load(folder)
+        if ns.tracking_uri:
+            spool.client = MlflowClient(ns.tracking_uri)
+        n, refused = len(spool.queue), 0
+        while True:
+            try:
+                done = spool.flush(ns.wait_s)
+                break
+            except Exception as e:  # the server refused one write (dropped); the others still go
+                refused += 1
+                print(f"practicum sync: run {run_id}: a write was refused: {str(e).strip()[:300]}", file=sys.stderr)
+        if done:
+            print(f"run {run_id}: sent {n - refused} of {n} writes to {spool.client.tracking_uri}")
+            left += bool(refused)
+        else:
+            left += 1
+            print(f"practicum sync: run {run_id}: {spool.client.tracking_uri} is still unreachable; "
+                  f"{len(spool.queue)} of {n} writes stay in {folder}", file=sys.stderr)
+    return 1 if left else 0
 
 
 def cmd_ui(args: list[str]) -> int:

@@ -16,19 +16,23 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from pipelines import tracking as trk
+from pipelines.spool import SpooledClient, spool_dir
 
 
 class PracticumLogger(MLFlowLogger):
-    """MLFlowLogger on a run the pipeline opened.
+    """MLFlowLogger on a run the pipeline opened, writing through the run's `SpooledClient`.
 
-    Hyperparameters are logged once, as the resolved config. Metrics survive a tracking outage: a
-    batch that cannot be sent stays in a buffer and is retried with the next one and at the end.
-    A resumed run skips (key, step) pairs the run already holds, so every step is logged exactly once.
+    Hyperparameters are logged once, as the resolved config. Its ``experiment`` is the spooled
+    client, so metrics and whatever a project logs through it (``modules.artifacts``) survive a
+    tracking outage (`pipelines.spool`). A resumed run skips (key, step) pairs the run already
+    holds, so every step is logged exactly once.
     """
 
-    def __init__(self, *args, logged: set[tuple[str, int]] | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._pending: list = []
+    def __init__(self, client: SpooledClient, run_id: str, experiment_id: str,
+                 logged: set[tuple[str, int]] | None = None):
+        super().__init__(tracking_uri=client.tracking_uri, run_id=run_id)
+        # the run exists and its experiment is known: no get_run on first use, which an outage would fail
+        self._mlflow_client, self._experiment_id, self._initialized = client, experiment_id, True
         self._logged = frozenset(logged or ())  # only what the run held before; new steps need no record
 
     def log_hyperparams(self, params: Any) -> None:
@@ -39,25 +43,10 @@ class PracticumLogger(MLFlowLogger):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        for k, v in metrics.items():
-            if (k, step or 0) in self._logged:  # already in the run before a resume
-                continue
-            self._pending.append(Metric(k, float(v), now, step or 0))
-        self.flush(raise_on_error=False)
-
-    def flush(self, raise_on_error: bool = True, attempts: int = 1, wait_s: float = 2.0) -> None:
-        for attempt in range(attempts):
-            try:
-                while self._pending:
-                    self.experiment.log_batch(self.run_id, metrics=self._pending[:1000])
-                    del self._pending[:1000]
-                return
-            except Exception:
-                if attempt == attempts - 1:
-                    if raise_on_error:
-                        raise
-                    return
-                time.sleep(wait_s)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                 if (k, step or 0) not in self._logged]  # already in the run before a resume
+        if batch:
+            self.experiment.log_batch(self.run_id, metrics=batch)
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
@@ -92,6 +81,7 @@ class Session:
         self.is_zero = is_rank_zero()
         self.resumed = resume_run_id is not None
         self._monitor = None
+        self._refusal: BaseException | None = None
         self.client, self.logger = None, None
         if not self.is_zero:
             # Other ranks never touch MLflow (not even to open the store: under torchrun every rank
@@ -100,26 +90,32 @@ class Session:
             # torchrun ModelCheckpoint broadcasts rank 0's folder.
             self.run_id = os.environ.get("PRACTICUM_RUN_ID", "rank-local")
             return
-        self.client = trk.MlflowClient(uri)
-        trk.check_reachable(self.client, uri)
+        client = trk.MlflowClient(uri)
+        trk.check_reachable(client, uri)
         logged: set[tuple[str, int]] = set()
         if resume_run_id:
             self.run_id = resume_run_id
-            for key in self.client.get_run(resume_run_id).data.metrics:
-                logged |= {(key, m.step) for m in self.client.get_metric_history(resume_run_id, key)}
-            self.client.update_run(resume_run_id, status="RUNNING")
+            exp_id = client.get_run(resume_run_id).info.experiment_id
+            for key in client.get_run(resume_run_id).data.metrics:
+                logged |= {(key, m.step) for m in client.get_metric_history(resume_run_id, key)}
+            client.update_run(resume_run_id, status="RUNNING")
         else:
-            exp_id = trk.get_or_create_experiment(self.client, experiment, uri)
+            exp_id = trk.get_or_create_experiment(client, experiment, uri)
             tags = {**trk.environment_tags(), **tags, **({"mlflow.runName": run_name} if run_name else {})}
-            self.run_id = self.client.create_run(exp_id, tags=tags, run_name=run_name).info.run_id
+            self.run_id = client.create_run(exp_id, tags=tags, run_name=run_name).info.run_id
         os.environ["PRACTICUM_RUN_ID"] = self.run_id
-        self.logger = PracticumLogger(tracking_uri=uri, run_id=self.run_id, logged=logged)
+        # From here on every write to the run goes through its spool (pipelines.spool).
+        self.client = SpooledClient(uri, self.run_id, spool_dir(trk.local_dir(uri), self.run_id))
+        self.spool = self.client.spool
+        self.logger = PracticumLogger(self.client, self.run_id, exp_id, logged=logged)
         if system_metrics:
             try:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
                 self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, tracking_uri=uri,
                                                      resume_logging=self.resumed)
+                if hasattr(getattr(self._monitor, "mlflow_logger", None), "client"):
+                    self._monitor.mlflow_logger.client = self.client  # its samples go through the spool too
                 self._monitor.start()
             except Exception as e:  # missing psutil/pynvml parts must not stop training
                 print(f"warning: system metrics off ({e})", file=sys.stderr)
@@ -140,34 +136,59 @@ class Session:
                 self.client.set_tag(self.run_id, k, v)
 
     def end(self, status: str, error: BaseException | None = None) -> tuple[str, BaseException | None]:
-        """Flush metrics, upload checkpoints, set the status; returns the final (status, error).
+        """Upload the error and checkpoints, send what is queued, set the status; returns the final (status, error).
 
-        A tracking outage at the end is waited out for a while (metrics are never dropped silently);
-        an artifact that cannot be written (full disk) turns the run FAILED with that message.
+        Never raises. A tracking outage is waited out for `PRACTICUM_TRACKING_WAIT_S` seconds (default
+        60); what has still not arrived then stays in the run's spool folder for ``practicum sync``,
+        and the run keeps its own status. A write the store refuses (a full disk) turns the run FAILED
+        with that message.
         """
         if not self.is_zero:
             return status, error
         if self._monitor is not None:
             self._monitor.finish()
-        self.logger.flush(attempts=30, wait_s=2.0)
+        deadline = time.monotonic() + float(os.environ.get("PRACTICUM_TRACKING_WAIT_S", "60"))
         try:
             if error is not None:
                 self.client.set_tag(self.run_id, "practicum.error", one_line(error))
                 tb = trk.redact("".join(traceback.format_exception(type(error), error, error.__traceback__)))
                 self.client.log_text(self.run_id, tb, "error.txt")
             if self.log_checkpoint and self.ckpt_dir.is_dir():
-                for ckpt in sorted(self.ckpt_dir.glob("*.ckpt")):
-                    if ckpt.is_dir():  # a sharded (FSDP) checkpoint is a folder of shards
-                        self.client.log_artifacts(self.run_id, str(ckpt), f"checkpoints/{ckpt.name}")
-                    else:
-                        self.client.log_artifact(self.run_id, str(ckpt), "checkpoints")
-        except OSError as e:
-            error = OSError(e.errno, f"could not write artifacts of run {self.run_id}: {e.strerror or e} "
-                                     f"(local checkpoints stay in {self.ckpt_dir}); free space on the artifact store")
-            status = "FAILED"
-            self.client.set_tag(self.run_id, "practicum.error", one_line(error))
-        self.client.set_terminated(self.run_id, status)
+                for ckpt in sorted(self.ckpt_dir.glob("*.ckpt")):  # a sharded (FSDP) checkpoint is a folder
+                    self.spool.artifact(ckpt, f"checkpoints/{ckpt.name}" if ckpt.is_dir() else "checkpoints", copy=False)
+        except Exception as e:  # refused, not unreachable: the spool raises only those
+            status, error = self._refused(e)
+        sent, status, error = self._send_all(deadline, status, error)
+        try:
+            self.client.set_terminated(self.run_id, status)
+        except Exception as e:
+            status, error = self._refused(e)
+        sent, status, error = self._send_all(deadline, status, error)
+        if not sent:
+            print(f"warning: the tracking store at {self.uri} was unreachable until the end: {len(self.spool.queue)} "
+                  f"writes of run {self.run_id} (status {status}) are kept in {self.spool.folder}; send them once "
+                  f"it is back with: practicum sync {self.run_id}", file=sys.stderr)
         return status, error
+
+    def _send_all(self, deadline: float, status: str, error: BaseException | None):
+        while True:  # each refusal drops the write it refused; the rest still go
+            try:
+                return self.spool.flush(max(deadline - time.monotonic(), 0.0)), status, error
+            except Exception as e:
+                status, error = self._refused(e)
+
+    def _refused(self, e: BaseException) -> tuple[str, BaseException]:
+        """A write the store refused turns the run FAILED; the first refusal is the error reported."""
+        if self._refusal is None:
+            if isinstance(e, OSError):
+                e = OSError(e.errno, f"could not write artifacts of run {self.run_id}: {e.strerror or e} "
+                                     f"(local checkpoints stay in {self.ckpt_dir}); free space on the artifact store")
+            self._refusal = e
+            try:
+                self.client.set_tag(self.run_id, "practicum.error", one_line(e))
+            except Exception:  # a second refusal, raised by the queue behind the tag: the first one is reported
+                pass
+        return "FAILED", self._refusal
 
 
 def one_line(e: BaseException) -> str:

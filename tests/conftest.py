@@ -8,6 +8,19 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("PRACTICUM_LOG_MODEL", "0")
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test that needs CUDA says so with one marker, @pytest.mark.gpu: `-m gpu` selects every such
+    test, and without CUDA they are skipped here (tests/test_markers.py keeps it the only way)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marked gpu: needs CUDA, and none is available")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def _empty_store(tmp_path_factory):
     """Creating an MLflow SQLite schema takes seconds (migrations): do it once, copy it per test."""

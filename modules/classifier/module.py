@@ -25,7 +25,8 @@ class ClassifierModule(L.LightningModule):
         max_shift: random translation of up to this many pixels per training image (0 = off);
             a cheap augmentation that matters on the 4,000-image mnist5k training split.
         judge_path: also save the trained classifier here at the end of fit (a Lightning
-            checkpoint), a fixed path a diffusion config can name as its `classifier_checkpoint`.
+            checkpoint), a fixed path a diffusion config can name as its `classifier_checkpoint`:
+            the best checkpoint's weights, whose accuracy the run reports.
     """
 
     def __init__(
@@ -81,10 +82,23 @@ class ClassifierModule(L.LightningModule):
         self.log("test/acc", self.test_acc, on_epoch=True)
 
     def on_train_end(self) -> None:
-        if self.hparams.judge_path:
-            path = Path(os.path.expanduser(self.hparams.judge_path))
+        """Export the judge: the checkpoint the run selected as best (the one it tests and reports
+        accuracy for), not the last epoch's weights; without a checkpoint callback, the weights as they are."""
+        if not self.hparams.judge_path:
+            return
+        path = Path(os.path.expanduser(self.hparams.judge_path))
+        best = getattr(self.trainer.checkpoint_callback, "best_model_path", "") or ""
+        if not (best and Path(best).is_file()):
             path.parent.mkdir(parents=True, exist_ok=True)
             self.trainer.save_checkpoint(path, weights_only=True)
+            return
+        if self.trainer.is_global_zero:
+            ckpt = torch.load(best, map_location="cpu", weights_only=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # what load_from_checkpoint needs; the optimizer and loop states stay behind, as weights_only would
+            torch.save({k: ckpt[k] for k in ("state_dict", "hyper_parameters", "pytorch-lightning_version", "epoch",
+                                             "global_step") if k in ckpt}, path)
+        self.trainer.strategy.barrier()
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -1,5 +1,6 @@
 """Lightning strategies for real: two DDP processes on CPU (gloo), one MLflow run, disjoint shards."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _ddp(cli, cfg: Path, uri: str, rec: Path, *extra: str):
     rec.mkdir()
-    cb = [{"class_path": "tests.pipelines.toy.RecordBatches", "init_args": {"folder": str(rec)}}]
+    cb = [{"class_path": f"tests.pipelines.toy.{name}", "init_args": {"folder": str(rec)}}
+          for name in ("RecordBatches", "RecordLedger")]
     r = cli("run", str(cfg), "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
             "--system_metrics=false", f"--tracking_uri={uri}",
             f"--trainer.callbacks={yaml.safe_dump(cb, default_flow_style=True).strip()}", *extra)
@@ -58,8 +60,17 @@ def test_gpt_ddp_matches_single_process_with_the_same_global_batch(tmp_path, tra
     b = {m.step: m.value for m in c.get_metric_history(ddp.info.run_id, "val/loss")}
     assert a.keys() == b.keys() and len(a) == 2
     assert all(abs(a[s] - b[s]) < 2e-3 for s in a), (a, b)
-    # the resource ledger is aggregated: throughput is the sum over ranks, memory the max
-    assert ddp.data.metrics["perf/tokens_per_s"] > 0 and ddp.data.metrics["mem/params_bytes"] > 0
+    # the resource ledger is aggregated over the ranks' own ledgers: throughput and the samples and
+    # tokens seen are summed, memory and step time are the max
+    per_rank = [json.loads((tmp_path / "rec" / f"ledger{r}.json").read_text()) for r in (0, 1)]
+    assert per_rank[0].keys() == per_rank[1].keys()
+    summed = {"perf/tokens_per_s", "perf/samples_per_s", "budget/samples", "budget/tokens"}
+    assert summed <= per_rank[0].keys() and {"mem/host_peak_rss_bytes", "perf/step_time_s"} <= per_rank[0].keys()
+    for key in per_rank[0]:
+        values = [r[key] for r in per_rank]
+        want = sum(values) if key in summed else max(values)
+        assert ddp.data.metrics[key] == pytest.approx(want, rel=1e-12), (key, values)
+    assert per_rank[0]["budget/tokens"] == per_rank[1]["budget/tokens"] == 20 * 8 * GPT["data"]["init_args"]["block_size"]
 
 
 def test_classifier_ddp_one_run_disjoint_shards(tmp_path, tracking_uri, practicum_cli):
@@ -91,7 +102,7 @@ def test_fsdp_preset_wraps_transformer_blocks():
     assert init.state_dict_type == "sharded"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP in Lightning needs CUDA")
+@pytest.mark.gpu  # FSDP in Lightning needs CUDA
 def test_fsdp_single_gpu_run_and_resume(tmp_path, tracking_uri, practicum_cli):
     cfg = tmp_path / "gpt.yaml"
     cfg.write_text(yaml.safe_dump({**GPT, "trainer": {**GPT["trainer"], "accelerator": "gpu", "max_steps": 10}}))

@@ -1,9 +1,6 @@
 """Fault tolerance: SIGKILL then resume into the same run, SIGTERM, NaN, corrupt checkpoints, tracking outages."""
 
 import errno
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +11,6 @@ from mlflow import MlflowClient
 
 from pipelines.run import run_experiment
 from pipelines.tracking import ConfigError, TrackingError
-from tests.pipelines import toy
 from tests.helpers import free_port
 from tests.pipelines.test_run import TOY
 
@@ -133,57 +129,4 @@ def test_full_disk_while_writing_artifacts_ends_failed(tmp_path, tracking_uri, m
     assert "val/loss" in run.data.metrics
 
 
-class _Server:
-    """`mlflow server` on a loopback port over one SQLite file, stoppable and restartable."""
-
-    def __init__(self, root: Path):
-        self.port, self.root = free_port(), root
-        self.proc = None
-
-    @property
-    def uri(self):
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.root}/server.db", "--artifacts-destination",
-             str(self.root / "art"), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        import urllib.request
-
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("mlflow server did not start")
-
-    def stop(self):
-        os.killpg(self.proc.pid, 15)
-        self.proc.wait(30)
-
-
-def test_server_outage_mid_run_loses_no_metric(tmp_path, monkeypatch, _empty_store):
-    import shutil
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    shutil.copy(_empty_store, tmp_path / "server.db")
-    server = _Server(tmp_path)
-    server.start()
-    try:
-        toy.HOOKS.clear()
-        toy.HOOKS.update({5: server.stop, 15: server.start})
-        cb = {"class_path": "tests.pipelines.toy.CallAt"}
-        cfg = _write(tmp_path, {**TOY, "trainer": {**TOY["trainer"], "max_steps": 24, "log_every_n_steps": 1,
-                                                   "callbacks": [cb]}})
-        res = run_experiment(cfg, [*QUIET, "--log_checkpoint=false"], server.uri)
-        assert res.status == "FINISHED", res.error
-        steps = [s for s, _ in _history(MlflowClient(server.uri), res.run_id, "train/loss")]
-        assert steps == list(range(24))  # the steps logged while the server was down arrived later
-    finally:
-        toy.HOOKS.clear()
-        server.stop()
+# Tracking outages mid-run (every write buffered, `practicum sync`): tests/pipelines/test_outage.py

@@ -134,3 +134,30 @@ class RecordBatches(Callback):
         with open(os.path.join(self.folder, f"rank{trainer.global_rank}.txt"), "a") as f:
             for row in x.detach().cpu():
                 f.write(f"{trainer.global_step} {hashlib.sha1(row.numpy().tobytes()).hexdigest()}\n")
+
+
+class RecordLedger(Callback):
+    """Writes each rank's own resource ledger, before ranks are aggregated, to ``<folder>/ledger<R>.json``
+    (tests compare what rank 0 logged with these).
+
+    Args:
+        folder: where the per-rank files go.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_fit_start(self, trainer, pl_module):
+        import json
+
+        from pipelines.resources import ResourceMonitor
+
+        (monitor,) = [cb for cb in trainer.callbacks if isinstance(cb, ResourceMonitor)]
+        reduce = monitor._reduce
+
+        def record_then_reduce(trainer, m):
+            with open(os.path.join(self.folder, f"ledger{trainer.global_rank}.json"), "w") as f:
+                json.dump({k: float(v) for k, v in m.items()}, f)
+            return reduce(trainer, m)
+
+        monitor._reduce = record_then_reduce

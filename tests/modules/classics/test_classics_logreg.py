@@ -128,7 +128,7 @@ def test_l1_converges_to_a_sparse_kkt_point():
 
 
 @pytest.mark.parametrize(
-    "dataset, lam, epochs", [("digits", 1e-2, 600), ("breast_cancer", 1e-2, 400)]
+    "dataset, lam, epochs", [("digits", 1e-2, 1200), ("breast_cancer", 1e-2, 400)]
 )
 def test_test_accuracy_within_one_point_of_sklearn(dataset, lam, epochs):
     dm = TabularDataModule(dataset, seed=0)
@@ -140,10 +140,12 @@ def test_test_accuracy_within_one_point_of_sklearn(dataset, lam, epochs):
     m.fit(Xtr, ytr, epochs=epochs)  # full-batch gradient descent
     ours, theirs = np.mean(m.predict(Xte) == yte), sk.score(Xte, yte)
     assert abs(ours - theirs) <= 0.01, (ours, theirs)
-    # the same problem (C = 1/(lam n)): our objective reaches scikit-learn's optimum
+    # the same problem (C = 1/(lam n)): our objective reaches scikit-learn's optimum to 1e-5 relative,
+    # the README's figure (benchmarks/logreg_objective_gap.py: 8.8e-7 on digits after 1,200 epochs,
+    # 4.0e-5 after 600; 1.1e-6 on breast_cancer after 400)
     ref = LogisticRegression(m.config)
     ref.W, ref.b = sk.coef_.T.copy(), sk.intercept_.copy()
-    assert m.objective(Xtr, ytr) == pytest.approx(ref.objective(Xtr, ytr), rel=1e-3)
+    assert m.objective(Xtr, ytr) == pytest.approx(ref.objective(Xtr, ytr), rel=1e-5)
     assert m.objective(Xtr, ytr) >= ref.objective(Xtr, ytr) - 1e-6  # cannot beat the optimum
 
 

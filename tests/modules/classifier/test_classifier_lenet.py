@@ -79,3 +79,34 @@ def test_classifier_under_a_plain_trainer(tmp_path):
     trainer = quiet_trainer(max_steps=3, limit_val_batches=1, default_root_dir=tmp_path)
     trainer.fit(ClassifierModule(judge_path=str(tmp_path / "j.ckpt")), datamodule=dm)
     assert (tmp_path / "j.ckpt").is_file() and "val/acc" in trainer.callback_metrics
+
+
+def test_the_exported_judge_is_the_checkpoint_whose_accuracy_is_reported(tmp_path):
+    from datamodules.mnist import MNISTDataModule
+    from torchmetrics.functional.classification import multiclass_accuracy
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    judge = tmp_path / "judge.ckpt"
+    # "best" = the lowest validation accuracy: surely not the last of two epochs of learning, so the
+    # judge written at the end of fit would hold other weights than the tested checkpoint's
+    res = run_experiment(
+        "configs/classifier/lenet_mnist5k.yaml",
+        ["--trainer.max_epochs=2", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+         "--data.init_args.train_limit=320", "--data.init_args.batch_size=32", "--checkpoint_monitor=val/acc",
+         "--checkpoint_mode=min", f"--model.init_args.judge_path={judge}", "--system_metrics=false"],
+        tracking_uri=uri,
+    )
+    assert res.status == "FINISHED", res.error
+    best, last = (torch.load(p, map_location="cpu", weights_only=True) for p in (res.checkpoint,
+                                                                                  res.checkpoint.replace("best", "last")))
+    assert (best["epoch"], last["epoch"]) == (0, 1)
+    exported = torch.load(judge, map_location="cpu", weights_only=True)
+    for k, v in best["state_dict"].items():
+        torch.testing.assert_close(exported["state_dict"][k], v)
+    # and the reported test accuracy is the exported judge's own, on the test digits
+    dm = MNISTDataModule(dataset="mnist5k", val_size=500, test_size=500)  # the config's split
+    dm.setup("test")
+    x, y = dm._tensors("test").tensors
+    acc = multiclass_accuracy(load_judge(str(judge))(x).argmax(-1), y, num_classes=10, average="micro")
+    reported = mlflow.MlflowClient(uri).get_run(res.run_id).data.metrics["test/acc"]
+    assert float(acc) == pytest.approx(reported, abs=1e-6)

@@ -158,7 +158,7 @@ def test_bad_arguments_get_clear_errors(kwargs, error, match):
         FinetuneModule(**{"backbone": "/does/not/exist.ckpt", **kwargs})
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs CUDA")
+@pytest.mark.gpu  # QLoRA needs CUDA
 def test_qlora_runs_and_peaks_below_lora_on_gpu(tiny_llama_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
     peaks = {}

@@ -128,7 +128,6 @@ def test_bad_generate_arguments():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("ffn", ["mlp", "moe"])
 def test_compiled_bf16_on_gpu_matches_eager_fp32(ffn):
     eager = model(ffn=ffn).cuda()
