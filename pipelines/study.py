@@ -31,6 +31,7 @@ A study is an experiment with a verdict (`pipelines.compare`, `pipelines.stats`)
     modes: {val/bleu: max}         # which way is better, where the metric's name does not say
     equal_budget: true             # warn in the table when steps/samples/tokens differ (default true)
     quick: true                    # the table says it is a smoke test, not a verdict
+    scatter: [[val/kl, val/true_reward]]   # plots/<y>_vs_<x>.png: one point per run, variant means with intervals
     tune: {n_trials: 6, params: {model.init_args.lr: {low: 1.0e-4, high: 1.0e-2, log: true}}}
                                    # per variant, the same budget each (`pipelines.tune`); the seeded
                                    # runs then use the variant's best config
@@ -116,6 +117,7 @@ class Study:
     equal_budget: bool = True
     quick: bool = False
     tune: Any = None  # pipelines.tune.TuneSpec
+    scatter: list[list[str]] = field(default_factory=list)
     path: Path | None = None
 
     def seed_args(self, seed: int | None) -> list[str]:
@@ -172,7 +174,7 @@ def load_study(path: str | Path) -> Study:
         raise ConfigError(f"study file {path} does not exist")
     raw = yaml.safe_load(path.read_text()) or {}
     allowed = {"name", "base", "variants", "primary_metric", "columns", "overrides", "stages", "seeds", "seed_keys",
-               "baseline", "report", "modes", "equal_budget", "quick", "tune"}
+               "baseline", "report", "modes", "equal_budget", "quick", "tune", "scatter"}
     unknown = set(raw) - allowed
     if unknown:
         raise ConfigError(f"study {path}: unknown key(s) {sorted(unknown)}; valid keys: {sorted(allowed)}")
@@ -207,6 +209,11 @@ def load_study(path: str | Path) -> Study:
     modes = raw.get("modes") or {}
     if any(m not in ("min", "max") for m in modes.values()):
         raise ConfigError(f"study {path}: modes map metric keys to 'min' or 'max', got {modes}")
+    scatter = raw.get("scatter") or []
+    if not isinstance(scatter, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(k, str) for k in p)
+                                                for p in scatter):
+        raise ConfigError(f"study {path}: scatter is a list of [x metric, y metric] pairs, e.g. [[val/kl, val/reward]]; "
+                          f"got {scatter!r}")
     used = set(STAGE_REF.findall(json.dumps([raw.get("overrides"), raw["variants"]])))
     if used - set(stages):
         raise ConfigError(f"study {path}: {{stages.X}} names unknown stage(s) {sorted(used - set(stages))}; "
@@ -227,6 +234,7 @@ def load_study(path: str | Path) -> Study:
         equal_budget=bool(raw.get("equal_budget", True)),
         quick=bool(raw.get("quick", False)),
         tune=_tune_spec(raw.get("tune"), path),
+        scatter=[[reported(k, raw.get("report", "val")) for k in p] for p in scatter],
         path=path.resolve(),
     )
 
@@ -339,7 +347,7 @@ def run_study(
     client.log_text(parent, table.differences.to_csv(index=False), "differences.csv")
     client.log_text(parent, render(table, "markdown"), "comparison.md")
     client.log_text(parent, render(table, "table"), "comparison.txt")
-    for fname, fig in study_plots(client, parent, study.primary_metric).items():
+    for fname, fig in study_plots(client, parent, study.primary_metric, study.scatter).items():
         client.log_figure(parent, fig, f"plots/{fname}")
         plt.close(fig)
     client.set_terminated(parent, status)
@@ -376,9 +384,12 @@ def run_stages(study: Study, client, exp_id: str, parent: str, uri: str, args: S
     return runs
 
 
-def study_plots(client: trk.MlflowClient, parent_id: str, primary: str) -> dict[str, Any]:
-    """The primary metric over steps per variant (mean over seeds, band from min to max), and the memory
-    ledger, the measured peaks and the throughput per variant (mean, error bars: the spread over seeds)."""
+def study_plots(client: trk.MlflowClient, parent_id: str, primary: str,
+                scatter: Sequence[Sequence[str]] = ()) -> dict[str, Any]:
+    """The primary metric over steps per variant (mean over seeds, band from min to max), the memory
+    ledger, the measured peaks and the throughput per variant (mean, error bars: the spread over seeds),
+    and one plot per `scatter` pair (x, y) of final metrics: a point per run, the variant's mean with
+    95% intervals on both axes (a reward-KL frontier, say)."""
     import numpy as np
 
     from pipelines.compare import children
@@ -456,4 +467,24 @@ def study_plots(client: trk.MlflowClient, parent_id: str, primary: str) -> dict[
         a.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     figs["memory_throughput.png"] = fig
+
+    from pipelines.stats import mean_ci
+
+    for x, y in scatter:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for name in names:
+            pts = [(r.data.metrics[x], r.data.metrics[y]) for r in groups[name] if x in r.data.metrics
+                   and y in r.data.metrics]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            (mx, hx, _), (my, hy, _) = mean_ci(xs), mean_ci(ys)
+            bar = ax.errorbar([mx], [my], xerr=[np.nan_to_num(hx)], yerr=[np.nan_to_num(hy)], fmt="o", capsize=3,
+                              label=f"{name} (n={len(pts)})")
+            ax.scatter(xs, ys, s=12, alpha=0.4, color=bar[0].get_color())
+        ax.set(xlabel=x, ylabel=y, title=f"{y} against {x}: runs, and variant means with 95% intervals")
+        if ax.collections:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        figs[f"{y.replace('/', '_')}_vs_{x.replace('/', '_')}.png"] = fig
     return figs
