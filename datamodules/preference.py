@@ -26,6 +26,7 @@ file data is split by record after a seeded shuffle.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -57,11 +58,20 @@ class VaderReward:
 
 
 def make_reward(name: str | None) -> Callable[[list[str]], list[float]] | None:
+    """"vader", the dotted import path of a function (texts -> scores), or None."""
     if name is None:
         return None
     if name == "vader":
         return VaderReward()
-    raise ValueError(f"PreferenceDataModule.reward must be one of {REWARDS} or null, got {name!r}")
+    module, _, attr = name.rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module), attr) if module else None
+    except (ImportError, AttributeError):
+        fn = None
+    if not callable(fn):
+        raise ValueError(f"PreferenceDataModule.reward must be one of {REWARDS}, the dotted path of a function "
+                         f"list[str] -> list[float] (e.g. mypkg.rewards.length), or null; got {name!r}")
+    return fn
 
 
 def pad_rows(prompts: list[list[int]], completions: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
@@ -118,7 +128,8 @@ class PreferenceDataModule(LightningDataModule):
             source: "sampled" (see the module docstring), a .jsonl/.json/.csv/.parquet file of
                 prompt/chosen/rejected records, or a Hugging Face dataset name (needs the network).
             reward: The programmatic reward that labels sampled pairs and scores the module's
-                samples: "vader" (sentiment, higher is more positive), or null for file data.
+                samples: "vader" (sentiment, higher is more positive), the dotted path of your own
+                function from texts to scores, or null for file data.
             n_prompts: Sampled: training prompts (pairs are at most this many; ties give none).
             n_eval_prompts: Sampled: validation prompts and as many test prompts.
             prompt_chars: Sampled: a prompt is the first this many characters of a corpus line

@@ -33,6 +33,7 @@ from modules.align.objective import (
     sampled_kl,
     sequence_logps,
 )
+from modules.artifacts import log_text
 from modules.finetune.model import logits_of, sample
 from modules.finetune.module import FinetuneModule
 
@@ -45,7 +46,7 @@ class DPOModule(FinetuneModule):
         beta: float = 0.1,
         best_of: int = 1,
         eval_samples: int = 2,
-        sample_batch_size: int = 256,
+        sample_batch_size: int = 512,
         export: bool = False,
         **kwargs: Any,
     ):
@@ -253,8 +254,13 @@ class DPOModule(FinetuneModule):
         reward = getattr(dm, "reward", None)
         if reward is not None:
             skip = {"skip_special_tokens": True} if self.kind == "hf" else {}
-            scores = torch.tensor(reward([self.tokenizer.decode(c, **skip) for c in flat]), dtype=torch.float64)
+            texts = [self.tokenizer.decode(c, **skip) for c in flat]
+            scores = torch.tensor(reward(texts), dtype=torch.float64)
             best = scores.view(len(prompts), n, k).amax(-1)  # best of k draws for each of n samples
             metrics[f"{split}/true_reward"] = float(best.mean())
+            if self.trainer.is_global_zero:  # what the numbers are about: the first samples, scored
+                shown = [f"{s:+.3f}  {p!r} -> {t!r}" for p, t, s in zip(
+                    [pr for pr, cs in zip(prompts, drawn) for _ in cs], texts, scores.tolist())][: 4 * n * k]
+                log_text(self.loggers, "\n".join(shown) + "\n", f"samples/{split}_step_{self.global_step:06d}.txt")
         self.log_dict(metrics, sync_dist=True)
 

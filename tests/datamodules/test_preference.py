@@ -24,6 +24,11 @@ def test_vader_reward_reads_sentiment():
     assert r[0] > 0.5 and r[1] == 0 and r[2] < -0.5
 
 
+def test_reward_may_be_a_function_named_by_its_import_path():
+    dm = PreferenceDataModule(reward="tests.modules.align.conftest.count_e")
+    assert dm.reward(["eee", "xyz"]) == [1.0, 0.0]
+
+
 def test_jsonl_pairs_split_and_collate_chosen_first_with_prompt_masked(tmp_path):
     src = write_jsonl(tmp_path / "prefs.jsonl", RECORDS)
     dm = PreferenceDataModule(source=str(src), reward=None, fields={"prompt": "q", "chosen": "good", "rejected": "bad"},
@@ -108,6 +113,7 @@ def test_sampled_pairs_are_best_against_worst_and_ties_give_none(tmp_path):
     ({"samples_per_prompt": 1}, ValueError, "samples_per_prompt must be >= 2"),
     ({"reward": None}, ValueError, "needs a reward"),
     ({"reward": "bert"}, ValueError, "reward must be one of"),
+    ({"reward": "json.no_such_function"}, ValueError, "dotted path of a function"),
     ({"source": "./missing.jsonl"}, FileNotFoundError, "does not exist"),
     ({"val_fraction": 0.6, "test_fraction": 0.5}, ValueError, "val_fraction \\+ test_fraction < 1"),
 ])
