@@ -111,6 +111,7 @@ class PreferenceDataModule(LightningDataModule):
         samples_per_prompt: int = 4,
         max_new_tokens: int = 64,
         temperature: float = 1.0,
+        min_margin: float = 0.0,
         train_frac: float = 0.9,
         fields: dict[str, str] | None = None,
         val_fraction: float = 0.1,
@@ -138,6 +139,8 @@ class PreferenceDataModule(LightningDataModule):
                 worst by reward make the pair.
             max_new_tokens: Length of sampled continuations (here and in the module's evaluation).
             temperature: Sampled: temperature of the continuations of the pairs.
+            min_margin: Sampled: keep only pairs whose reward gap exceeds this (0: every pair
+                but ties). Applied when the pairs are read, so the cached samples serve any value.
             train_frac: Sampled: training prompts come from this leading share of the corpus, the
                 held-out prompts from the rest (the mini-GPT's own split).
             fields: File data: our name -> column, merged over {"prompt": "prompt", "chosen":
@@ -164,6 +167,8 @@ class PreferenceDataModule(LightningDataModule):
                             ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"PreferenceDataModule.{name} must be >= 1, got {value}")
+        if min_margin < 0:
+            raise ValueError(f"PreferenceDataModule.min_margin must be >= 0, got {min_margin}")
         if not 0.0 < train_frac < 1.0:
             raise ValueError(f"PreferenceDataModule.train_frac must be in (0, 1), got {train_frac}")
         if not (0.0 < val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
@@ -322,6 +327,9 @@ class PreferenceDataModule(LightningDataModule):
                 tmp = self.pairs_file.with_suffix(f".{os.getpid()}.part")
                 tmp.write_text("".join(json.dumps({"split": s, **r}) + "\n" for s, rs in self.records.items() for r in rs))
                 tmp.replace(self.pairs_file)
+            gap = self.hparams.min_margin
+            self.records = {s: [r for r in rs if r["score_chosen"] - r["score_rejected"] > gap]
+                            for s, rs in self.records.items()}
         else:
             rows = self._read_file_records()
             random.Random(self.seed).shuffle(rows)

@@ -103,6 +103,11 @@ def test_sampled_pairs_are_best_against_worst_and_ties_give_none(tmp_path):
     again = sampled(tmp_path, model)
     again._ensure_records()
     assert model.calls == 3 and again.records == dm.records and again.pairs_file == dm.pairs_file
+    wide = sampled(tmp_path, model, min_margin=0.5)
+    wide._ensure_records()
+    assert model.calls == 3 and wide.pairs_file == dm.pairs_file  # the same samples, filtered when read
+    assert wide.records["train"] == [r for r in rows if r["score_chosen"] - r["score_rejected"] > 0.5]
+    assert 0 < len(wide.records["train"]) < len(rows)
     ckpt.write_bytes(b"weights-2")
     other = sampled(tmp_path, model)
     other._ensure_records()
@@ -111,6 +116,7 @@ def test_sampled_pairs_are_best_against_worst_and_ties_give_none(tmp_path):
 
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"samples_per_prompt": 1}, ValueError, "samples_per_prompt must be >= 2"),
+    ({"min_margin": -0.1}, ValueError, "min_margin must be >= 0"),
     ({"reward": None}, ValueError, "needs a reward"),
     ({"reward": "bert"}, ValueError, "reward must be one of"),
     ({"reward": "json.no_such_function"}, ValueError, "dotted path of a function"),
