@@ -482,9 +482,9 @@ def study_plots(client: trk.MlflowClient, parent_id: str, primary: str,
             bar = ax.errorbar([mx], [my], xerr=[np.nan_to_num(hx)], yerr=[np.nan_to_num(hy)], fmt="o", capsize=3,
                               label=f"{name} (n={len(pts)})")
             ax.scatter(xs, ys, s=12, alpha=0.4, color=bar[0].get_color())
-        ax.set(xlabel=x, ylabel=y, title=f"{y} against {x}: runs, and variant means with 95% intervals")
+        ax.set(xlabel=x, ylabel=y, title=f"{y} against {x}")
         if ax.collections:
-            ax.legend(fontsize=7)
+            ax.legend(title="dots: runs; bars: mean, 95% interval", fontsize=7, title_fontsize=7)
         fig.tight_layout()
         figs[f"{y.replace('/', '_')}_vs_{x.replace('/', '_')}.png"] = fig
     return figs
