@@ -75,7 +75,10 @@ class LastCheckpoint(ModelCheckpoint):
         if not due or self._should_skip_saving_checkpoint(trainer):
             return
         if validates_after_this_batch(trainer):
-            self._after_validation = True
+            # Lightning 2.6 resumes a file written after an epoch-closing validation an epoch (saved
+            # during it) or a logging step (saved at the epoch's end) off: that save waits for the
+            # next due step instead
+            self._after_validation = not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
             return
         self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
