@@ -156,6 +156,18 @@ def test_resumed_map_style_run_logs_what_the_uninterrupted_one_does(tmp_path, tr
                          [(7, "train"), (10, "val"), (11, "train")])
 
 
+def test_resumed_run_measures_its_memory_ledger(tmp_path, tracking_uri):
+    """The ledger (gradient and activation bytes) is measured at the first steps of every fit: a
+    resumed run reports the uninterrupted run's, not zeros."""
+    cfg = _write(tmp_path, TOY)
+    whole = run_experiment(cfg, [*QUIET, "--checkpoint_every_n_steps=2"], tracking_uri)
+    killed = run_experiment(cfg, [*QUIET, "--checkpoint_every_n_steps=2"], tracking_uri, callbacks=[Die(9)])
+    resumed = run_experiment(cfg, [*QUIET, "--checkpoint_every_n_steps=2", f"--resume={killed.run_id}"], tracking_uri)
+    assert resumed.status == "FINISHED", resumed.error
+    for key in ("mem/grads_bytes", "mem/activations_bytes", "mem/optimizer_bytes", "budget/samples"):
+        assert whole.metrics[key] > 0 and resumed.metrics[key] == whole.metrics[key], key
+
+
 def test_first_checkpoint_comes_by_time_before_any_validation(tmp_path, tracking_uri):
     """Without --checkpoint_every_n_steps a run killed before its first validation still has a
     last.ckpt to resume from: the time-based default (here 0 minutes: at the first step)."""
