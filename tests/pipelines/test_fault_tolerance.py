@@ -93,10 +93,14 @@ class Die(Callback):
 MACHINE = ("time/", "perf/", "system/", "mem/host_peak_rss_bytes")
 
 
+def _measures_machine(key: str) -> bool:
+    return key.startswith(MACHINE) or key.endswith("_per_s")
+
+
 def _all_histories(client, run_id) -> dict[str, dict[int, float]]:
     """{key: {step: value}}; a key logged twice at one step with one value (``epoch``, by training and
     by validation) counts once: a resumed run logs each (key, step) once."""
-    keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith(MACHINE)]
+    keys = [k for k in client.get_run(run_id).data.metrics if not _measures_machine(k)]
     return {k: dict(_history(client, run_id, k)) for k in sorted(keys)}
 
 
