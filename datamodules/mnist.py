@@ -21,7 +21,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 Dataset = Literal["mnist5k", "mnist", "fashion-mnist"]
 
@@ -138,6 +138,25 @@ def to_images(x_uint8: np.ndarray, pad_to_32: bool) -> torch.Tensor:
     return F.pad(x, (2, 2, 2, 2), value=-1.0) if pad_to_32 else x
 
 
+class EpochOrder(DistributedSampler):
+    """The training order: one permutation per (seed, epoch), as torch's DistributedSampler draws it
+    (each rank its own share), which can start part-way into an epoch.
+
+    A run resumed `skip` samples into an epoch takes the rest of that epoch's order, so it sees the
+    batches an uninterrupted run sees; Lightning sets the epoch (`set_epoch`) and leaves a
+    DistributedSampler in place under DDP.
+    """
+
+    def __init__(self, dataset, seed: int, rank: int = 0, world_size: int = 1):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def __iter__(self):
+        order = list(super().__iter__())[self.skip:]
+        self.skip = 0  # the next epoch starts at its beginning
+        return iter(order)
+
+
 class MNISTDataModule(L.LightningDataModule):
     """Batches of (images (B, 1, H, W) in [-1, 1], labels (B,) long).
 
@@ -249,7 +268,16 @@ class MNISTDataModule(L.LightningDataModule):
         return DataLoader(self._tensors(split), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Shuffled by `EpochOrder`: the order follows the global seed (seed_everything) and the epoch."""
+        trainer, data = self.trainer, self._tensors("train")
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        order = EpochOrder(data, seed=torch.initial_seed() % 2**62, rank=rank, world_size=world)
+        if trainer is not None and trainer.fit_loop.restarting:  # resumed part-way into an epoch
+            order.skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed * self.batch_size
+        # its own generator: each new iterator draws a worker seed, which must not move the global RNG
+        # (a resumed run creates one at another moment than an uninterrupted one)
+        return DataLoader(data, batch_size=self.batch_size, sampler=order, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(order.seed))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

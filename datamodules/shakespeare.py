@@ -290,9 +290,11 @@ class ShakespeareDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # start where the trainer is: a resumed run continues the same batch stream
         start = self.trainer.global_step if self.trainer is not None else 0
+        # its own generator: each new iterator draws a worker seed, which must not move the global RNG
+        # (a resumed run creates one at another moment than an uninterrupted one)
         return DataLoader(
             self.train_dataset(start), batch_size=None, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed),
         )
 
     def val_windows_tensor(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,11 +35,67 @@ class BestCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
 
 
+def validates_after_this_batch(trainer) -> bool:
+    """Whether Lightning validates right after the training batch that just ended (asked from
+    ``on_train_batch_end``): the loop's own decision, so it holds for step and epoch schedules alike."""
+    if not trainer.enable_validation:
+        return False
+    loop = trainer.fit_loop
+    return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """last.ckpt: at each validation, every `every_n_steps` steps and at least every `every_minutes`.
+
+    A periodic save that falls on a step after which Lightning validates is written after that
+    validation, not before it. Lightning resumes a checkpoint written at the end of a training batch
+    as "this batch and its validation are done" and skips that validation; written after it, the
+    file says exactly what happened, and a resumed run validates, samples and logs on the steps an
+    uninterrupted run does.
+
+    Args:
+        every_minutes: also save when this many minutes have passed since the last save (None: off).
+    """
+
+    def __init__(self, *args, every_minutes: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.every_s = every_minutes * 60 if every_minutes else None
+        self._saved_at = time.monotonic()
+        self._after_validation = False
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self._saved_at = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = self._every_n_train_steps
+        due = bool(n) and trainer.global_step % n == 0
+        if self.every_s is not None:  # every rank takes rank 0's decision (clocks differ)
+            due = trainer.strategy.broadcast(due or time.monotonic() - self._saved_at >= self.every_s)
+        if not due or self._should_skip_saving_checkpoint(trainer):
+            return
+        if validates_after_this_batch(trainer):
+            # Lightning 2.6 resumes a file written after an epoch-closing validation an epoch (saved
+            # during it) or a logging step (saved at the epoch's end) off: that save waits for the
+            # next due step instead
+            self._after_validation = not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+            return
+        self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if self._after_validation and not trainer.sanity_checking:
+            self._after_validation = False
+            if self._last_global_step_saved != trainer.global_step:
+                self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 def pipeline_callbacks(ckpt_dir: Path, info: dict[str, Any], monitor: str | None, mode: str,
-                       every_n_steps: int | None, checkpointing: bool = True) -> list[Callback]:
+                       every_n_steps: int | None, checkpointing: bool = True,
+                       every_minutes: float | None = None) -> list[Callback]:
     """NaNGuard, ResourceMonitor, on_exception.ckpt, the checkpoint's ``practicum`` entry and, unless
     `checkpointing` is off (trainer.enable_checkpointing=false), best.ckpt and last.ckpt (also every
-    `every_n_steps` steps)."""
+    `every_n_steps` steps and `every_minutes` minutes)."""
     # on_exception.ckpt comes after best/last: Trainer.checkpoint_callback is the first checkpoint callback
     tail: list[Callback] = [OnExceptionCheckpoint(ckpt_dir, filename="on_exception"), CheckpointInfo(info)]
     if not checkpointing:
@@ -48,8 +104,8 @@ def pipeline_callbacks(ckpt_dir: Path, info: dict[str, Any], monitor: str | None
                           auto_insert_metric_name=False, enable_version_counter=False)
     # Lightning writes checkpoints atomically (temporary file, then rename): a kill mid-save
     # leaves the previous last.ckpt intact.
-    last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
-                           enable_version_counter=False, every_n_train_steps=every_n_steps)
+    last = LastCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
+                          every_n_train_steps=every_n_steps, every_minutes=every_minutes)
     return [NaNGuard(), ResourceMonitor(), best, last, *tail]
 
 

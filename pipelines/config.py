@@ -56,6 +56,8 @@ class PracticumCLI(LightningCLI):
         parser.add_argument("--checkpoint_mode", type=str, default="min")
         parser.add_argument("--checkpoint_every_n_steps", type=Optional[int], default=None,
                             help="also save last.ckpt every N training steps (default: at each validation)")
+        parser.add_argument("--checkpoint_every_n_minutes", type=Optional[float], default=10.0,
+                            help="also save last.ckpt when N minutes passed since the last save (null: off)")
         parser.add_argument("--resume", type=Optional[str], default=None,
                             help="RUN_ID, or 'last' for the latest unfinished run of this config: continue that run")
 

@@ -94,12 +94,15 @@ class ResourceMonitor(Callback):
 
     Args:
         warmup_steps: leading steps left out of timing (allocator warm-up, lazy init, compile).
-        ledger_step: the training step whose saved activations are counted.
+        ledger_step: the step of each fit, counted from its first (0), whose saved activations and
+            gradients are counted: a resumed fit measures its own, as a fresh one does.
     """
 
     def __init__(self, warmup_steps: int = 3, ledger_step: int = 1):
         self.warmup_steps, self.ledger_step = warmup_steps, ledger_step
         self.summary: dict[str, float] = {}
+        # samples and tokens of the fits before a resume: the budget counts the whole run
+        self._prior = self._restored = None
 
     # -- fit boundaries -------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -108,13 +111,29 @@ class ResourceMonitor(Callback):
         self._records: list[tuple[float, int, int | None]] = []  # (seconds, samples, tokens) per step
         self._meter: ActivationMeter | None = None
         self._ledger: dict[str, int] = {}
+        self._at: int | None = None  # the global step measured: this fit's first step + ledger_step
+        self._prior, self._restored = self._restored or {"samples": 0, "tokens": 0}, None
         self._fit_t0 = time.perf_counter()
         self._cuda = trainer.strategy.root_device.type == "cuda"
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
 
+    def state_dict(self) -> dict[str, int]:
+        recs = getattr(self, "_records", [])
+        return {"samples": self._prior_count("samples") + sum(r[1] for r in recs),
+                "tokens": self._prior_count("tokens") + sum(r[2] or 0 for r in recs)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # before on_fit_start for most strategies, after it for those that restore after setup
+        self._prior = self._restored = {"samples": int(state["samples"]), "tokens": int(state["tokens"])}
+
+    def _prior_count(self, key: str) -> int:
+        return (self._prior or {}).get(key, 0)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.ledger_step and self._meter is None and not self._ledger.get("done"):
+        if self._at is None:
+            self._at = trainer.global_step + self.ledger_step
+        if trainer.global_step == self._at and self._meter is None and not self._ledger.get("done"):
             self._meter = ActivationMeter(exclude=list(pl_module.parameters())).__enter__()
         self._t0 = time.perf_counter()
 
@@ -122,7 +141,7 @@ class ResourceMonitor(Callback):
         self._close_meter()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if trainer.global_step == self.ledger_step:
+        if trainer.global_step == self._at:
             self._ledger["mem/grads_bytes"] = grad_bytes(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -133,7 +152,7 @@ class ResourceMonitor(Callback):
         tokens = int(pl_module.tokens_per_batch(batch)) if hasattr(pl_module, "tokens_per_batch") else None
         self._records.append((dt, self._count(pl_module, "samples_per_batch", batch), tokens))
         step = trainer.global_step  # already incremented by this batch's optimizer step
-        if step > self.ledger_step and "mem/optimizer_bytes" not in self._ledger:
+        if step > self._at and "mem/optimizer_bytes" not in self._ledger:
             self._ledger["mem/optimizer_bytes"] = optimizer_bytes(trainer.optimizers)
         self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)
 
@@ -174,12 +193,12 @@ class ResourceMonitor(Callback):
         else:
             m["mem/device_peak_allocated_bytes"] = m["mem/device_peak_reserved_bytes"] = 0
         m["time/fit_s"] = time.perf_counter() - self._fit_t0
-        # What the run was given: optimizer steps and the samples (tokens) its steps saw in this fit,
-        # summed over ranks, so a study can check its variants had equal budgets.
+        # What the run was given: optimizer steps and the samples (tokens) its steps saw, a resumed run's
+        # earlier fits included, summed over ranks, so a study can check its variants had equal budgets.
         m["budget/steps"] = trainer.global_step
-        m["budget/samples"] = sum(r[1] for r in self._records)
+        m["budget/samples"] = self._prior_count("samples") + sum(r[1] for r in self._records)
         if self._records and self._records[0][2] is not None:
-            m["budget/tokens"] = sum(r[2] for r in self._records)
+            m["budget/tokens"] = self._prior_count("tokens") + sum(r[2] for r in self._records)
         # Warm-up steps are left out; a run too short for that still drops its first step.
         recs = self._records[self.warmup_steps :] if len(self._records) > self.warmup_steps else self._records[1:]
         recs = recs or self._records
@@ -191,6 +210,7 @@ class ResourceMonitor(Callback):
                 m["perf/tokens_per_s"] = sum(r[2] for r in recs) / total_t
         m = self._reduce(trainer, m)
         self.summary = m
+        self._restored = None
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(m, step=trainer.global_step)

@@ -121,7 +121,8 @@ def run_experiment(
         lineage = DataLineage()
         callbacks = [*(trainer_cfg.get("callbacks") or []), *callbacks, lineage, *pipeline_callbacks(
             s.ckpt_dir, info, cfg.checkpoint_monitor, cfg.checkpoint_mode, cfg.checkpoint_every_n_steps,
-            checkpointing=trainer_cfg.get("enable_checkpointing") is not False)]
+            checkpointing=trainer_cfg.get("enable_checkpointing") is not False,
+            every_minutes=cfg.checkpoint_every_n_minutes)]
         trainer = cli.instantiate_trainer(logger=s.logger or False, callbacks=callbacks,
                                           default_root_dir=trainer_cfg.get("default_root_dir") or str(trk.local_dir(uri)),
                                           **console.trainer_overrides(trainer_cfg, progress_bar))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning import Callback
 from mlflow import MlflowClient
 
 from pipelines.run import run_experiment
@@ -67,6 +68,117 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tracking_uri, pr
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+class Die(Callback):
+    """Raises after training step `step` ("train"), or as the validation that follows it begins ("val"):
+    a crash at an exact point, in process. It runs before the pipeline's callbacks, so a checkpoint due
+    at that step is not written, as under a real kill."""
+
+    def __init__(self, step: int, where: str = "train"):
+        self.step, self.where = step, where
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.where == "train" and trainer.global_step == self.step:
+            raise RuntimeError(f"killed after step {self.step}")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if self.where == "val" and trainer.global_step == self.step and not trainer.sanity_checking:
+            raise RuntimeError(f"killed while validating at step {self.step}")
+
+
+# Keys that measure the machine rather than the run (wall time, throughput, RSS) are not compared.
+MACHINE = ("time/", "perf/", "system/", "mem/host_peak_rss_bytes")
+
+
+def _measures_machine(key: str) -> bool:
+    return key.startswith(MACHINE) or key.endswith("_per_s")
+
+
+def _all_histories(client, run_id) -> dict[str, dict[int, float]]:
+    """{key: {step: value}}; a key logged twice at one step with one value (``epoch``, by training and
+    by validation) counts once: a resumed run logs each (key, step) once."""
+    keys = [k for k in client.get_run(run_id).data.metrics if not _measures_machine(k)]
+    return {k: dict(_history(client, run_id, k)) for k in sorted(keys)}
+
+
+def _kill_resume_compare(cfg, args, uri, kills):
+    """The uninterrupted run, then for each (step, where) a run killed there and resumed: every
+    metric key at every step must equal the uninterrupted run's within 1e-4."""
+    client = MlflowClient(uri)
+    whole = run_experiment(cfg, [*QUIET, *args], uri)
+    assert whole.status == "FINISHED", whole.error
+    want = _all_histories(client, whole.run_id)
+    assert max(want["mem/grads_bytes"].values()) > 0 and "val/loss" in want
+    for step, where in kills:
+        killed = run_experiment(cfg, [*QUIET, *args], uri, callbacks=[Die(step, where)])
+        assert killed.status == "FAILED" and f"step {step}" in killed.error, killed.error
+        resumed = run_experiment(cfg, [*QUIET, *args, f"--resume={killed.run_id}"], uri)
+        assert resumed.status == "FINISHED" and resumed.run_id == killed.run_id, resumed.error
+        got = _all_histories(client, resumed.run_id)
+        point = f"killed at step {step} ({where})"
+        assert got.keys() == want.keys(), f"{point}: keys differ: {sorted(got.keys() ^ want.keys())}"
+        for key in want:
+            assert sorted(got[key]) == sorted(want[key]), f"{point}: {key} logged at other steps"
+            bad = [(s, got[key][s], b) for s, b in want[key].items() if abs(got[key][s] - b) > 1e-4 * max(1.0, abs(b))]
+            assert not bad, f"{point}: {key} differs (step, resumed, uninterrupted): {bad[:3]}"
+
+
+# The endless Shakespeare stream: validation every 10 steps, last.ckpt every 4.
+TINY_GPT = {**GPT, "trainer": {**GPT["trainer"], "max_steps": 24},
+            "model": {**GPT["model"], "init_args": {**GPT["model"]["init_args"], "n_layer": 1, "n_embd": 16,
+                                                    "lr_decay_steps": 24}},
+            "data": {**GPT["data"], "init_args": {**GPT["data"]["init_args"], "block_size": 16, "batch_size": 4,
+                                                  "val_windows": 16, "max_chars": 50_000}}}
+
+
+def test_resumed_stream_run_logs_what_the_uninterrupted_one_does(tmp_path, tracking_uri):
+    """Killed just before a validation step, during it (the step-20 checkpoint falls on it), just
+    after it: the resumed run validates, samples and logs on the same steps with the same values."""
+    _kill_resume_compare(_write(tmp_path, TINY_GPT), ["--checkpoint_every_n_steps=4"], tracking_uri,
+                         [(19, "train"), (20, "val"), (21, "train")])
+
+
+# Map-style MNIST: 5 batches an epoch, validation at each epoch's end, last.ckpt every 2 steps.
+MNIST = {
+    "seed_everything": 5,
+    "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 13, "log_every_n_steps": 1,
+                "enable_progress_bar": False, "enable_model_summary": False},
+    "model": {"class_path": "modules.classifier.module.ClassifierModule", "init_args": {"lr": 3e-3}},
+    "data": {"class_path": "datamodules.mnist.MNISTDataModule",
+             "init_args": {"batch_size": 32, "train_limit": 160, "val_size": 64, "test_size": 32}},
+}
+
+
+def test_resumed_map_style_run_logs_what_the_uninterrupted_one_does(tmp_path, tracking_uri):
+    """Killed mid-epoch between checkpoints, during the epoch-end validation (the step-10 checkpoint
+    falls on it), just after it: the resumed run takes the rest of the epoch's order (dropout's RNG
+    included) and logs what the uninterrupted run logs."""
+    _kill_resume_compare(_write(tmp_path, MNIST), ["--checkpoint_every_n_steps=2"], tracking_uri,
+                         [(7, "train"), (10, "val"), (11, "train")])
+
+
+def test_resumed_run_measures_its_memory_ledger(tmp_path, tracking_uri):
+    """The ledger (gradient and activation bytes) is measured at the first steps of every fit: a
+    resumed run reports the uninterrupted run's, not zeros."""
+    cfg = _write(tmp_path, TOY)
+    whole = run_experiment(cfg, [*QUIET, "--checkpoint_every_n_steps=2"], tracking_uri)
+    killed = run_experiment(cfg, [*QUIET, "--checkpoint_every_n_steps=2"], tracking_uri, callbacks=[Die(9)])
+    resumed = run_experiment(cfg, [*QUIET, "--checkpoint_every_n_steps=2", f"--resume={killed.run_id}"], tracking_uri)
+    assert resumed.status == "FINISHED", resumed.error
+    for key in ("mem/grads_bytes", "mem/activations_bytes", "mem/optimizer_bytes", "budget/samples"):
+        assert whole.metrics[key] > 0 and resumed.metrics[key] == whole.metrics[key], key
+
+
+def test_first_checkpoint_comes_by_time_before_any_validation(tmp_path, tracking_uri):
+    """Without --checkpoint_every_n_steps a run killed before its first validation still has a
+    last.ckpt to resume from: the time-based default (here 0 minutes: at the first step)."""
+    cfg = _write(tmp_path, {**TINY_GPT, "trainer": {**TINY_GPT["trainer"], "val_check_interval": 20}})
+    killed = run_experiment(cfg, [*QUIET, "--checkpoint_every_n_minutes=0.0001"], tracking_uri,
+                            callbacks=[Die(6)])
+    assert killed.status == "FAILED"
+    ckpt = torch.load(Path("mlruns/checkpoints") / killed.run_id / "last.ckpt", weights_only=True)
+    assert 1 <= ckpt["global_step"] <= 6
+
+
 def test_sigterm_ends_killed_with_a_checkpoint(tmp_path, tracking_uri, practicum_cli):
     term = {"class_path": "tests.pipelines.toy.SignalAt", "init_args": {"step": 7, "sig": "SIGTERM"}}
     cfg = _write(tmp_path, {**TOY, "trainer": {**TOY["trainer"], "max_steps": 200}})
@@ -81,13 +193,14 @@ def test_sigterm_ends_killed_with_a_checkpoint(tmp_path, tracking_uri, practicum
 
 def test_nan_loss_fails_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, tracking_uri):
     cfg = _write(tmp_path, TOY)
-    res = run_experiment(cfg, [*QUIET, "--model.init_args.nan_at_step=9", "--checkpoint_every_n_steps=4"],
+    # every 3 steps: step 8 closes an epoch with a validation, where LastCheckpoint skips a periodic save
+    res = run_experiment(cfg, [*QUIET, "--model.init_args.nan_at_step=9", "--checkpoint_every_n_steps=3"],
                          tracking_uri)
     assert res.status == "FAILED" and "at step 9" in res.error and "nan" in res.error
     run = MlflowClient(tracking_uri).get_run(res.run_id)
     assert run.info.status == "FAILED" and "train/loss" in run.data.metrics
     ckpt = torch.load(Path("mlruns/checkpoints") / res.run_id / "last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 8
+    assert ckpt["global_step"] == 9  # the last good step: the NaN comes in the batch after it
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 
