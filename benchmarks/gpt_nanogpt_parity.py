@@ -7,7 +7,7 @@ nanoGPT side, its train.py is run for --check-train-py):
     .venv/bin/python benchmarks/gpt_nanogpt_parity.py --path ../shared/data/tinyshakespeare.txt \
         --nanogpt ../nanoGPT --threads 1 [--check-train-py] \
         [--nanogpt-seeds 1337 1 2 3 4] [--stream-seeds 1337:1337 1:1 2:2 3:3 4:4] \
-        [--pipeline-seeds 1337:1337 ...]
+        [--pipeline-seeds 1337:1337 ...] [--check-stream 1337 1]
 
 Each run trains configs/gpt/shakespeare_char_cpu.yaml's model and hyper-parameters (nanoGPT's
 "I only have a macbook" command) for 2000 iterations and is scored on the whole validation split
@@ -223,6 +223,27 @@ def check_train_py(data: Data, checkout: str, text: str, iters: int = 20, eval_i
             "max_abs_weight_moved_by_training": moved}
 
 
+def check_stream(data: Data, seed: int) -> dict:
+    """Window starts of 2000 steps of the pipeline's stream (seed `seed`) against 2000 steps of
+    nanoGPT's global-RNG draws (`torch.manual_seed(seed)`): uniformity, agreement, lag-1 correlation."""
+    from scipy import stats as sps
+
+    from datamodules.shakespeare import RandomWindowBatches
+
+    n = len(data.train)
+    s = RandomWindowBatches(torch.arange(n), T, B, seed)
+    ix = {"stream": np.concatenate([s.batch(k)[0][:, 0].numpy() for k in range(ITERS)])}
+    torch.manual_seed(seed)
+    ix["global"] = torch.randint(n - T, (ITERS * B,)).numpy()
+    row = {"kind": "check_stream", "seed": seed, "ks_p": round(float(sps.ks_2samp(ix["stream"], ix["global"]).pvalue), 3)}
+    for name, v in ix.items():
+        hist = np.histogram(v, bins=100, range=(0, n - T))[0]
+        means = v.reshape(ITERS, B).mean(1)
+        row[f"{name}_chi2_p"] = round(float(sps.chisquare(hist).pvalue), 3)
+        row[f"{name}_lag1_r"] = round(float(np.corrcoef(means[:-1], means[1:])[0, 1]), 4)
+    return row
+
+
 def _initial(data: Data) -> dict:
     torch.manual_seed(1337)
     return data.nanogpt_model()[0].state_dict()
@@ -252,6 +273,8 @@ def main() -> None:
     ap.add_argument("--path", required=True, help="tiny Shakespeare (e.g. ../shared/data/tinyshakespeare.txt)")
     ap.add_argument("--nanogpt", default=None, help="a checkout of github.com/karpathy/nanoGPT (its model.py, train.py)")
     ap.add_argument("--check-train-py", action="store_true", help="run nanoGPT's train.py briefly against the loop here")
+    ap.add_argument("--check-stream", type=int, nargs="*", default=[], metavar="SEED",
+                    help="compare the window starts of the pipeline's stream and nanoGPT's draws")
     ap.add_argument("--nanogpt-seeds", type=int, nargs="*", default=[])
     ap.add_argument("--stream-seeds", nargs="*", default=[], help="INIT:DATA pairs")
     ap.add_argument("--pipeline-seeds", nargs="*", default=[], help="INIT:DATA pairs")
@@ -271,6 +294,7 @@ def main() -> None:
     data = Data(args.path, args.nanogpt)
     uri = args.tracking_uri or f"sqlite:///{tempfile.mkdtemp(prefix='parity-')}/mlflow.db"
     jobs = [lambda: check_train_py(data, args.nanogpt, args.path)] if args.check_train_py else []
+    jobs += [lambda s=s: check_stream(data, s) for s in args.check_stream]
     jobs += [lambda s=s: nanogpt(data, s) for s in args.nanogpt_seeds]
     jobs += [lambda p=p: stream(data, *map(int, p.split(":"))) for p in args.stream_seeds]
     jobs += [lambda p=p: pipeline(args.path, *map(int, p.split(":")), uri) for p in args.pipeline_seeds]
