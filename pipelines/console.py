@@ -26,6 +26,8 @@ def configure(verbose: bool = False) -> None:
     import os
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "error")
+    if not verbose:  # MLflow's per-download bars (model logging, artifact fetches)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if verbose:
         warnings.resetwarnings()
     else:

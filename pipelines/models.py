@@ -1,14 +1,17 @@
 """A run's best checkpoint as an MLflow Model, so `mlflow.pyfunc.load_model("runs:/ID/model")` serves it.
 
-One pyfunc wrapper for every project, chosen by what the module can do, as `practicum generate` does:
-a module with ``generate_text`` (the mini-GPT, a fine-tuned LM) takes prompts and returns text; one
-with ``sample`` (the DDPM) takes digit labels and returns images; any other ``nn.Module`` takes the
-input tensor of its ``forward``. The checkpoint travels as the model's artifact and is read with
+A Hugging Face backbone (fine-tuned fully or with LoRA, adapters merged) goes in MLflow's
+``transformers`` flavour, a text-generation pipeline. Everything else in one pyfunc wrapper, chosen
+by what the module can do, as `practicum generate` does: a module with ``generate_text`` (the
+mini-GPT, a LoRA-tuned mini-GPT) takes prompts and returns text; one with ``sample`` (the DDPM)
+takes digit labels and returns images; any other ``nn.Module`` takes the input tensor of its ``forward``. The checkpoint travels as the model's artifact and is read with
 ``weights_only=True`` (`pipelines.checkpoint.read_checkpoint`); Practicum's packages travel as code.
 """
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,24 +108,38 @@ def log_model(client, run_id: str, uri: str, module, checkpoint: str, register: 
 
     Returns the model URI, or None where the module has no interface to serve.
     """
+    if getattr(module, "kind", None) == "hf" and hasattr(module, "save_merged"):
+        return _log_transformers(client, run_id, uri, type(module), checkpoint, register)
     sig, example = signature_and_example(module, example_batch)
     if sig is None:
         return None
-    # MLflow's model logging is fluent only: point it at this run's store for the call, then back.
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        # Leaving the block marks the run FINISHED; the pipeline sets its true status right after.
-        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=CheckpointModel(), artifacts={"checkpoint": checkpoint},
-                signature=sig, input_example=example, code_paths=CODE, pip_requirements=_requirements(),
-                registered_model_name=register,
-            )
-    finally:
-        mlflow.set_tracking_uri(before)
+    # Leaving the run's block marks it FINISHED; the pipeline sets its true status right after.
+    with fluent_store(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=CheckpointModel(), artifacts={"checkpoint": checkpoint},
+            signature=sig, input_example=example, code_paths=CODE, pip_requirements=_requirements(),
+            registered_model_name=register,
+        )
     client.set_tag(run_id, "practicum.model_uri", f"runs:/{run_id}/model")
     return info.model_uri
+
+
+@contextmanager
+def fluent_store(uri: str):
+    """MLflow's model logging is fluent only: point its global tracking URI at this run's store for the
+    call, then put back both the global and $MLFLOW_TRACKING_URI (which `set_tracking_uri` overwrites:
+    left changed, every later resolution in this process would go to MLflow's default store)."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def _requirements() -> list[str]:
@@ -136,3 +153,42 @@ def _requirements() -> list[str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def _log_transformers(client, run_id: str, uri: str, cls, checkpoint: str, register: str | None) -> str:
+    """A Hugging Face backbone's best checkpoint, adapters merged (`save_merged`), in MLflow's
+    ``transformers`` flavour as a text-generation pipeline: servable and loadable without Practicum."""
+    import tempfile
+
+    best = cls.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
+    with tempfile.TemporaryDirectory() as tmp, fluent_store(uri), mlflow.start_run(run_id=run_id,
+                                                                                   log_system_metrics=False):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+        folder = best.save_merged(Path(tmp) / "merged")
+        # a pipeline object: MLflow 3.17's local-folder path breaks on transformers 5's task registry
+        pipe = pipeline("text-generation", model=AutoModelForCausalLM.from_pretrained(folder),
+                        tokenizer=AutoTokenizer.from_pretrained(folder))
+        info = mlflow.transformers.log_model(
+            pipe, task="text-generation", name="model", registered_model_name=register,
+            input_example=("ROMEO:", {"max_new_tokens": 8}), pip_requirements=_requirements() + _hf_requirements(),
+        )
+    client.set_tag(run_id, "practicum.model_uri", f"runs:/{run_id}/model")
+    return info.model_uri
+
+
+def _hf_requirements() -> list[str]:
+    from importlib import metadata
+
+    return [f"{d}=={metadata.version(d)}" for d in ("transformers", "tokenizers", "safetensors", "accelerate")
+            if _installed(d)]
+
+
+def _installed(dist: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(dist)
+        return True
+    except metadata.PackageNotFoundError:
+        return False

@@ -2,6 +2,7 @@
 URL `practicum ui` lands on."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from pipelines.cli import landing_url
 from pipelines.generate import load_checkpoint
 from pipelines.run import run_experiment
 from tests.modules.gpt.test_gpt_module import CONFIG as GPT_CONFIG
+from tests.modules.finetune.conftest import tiny_llama_dir  # noqa: F401  (a fixture)
 from tests.modules.gpt.test_gpt_module import SMALL as GPT_SMALL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,6 +49,8 @@ def test_gpt_run_logs_a_pyfunc_model_that_generates_in_a_fresh_process(tracking_
     res = run_experiment(GPT_CONFIG, [*GPT_SMALL, "--log_model=true", "--data.init_args.test_fraction=0.05"],
                          tracking_uri=tracking_uri)
     assert res.status == "FINISHED", res.error
+    # MLflow's fluent model logging moved neither the process's store nor $MLFLOW_TRACKING_URI
+    assert "MLFLOW_TRACKING_URI" not in os.environ and trk.resolve_tracking_uri() == "sqlite:///mlruns/mlflow.db"
     client = mlflow.MlflowClient(tracking_uri)
     run = client.get_run(res.run_id)
     mlflow.set_tracking_uri(tracking_uri)
@@ -107,3 +111,33 @@ def test_ui_lands_on_the_newest_study_in_the_model_training_view(tracking_uri):
 
 def test_ui_url_of_a_server_leaves_credentials_out():
     assert trk.ui_base("https://alice:s3cret@mlflow.example.org:8443/") == "https://mlflow.example.org:8443/"
+
+
+def test_hugging_face_finetune_is_logged_in_the_transformers_flavour(tracking_uri, tiny_llama_dir, tmp_path):
+    """A LoRA fine-tune of a (tiny, local) Llama: its merged best checkpoint is a transformers pipeline that
+    mlflow.transformers loads and that generates what the module's own merged weights generate."""
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"q": f"What is {i} plus {i}?", "a": f"{2 * i}."}) + "\n" for i in range(24)))
+    args = [f"--model.init_args.backbone={tiny_llama_dir}", "--model.init_args.method=lora", "--model.init_args.r=4",
+            "--model.init_args.lr=0.01", "--model.init_args.export=false", "--model.init_args.gradient_checkpointing=false",
+            "--model.init_args.attn_implementation=null", f"--data.init_args.source={data}",
+            f"--data.init_args.tokenizer={tiny_llama_dir}", "--data.init_args.fields={instruction: q, response: a}",
+            "--data.init_args.max_length=96", "--data.init_args.batch_size=4", "--trainer.max_steps=3",
+            "--trainer.val_check_interval=3", "--trainer.limit_val_batches=2", "--trainer.precision=32-true",
+            "--system_metrics=false", "--log_model=true"]
+    res = run_experiment(ROOT / "configs/finetune/hf_lora.yaml", args, tracking_uri=tracking_uri)
+    assert res.status == "FINISHED", res.error
+    mlflow.set_tracking_uri(tracking_uri)
+    info = mlflow.models.get_model_info(f"runs:/{res.run_id}/model")
+    assert "transformers" in info.flavors
+    components = mlflow.transformers.load_model(f"runs:/{res.run_id}/model", return_type="components")
+    from modules.finetune.module import FinetuneModule
+
+    best = FinetuneModule.load_from_checkpoint(res.checkpoint, map_location="cpu", weights_only=True)
+    merged = best.save_merged(tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+
+    expected = AutoModelForCausalLM.from_pretrained(merged)
+    ids = torch.tensor([[1, 5, 9, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(components["model"](ids).logits, expected(ids).logits, rtol=1e-5, atol=1e-5)
