@@ -80,11 +80,6 @@ def main() -> int:
                 page.get_by_text(expected, exact=True).first.wait_for(timeout=60_000)
             except Exception:  # noqa: BLE001
                 ok = False
-            for label in ("Expand", "Expand row"):  # show the study's children under its parent
-                button = page.get_by_role("button", name=label)
-                if button.count():
-                    button.first.click()
-                    break
             close = page.get_by_role("button", name="Close")  # the assistant's side panel
             if close.count():
                 close.first.click()
