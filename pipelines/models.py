@@ -26,11 +26,14 @@ IMAGE_PARAMS = {"seed": 0}
 
 
 def kind_of(module) -> str | None:
+    """"text", "images" or "tensor": what the pyfunc serves for this module (None: nothing to serve)."""
+    import torch
+
     if hasattr(module, "generate_text"):
         return "text"
     if hasattr(module, "sample") and hasattr(module, "schedule"):
         return "images"
-    if type(module).forward is not __import__("torch").nn.Module.forward:
+    if type(module).forward is not torch.nn.Module.forward:
         return "tensor"
     return None
 
