@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -113,7 +114,21 @@ def load_judge(path: str) -> LeNet:
             "(practicum run configs/classifier/lenet_mnist5k.yaml writes checkpoints/classifier/lenet_mnist5k.ckpt) "
             "or point classifier_checkpoint at another ClassifierModule checkpoint"
         )
-    module = ClassifierModule.load_from_checkpoint(p, map_location="cpu")
+    module = ClassifierModule.load_from_checkpoint(p, map_location="cpu", weights_only=True)
     net = module.net.eval()
     net.requires_grad_(False)
     return net
+
+
+def attach_judge(judges: dict[str, LeNet], path: str | None, owner: str, stage: str) -> None:
+    """A generator module's `setup`: load its judge once into `judges` (a plain dict, so the judge's
+    weights stay out of the generator's checkpoint), or warn at fit time that judged metrics are off."""
+    if path and "lenet" not in judges:
+        judges["lenet"] = load_judge(path)
+    elif not path and stage == "fit":
+        warnings.warn(
+            f"{owner}: classifier_checkpoint is not set, so val/fid, val/fid_floor, val/class_coverage and "
+            "val/classifier_confidence (and their test/ counterparts) are skipped. Train the judge first (practicum run "
+            "configs/classifier/lenet_mnist5k.yaml) and pass --model.init_args.classifier_checkpoint=PATH.",
+            stacklevel=3,
+        )

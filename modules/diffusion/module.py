@@ -13,7 +13,6 @@ with fresh sampling noise (`test/...`, what it reports).
 
 from __future__ import annotations
 
-import warnings
 from typing import Literal
 
 import lightning as L
@@ -24,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel
 from modules.artifacts import image_grid, log_figure, log_image, log_text
 from modules.classifier.judge import judge_samples
 from modules.classifier.model import LeNet
-from modules.classifier.module import load_judge
+from modules.classifier.module import attach_judge
 from modules.diffusion.model import Denoiser, DiffusionConfig
 from modules.diffusion.schedule import NoiseSchedule, l_simple
 
@@ -145,16 +144,7 @@ class DiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
-        path = self.hparams.classifier_checkpoint
-        if path and "lenet" not in self._judge:
-            self._judge["lenet"] = load_judge(path)
-        elif not path and stage == "fit":
-            warnings.warn(
-                "DiffusionModule: classifier_checkpoint is not set, so val/fid, val/fid_floor, val/class_coverage and "
-                "val/classifier_confidence (and their test/ counterparts) are skipped. Train the judge first (practicum run "
-                "configs/classifier/lenet_mnist5k.yaml) and pass --model.init_args.classifier_checkpoint=PATH.",
-                stacklevel=2,
-            )
+        attach_judge(self._judge, self.hparams.classifier_checkpoint, "DiffusionModule", stage)
 
     @property
     def judge(self) -> LeNet | None:

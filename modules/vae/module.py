@@ -19,7 +19,6 @@ Artifacts: samples/final.png (prior samples), samples/reconstructions.png, sampl
 from __future__ import annotations
 
 import math
-import warnings
 
 import lightning as L
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 from modules.artifacts import image_grid, log_image
 from modules.classifier.judge import judge_samples
 from modules.classifier.model import LeNet
-from modules.classifier.module import load_judge
+from modules.classifier.module import attach_judge
 from modules.vae.model import VAE, Likelihood, VAEConfig, decoder_mean, gaussian_kl
 
 
@@ -86,16 +85,7 @@ class VAEModule(L.LightningModule):
         self._last_val_real: torch.Tensor | None = None  # for the reconstructions and the traversal's choice of dims
 
     def setup(self, stage: str) -> None:
-        path = self.hparams.classifier_checkpoint
-        if path and "lenet" not in self._judge:
-            self._judge["lenet"] = load_judge(path)
-        elif not path and stage == "fit":
-            warnings.warn(
-                "VAEModule: classifier_checkpoint is not set, so val/fid, val/fid_floor, val/class_coverage and "
-                "val/classifier_confidence (and their test/ counterparts) are skipped. Train the judge first (practicum run "
-                "configs/classifier/lenet_mnist5k.yaml) and pass --model.init_args.classifier_checkpoint=PATH.",
-                stacklevel=2,
-            )
+        attach_judge(self._judge, self.hparams.classifier_checkpoint, "VAEModule", stage)
 
     @property
     def judge(self) -> LeNet | None:
