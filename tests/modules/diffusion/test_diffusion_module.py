@@ -21,16 +21,6 @@ TINY = dict(block_out_channels=(8, 16), attention=(False, True), num_timesteps=5
             num_eval_samples=40, eval_batch_size=20, warmup_steps=1)
 
 
-@pytest.fixture(scope="module")
-def judge_ckpt(tmp_path_factory):
-    """A LeNet judge checkpoint made the way the real one is (ClassifierModule, judge_path), trained briefly."""
-    path = tmp_path_factory.mktemp("judge") / "lenet.ckpt"
-    torch.manual_seed(0)
-    trainer = quiet_trainer(max_steps=30, limit_val_batches=0, default_root_dir=path.parent)
-    trainer.fit(ClassifierModule(judge_path=str(path)), datamodule=MNISTDataModule(batch_size=64, train_limit=1920))
-    return str(path)
-
-
 def _plain_trainer(tmp_path, steps=2):
     return quiet_trainer(max_steps=steps, limit_val_batches=2, num_sanity_val_steps=0, check_val_every_n_epoch=None, val_check_interval=steps, default_root_dir=tmp_path)
 

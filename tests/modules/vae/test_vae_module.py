@@ -9,22 +9,11 @@ import torch
 
 from datamodules.mnist import MNISTDataModule
 from modules.classifier.judge import judge_samples
-from modules.classifier.module import ClassifierModule
 from modules.vae.module import VAEModule
 from pipelines.run import run_experiment
 from tests.helpers import quiet_trainer
 
 TINY = dict(hidden_dims=(32,), latent_dim=4, num_eval_samples=40, eval_batch_size=20)
-
-
-@pytest.fixture(scope="module")
-def judge_ckpt(tmp_path_factory):
-    """A LeNet judge checkpoint made the way the real one is (ClassifierModule, judge_path), trained briefly."""
-    path = tmp_path_factory.mktemp("judge") / "lenet.ckpt"
-    torch.manual_seed(0)
-    trainer = quiet_trainer(max_steps=30, limit_val_batches=0, default_root_dir=path.parent)
-    trainer.fit(ClassifierModule(judge_path=str(path)), datamodule=MNISTDataModule(batch_size=64, train_limit=1920))
-    return str(path)
 
 
 def test_logged_terms_add_up_and_beta_weights_only_the_objective(tmp_path):
