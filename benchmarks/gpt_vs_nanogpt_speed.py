@@ -21,27 +21,15 @@ so both really compute the same model.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from gpt_nanogpt_parity import load_nanogpt_model  # benchmarks/ is on the path of a script run from it
 
 V, T, B = 65, 64, 12
 MODEL = dict(n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False)
-
-
-def load_nanogpt_model(checkout: str):
-    """nanoGPT's model.py module, imported from a checkout (never copied into this project)."""
-    path = Path(checkout).expanduser() / "model.py"
-    if not path.is_file():
-        raise SystemExit(f"--nanogpt {checkout}: no model.py there; pass a checkout of github.com/karpathy/nanoGPT")
-    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Side:
