@@ -42,11 +42,11 @@ class DataLineage(Callback):
             self.used.setdefault(context, data)
 
 
-def log_datasets(client, run_id: str, dm, used: dict[str, Any]) -> list[Dataset]:
-    """Log the splits a run used (`DataLineage.used`) from `dm`; returns the datasets logged."""
+def log_datasets(client, run_id: str, dm, used: dict[str, Any], fingerprint: str | None = None) -> list[Dataset]:
+    """Log the splits a run used (`DataLineage.used`) from `dm`, their digests derived from `fingerprint`
+    (the datamodule's, as the run logged it); returns the datasets logged."""
     if dm is None or not used:
         return []
-    fingerprint = dm.fingerprint() if hasattr(dm, "fingerprint") else None
     name, source_type, source = describe(dm)
     inputs = []
     for context, data in used.items():

@@ -130,8 +130,10 @@ def run_experiment(
         # 5. Fit, then test the best checkpoint where the project has a test split.
         trainer.fit(model, datamodule=dm, ckpt_path=resume_ckpt)
         metrics = _scalars(trainer.callback_metrics)  # testing replaces the fit's callback metrics
+        fingerprint = None  # a hash of every example served: computed once, for the param and the datasets
         if dm is not None and hasattr(dm, "fingerprint") and trainer.is_global_zero:
-            s.client.log_param(s.run_id, "data.fingerprint", dm.fingerprint())
+            fingerprint = dm.fingerprint()
+            s.client.log_param(s.run_id, "data.fingerprint", fingerprint)
         # a datamodule may hold a test split only on request (has_test_split)
         if (dm is not None and is_overridden("test_dataloader", dm) and getattr(dm, "has_test_split", True)
                 and is_overridden("test_step", model)):
@@ -141,7 +143,7 @@ def run_experiment(
             status = "KILLED"
         elif trainer.is_global_zero:
             _log_model(s, cfg, model, trainer)
-            _log_datasets(s, dm, lineage)
+            _log_datasets(s, dm, lineage, fingerprint)
     except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or Lightning's SIGTERMException
         status, error = "KILLED", e
     except Exception as e:
@@ -175,9 +177,9 @@ def _log_model(s: Session, cfg, model, trainer) -> None:
         print(f"warning: run {s.run_id} has no MLflow Model ({one_line(e)})", file=sys.stderr)
 
 
-def _log_datasets(s: Session, dm, lineage: DataLineage) -> None:
+def _log_datasets(s: Session, dm, lineage: DataLineage, fingerprint: str | None) -> None:
     try:
-        log_datasets(s.client, s.run_id, dm, lineage.used)
+        log_datasets(s.client, s.run_id, dm, lineage.used, fingerprint)
     except Exception as e:  # noqa: BLE001  (lineage is a convenience of the UI, never a failed run)
         s.set_tags({"practicum.dataset_error": one_line(e)})
 
