@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from contract import Fingerprinted, OptionalTestSplit
 from datamodules.tokenizers import encode, special_ids
 
 IGNORE_INDEX = -100
@@ -102,7 +103,7 @@ def pack(examples: list[tuple[list[int], list[int]]], length: int) -> list[tuple
     return [(ids[i : i + length], lab[i : i + length]) for i in range(0, len(ids), length)]
 
 
-class InstructDataModule(LightningDataModule):
+class InstructDataModule(LightningDataModule, Fingerprinted, OptionalTestSplit):
     def __init__(
         self,
         source: str = PYTHON_DOCS,

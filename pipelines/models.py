@@ -1,10 +1,11 @@
 """A run's best checkpoint as an MLflow Model, so `mlflow.pyfunc.load_model("runs:/ID/model")` serves it.
 
-A Hugging Face backbone (fine-tuned fully or with LoRA, adapters merged) goes in MLflow's
-``transformers`` flavour, a text-generation pipeline. Everything else in one pyfunc wrapper, chosen
-by what the module can do, as `practicum generate` does: a module with ``generate_text`` (the
-mini-GPT, a LoRA-tuned mini-GPT) takes prompts and returns text; one with ``sample`` (the DDPM)
-takes digit labels and returns images; any other ``nn.Module`` takes the input tensor of its ``forward``. The checkpoint travels as the model's artifact and is read with
+What the module can do picks the flavour, asked through `contract`: a `TransformersExport` that
+writes a transformers folder (a fine-tuned Hugging Face backbone, adapters merged) goes in MLflow's
+``transformers`` flavour, a text-generation pipeline. Everything else in one pyfunc wrapper: a
+`TextGenerator` (the mini-GPT, a LoRA-tuned mini-GPT) takes prompts and returns text; an
+`ImageSampler` (the DDPM) takes digit labels and returns images; any other ``nn.Module`` takes the
+input tensor of its ``forward``. The checkpoint travels as the model's artifact and is read with
 ``weights_only=True`` (`pipelines.checkpoint.read_checkpoint`); Practicum's packages travel as code.
 """
 
@@ -19,8 +20,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from contract import ImageSampler, TextGenerator, TransformersExport
+
 ROOT = Path(__file__).resolve().parent.parent
-CODE = [str(ROOT / p) for p in ("modules", "datamodules", "pipelines")]
+CODE = [str(ROOT / p) for p in ("contract", "modules", "datamodules", "pipelines")]
 TEXT_PARAMS = {"max_new_tokens": 100, "temperature": 0.8, "top_k": 0, "seed": 0}
 IMAGE_PARAMS = {"seed": 0}
 
@@ -29,9 +32,9 @@ def kind_of(module) -> str | None:
     """"text", "images" or "tensor": what the pyfunc serves for this module (None: nothing to serve)."""
     import torch
 
-    if hasattr(module, "generate_text"):
+    if isinstance(module, TextGenerator):
         return "text"
-    if hasattr(module, "sample") and hasattr(module, "schedule"):
+    if isinstance(module, ImageSampler):
         return "images"
     if type(module).forward is not torch.nn.Module.forward:
         return "tensor"
@@ -89,7 +92,7 @@ def signature_and_example(module, example_batch=None):
         # MLflow checks the example by serving it once: a few tokens keep that check cheap
         return sig, (pd.DataFrame({"prompt": ["ROMEO:"]}), {"max_new_tokens": 8})
     if kind == "images":
-        size = module.config.image_size
+        size = module.image_size
         params = ParamSchema([ParamSpec("seed", "long", 0)])
         sig = mlflow.models.ModelSignature(Schema([ColSpec("long", "label")]),
                                            Schema([TensorSpec(np.dtype(np.float32), (-1, size, size))]), params)
@@ -111,8 +114,10 @@ def log_model(client, run_id: str, uri: str, module, checkpoint: str, register: 
 
     Returns the model URI, or None where the module has no interface to serve.
     """
-    if getattr(module, "kind", None) == "hf" and hasattr(module, "save_merged"):
-        return _log_transformers(client, run_id, uri, type(module), checkpoint, register)
+    if isinstance(module, TransformersExport):
+        logged = _log_transformers(client, run_id, uri, type(module), checkpoint, register)
+        if logged:
+            return logged
     sig, example = signature_and_example(module, example_batch)
     if sig is None:
         return None
@@ -158,17 +163,24 @@ def _requirements() -> list[str]:
     return out
 
 
-def _log_transformers(client, run_id: str, uri: str, cls, checkpoint: str, register: str | None) -> str:
-    """A Hugging Face backbone's best checkpoint, adapters merged (`save_merged`), in MLflow's
-    ``transformers`` flavour as a text-generation pipeline: servable and loadable without Practicum."""
+def _log_transformers(client, run_id: str, uri: str, cls, checkpoint: str, register: str | None) -> str | None:
+    """The best checkpoint, exported by the module as a transformers folder (`contract.TransformersExport`),
+    in MLflow's ``transformers`` flavour as a text-generation pipeline: servable and loadable without
+    Practicum. None where the module declines (its model is no transformers model)."""
     import tempfile
 
     best = cls.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
-    with tempfile.TemporaryDirectory() as tmp, fluent_store(uri), mlflow.start_run(run_id=run_id,
-                                                                                   log_system_metrics=False):
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = best.export_transformers(Path(tmp) / "merged")
+        if folder is None:
+            return None
+        return _log_pipeline(client, run_id, uri, folder, register)
+
+
+def _log_pipeline(client, run_id: str, uri: str, folder: Path, register: str | None) -> str:
+    with fluent_store(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
         from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-        folder = best.save_merged(Path(tmp) / "merged")
         # a pipeline object: MLflow 3.17's local-folder path breaks on transformers 5's task registry
         pipe = pipeline("text-generation", model=AutoModelForCausalLM.from_pretrained(folder),
                         tokenizer=AutoTokenizer.from_pretrained(folder))

@@ -16,6 +16,8 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.data import extract_batch_size
 
+from contract import CountsSamples, CountsTokens, MemoryLedger, ParamCount
+
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
     return (str(t.device), t.untyped_storage().data_ptr())
@@ -88,9 +90,9 @@ class ActivationMeter:
 class ResourceMonitor(Callback):
     """Memory ledger, device and host peaks, step time and throughput for every run.
 
-    A module may declare ``tokens_per_batch(batch)`` (then ``perf/tokens_per_s`` is logged) and
-    ``samples_per_batch(batch)``; a module whose core is not torch (the NumPy classics) declares
-    ``memory_ledger()`` with the byte counts of its own arrays and ``param_count()``.
+    What a module may add is in `contract`: `CountsTokens` (then ``perf/tokens_per_s`` is logged),
+    `CountsSamples`; a module whose core is not torch (the NumPy classics) is a `MemoryLedger` with the
+    byte counts of its own arrays and a `ParamCount`.
 
     Args:
         warmup_steps: leading steps left out of timing (allocator warm-up, lazy init, compile).
@@ -114,6 +116,9 @@ class ResourceMonitor(Callback):
         self._at: int | None = None  # the global step measured: this fit's first step + ledger_step
         self._prior, self._restored = self._restored or {"samples": 0, "tokens": 0}, None
         self._fit_t0 = time.perf_counter()
+        # asked once per fit, not per batch (a runtime Protocol check walks the protocol's members)
+        self._tokens = isinstance(pl_module, CountsTokens)
+        self._samples = isinstance(pl_module, CountsSamples)
         self._cuda = trainer.strategy.root_device.type == "cuda"
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
@@ -149,8 +154,9 @@ class ResourceMonitor(Callback):
             torch.cuda.synchronize(trainer.strategy.root_device)
         dt = time.perf_counter() - self._t0
         self._close_meter()
-        tokens = int(pl_module.tokens_per_batch(batch)) if hasattr(pl_module, "tokens_per_batch") else None
-        self._records.append((dt, self._count(pl_module, "samples_per_batch", batch), tokens))
+        tokens = int(pl_module.tokens_per_batch(batch)) if self._tokens else None
+        self._records.append((dt, int(pl_module.samples_per_batch(batch)) if self._samples else _batch_size(batch),
+                              tokens))
         step = trainer.global_step  # already incremented by this batch's optimizer step
         if step > self._at and "mem/optimizer_bytes" not in self._ledger:
             self._ledger["mem/optimizer_bytes"] = optimizer_bytes(trainer.optimizers)
@@ -163,16 +169,6 @@ class ResourceMonitor(Callback):
             self._ledger["done"] = 1
             self._meter = None
 
-    @staticmethod
-    def _count(pl_module, name: str, batch: Any) -> int:
-        fn = getattr(pl_module, name, None)
-        if fn is not None:
-            return int(fn(batch))
-        try:
-            return int(extract_batch_size(batch))
-        except Exception:  # a batch Lightning cannot size: count it as one sample
-            return 1
-
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)
         m: dict[str, float] = dict(parameter_ledger(pl_module))
@@ -180,10 +176,10 @@ class ResourceMonitor(Callback):
         m.setdefault("mem/grads_bytes", 0)
         m.setdefault("mem/optimizer_bytes", optimizer_bytes(trainer.optimizers))
         m.setdefault("mem/activations_bytes", 0)
-        if hasattr(pl_module, "memory_ledger"):  # non-torch cores report their own arrays
+        if isinstance(pl_module, MemoryLedger):  # non-torch cores report their own arrays
             for k, v in pl_module.memory_ledger().items():
                 m[f"mem/{k}"] = m.get(f"mem/{k}", 0) + int(v)
-        if hasattr(pl_module, "param_count"):
+        if isinstance(pl_module, ParamCount):
             m["params/total"] = m["params/trainable"] = int(pl_module.param_count())
         m["mem/host_peak_rss_bytes"] = self._rss_peak
         if self._cuda:
@@ -230,3 +226,10 @@ class ResourceMonitor(Callback):
             summed_key = k.startswith("perf/") and k != "perf/step_time_s" or k in ("budget/samples", "budget/tokens")
             out[k] = float(summed[i] if summed_key else peak[i])
         return out
+
+
+def _batch_size(batch: Any) -> int:
+    try:
+        return int(extract_batch_size(batch))
+    except Exception:  # a batch Lightning cannot size: count it as one sample
+        return 1

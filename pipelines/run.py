@@ -18,6 +18,7 @@ from typing import Sequence
 import yaml
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from contract import Fingerprinted, OptionalTestSplit
 from pipelines import console
 from pipelines import tracking as trk
 from pipelines.callbacks import pipeline_callbacks
@@ -131,12 +132,12 @@ def run_experiment(
         trainer.fit(model, datamodule=dm, ckpt_path=resume_ckpt)
         metrics = _scalars(trainer.callback_metrics)  # testing replaces the fit's callback metrics
         fingerprint = None  # a hash of every example served: computed once, for the param and the datasets
-        if dm is not None and hasattr(dm, "fingerprint") and trainer.is_global_zero:
+        if isinstance(dm, Fingerprinted) and trainer.is_global_zero:
             fingerprint = dm.fingerprint()
             s.client.log_param(s.run_id, "data.fingerprint", fingerprint)
-        # a datamodule may hold a test split only on request (has_test_split)
-        if (dm is not None and is_overridden("test_dataloader", dm) and getattr(dm, "has_test_split", True)
-                and is_overridden("test_step", model)):
+        # a datamodule may hold a test split only on request (contract.OptionalTestSplit)
+        if (dm is not None and is_overridden("test_dataloader", dm)
+                and (not isinstance(dm, OptionalTestSplit) or dm.has_test_split) and is_overridden("test_step", model)):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=False)
         if trainer.interrupted:

@@ -1,4 +1,5 @@
-"""Every YAML under configs/ parses against the typed signatures and instantiates (no run, no network)."""
+"""Every YAML under configs/ parses against the typed signatures and instantiates (no run, no network):
+the built objects are of the classes named, took the YAML's arguments and keep their `contract` claims."""
 
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from contract import HOOKS, claims
 from pipelines.run import load_experiment
 from pipelines.study import load_study, unmet_requirements
 from pipelines.tracking import ConfigError
@@ -39,9 +41,30 @@ def test_experiment_config_instantiates(path, monkeypatch):
             load_experiment(path)
         return
     cli = load_experiment(path)
-    assert cli.model is not None
     assert cli.config.model.class_path.startswith("modules.")
     assert cli.config.data.class_path.startswith("datamodules.")
+    check_built(cli, yaml.safe_load(path.read_text()))
+
+
+def _plain(v):
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def check_built(cli, raw: dict | None = None) -> None:
+    """What `load_experiment` built is what the config asked for, and keeps the contract."""
+    for obj, section in ((cli.model, cli.config.model), (cli.datamodule, cli.config.get("data"))):
+        if section is None:
+            continue
+        assert f"{type(obj).__module__}.{type(obj).__name__}" == section.class_path
+        # the instance, data members included, is what its class claims: a claim it breaks, or a hook
+        # it has without claiming it, fails (the class-level signatures: tests/test_contract.py)
+        for proto in HOOKS:
+            assert isinstance(obj, proto) == (proto in claims(type(obj))), (type(obj).__name__, proto.__name__)
+    # every argument the YAML gives the model reached it (saved as a hyper-parameter by the module)
+    given = ((raw or {}).get("model") or {}).get("init_args") or {}
+    hp = dict(cli.model.hparams)
+    for key, value in given.items():
+        assert _plain(hp[key]) == _plain(value), f"model.init_args.{key}: YAML {value!r}, module {hp[key]!r}"
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=_id)
@@ -57,7 +80,7 @@ def test_study_variants_instantiate(path, monkeypatch):
                 load_experiment(config, args)
             continue
         cli = load_experiment(config, args)
-        assert cli.model is not None, name
+        check_built(cli)  # the variant's overrides replace the base YAML's arguments: classes and contract only
 
 
 @pytest.mark.parametrize("path", TRAINER_PRESETS, ids=_id)

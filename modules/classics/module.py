@@ -24,6 +24,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from contract import MemoryLedger, ParamCount
 from modules.classics.knn import KNNClassifier, KNNConfig
 from modules.classics.logreg import LogisticRegression, LogRegConfig
 
@@ -146,7 +147,7 @@ class _NumpyClassifierModule(L.LightningModule):
         self._evaluate(batch, "test")
 
 
-class LogisticRegressionModule(_NumpyClassifierModule):
+class LogisticRegressionModule(_NumpyClassifierModule, MemoryLedger, ParamCount):
     """NumPy logistic regression: one hand-derived gradient step per training batch.
 
     Args:
@@ -234,7 +235,7 @@ class LogisticRegressionModule(_NumpyClassifierModule):
         self.core.W, self.core.b = s["W"].numpy().copy(), s["b"].numpy().copy()
 
 
-class KNNModule(_NumpyClassifierModule):
+class KNNModule(_NumpyClassifierModule, MemoryLedger, ParamCount):
     """NumPy k-NN: the training epoch stores the training split, validation/test predict.
 
     Run it for one epoch (`trainer.max_epochs: 1`); a new epoch stores the split anew.
@@ -309,7 +310,7 @@ def _import_class(path: str, field: str) -> type:
     return cls
 
 
-class SklearnModule(_NumpyClassifierModule):
+class SklearnModule(_NumpyClassifierModule, MemoryLedger, ParamCount):
     """A scikit-learn classifier fitted once on the training split, scored like the others.
 
     Args:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from contract import ImageSampler
 from modules.artifacts import image_grid, log_figure, log_image, log_text
 from modules.classifier.judge import judge_samples
 from modules.classifier.model import LeNet
@@ -43,7 +44,7 @@ def ema_with_warmup(decay: float):
     return avg
 
 
-class DiffusionModule(L.LightningModule):
+class DiffusionModule(L.LightningModule, ImageSampler):
     """DDPM (Ho et al., 2020) on 1-channel images, class-conditional with classifier-free guidance.
 
     Args:
@@ -200,6 +201,10 @@ class DiffusionModule(L.LightningModule):
         self._real["test"].append(batch[0].detach().cpu())
 
     # ------------------------------------------------------------------------------------ sampling
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
     @torch.no_grad()
     def sample(
         self, n: int, labels: torch.Tensor | None = None, seed: int = 0, keep: int = 0, use_ema: bool = True

@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from contract import CountsTokens, TextGenerator, TransformersExport
 from modules.finetune.backbone import load_hf, load_minigpt, load_tokenizer, resolve_backbone, torch_dtype
 from modules.finetune.model import (
     METHODS,
@@ -41,7 +42,7 @@ from modules.finetune.model import (
 from modules.artifacts import log_file
 
 
-class FinetuneModule(L.LightningModule):
+class FinetuneModule(L.LightningModule, TextGenerator, CountsTokens, TransformersExport):
     def __init__(
         self,
         backbone: str | None = None,
@@ -395,6 +396,10 @@ class FinetuneModule(L.LightningModule):
             save_minigpt(model.gpt, self.tokenizer, folder / "model.ckpt")
         write_loader_marker(folder)
         return folder
+
+    def export_transformers(self, folder: str | Path) -> Path | None:
+        """`contract.TransformersExport`: the merged model as a transformers folder; None for a mini-GPT."""
+        return self.save_merged(folder) if self.kind == "hf" else None
 
     @torch.no_grad()
     def generate_text(

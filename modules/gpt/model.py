@@ -27,7 +27,7 @@ from modules.gpt.attention import (  # noqa: F401  (causal_mask, attention_refer
     rope_cos_sin,
     sinusoidal_embedding,
 )
-from modules.gpt.moe import MoE
+from modules.gpt.moe import MoE, Router
 
 POS_EMBS = ("learned", "sinusoidal", "rope", "alibi")
 NORMS = ("layernorm", "rmsnorm")
@@ -280,7 +280,10 @@ class MLP(nn.Module):
 def build_ffn(config: GPTConfig, layer: int) -> nn.Module:
     """The feed-forward of block `layer`: chosen from the config when the model is built."""
     if config.is_moe_layer(layer):
-        return MoE(config, mlp=MLP)
+        c = config
+        shared = MLP(c, hidden=c.expert_width) if c.shared_expert else None
+        return MoE(Router(c.n_embd, c.n_experts, c.top_k, c.noisy_topk), c.n_embd, c.expert_width, c.capacity_factor,
+                   c.eval_capacity_factor, c.dropless, c.bias, c.dropout, shared)
     return MLP(config, config.mlp_hidden)
 
 

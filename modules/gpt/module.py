@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from contract import CountsTokens, TextGenerator
 from datamodules.shakespeare import consecutive_windows
 from datamodules.tokenizers import Tokenizer, tokenizer_from_state
 from modules.artifacts import log_figure, log_text
@@ -30,7 +31,7 @@ def cosine_lr(step: int, lr: float, min_lr: float, warmup_steps: int, decay_step
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
 
 
-class GPTModule(L.LightningModule):
+class GPTModule(L.LightningModule, TextGenerator, CountsTokens):
     def __init__(
         self,
         vocab_size: int | None = None,

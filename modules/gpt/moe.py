@@ -19,11 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from typing import TYPE_CHECKING, Callable
-
-if TYPE_CHECKING:  # for annotations only: model.py builds MoE layers, so moe.py must not import it
-    from modules.gpt.model import GPTConfig
-
 # Order of the per-layer statistics vector `MoE.last_stats`: these four, then E load fractions.
 STAT_NAMES = ("aux_loss", "z_loss", "dropped_frac", "load_cv")
 
@@ -98,33 +93,40 @@ def dispatch(experts: torch.Tensor, n_experts: int, capacity: int | None) -> tup
 
 
 class MoE(nn.Module):
-    def __init__(self, config: GPTConfig, mlp: Callable[..., nn.Module] | None = None):
+    def __init__(self, router: Router, n_embd: int, hidden: int, capacity_factor: float = 1.25,
+                 eval_capacity_factor: float = 2.0, dropless: bool = False, bias: bool = True, dropout: float = 0.0,
+                 shared_expert: nn.Module | None = None):
         """Routed experts (plus an optional shared one) replacing a block's MLP.
 
+        The router and the shared expert are built by the caller and handed in, as torchtune's
+        `MoE(experts, router, shared_expert)` takes them: this file needs nothing from the model
+        that uses it (`modules.gpt.model.build_ffn` reads the GPTConfig).
+
         Args:
-            config: a GPTConfig with ffn="moe"; reads n_experts, top_k, expert_hidden,
-                capacity_factor, eval_capacity_factor, dropless, shared_expert, noisy_topk.
-            mlp: The dense feed-forward class, called as mlp(config, hidden=H) for the shared
-                expert (needed when config.shared_expert).
+            router: Picks top_k of its n_experts per token (its w_gate sets E).
+            n_embd: Token width C.
+            hidden: Each expert's hidden width H.
+            capacity_factor: Slots per expert in training, as a multiple of the fair share N k / E.
+            eval_capacity_factor: The same in evaluation.
+            dropless: No capacity: every assignment is kept.
+            bias: Biases in the experts' two projections.
+            dropout: Dropout on the output.
+            shared_expert: A dense feed-forward every token also passes through (DeepSeek-MoE), or None.
         """
         super().__init__()
-        c = config
-        self.n_experts, self.top_k = c.n_experts, c.top_k
-        self.capacity_factor, self.eval_capacity_factor, self.dropless = (
-            c.capacity_factor, c.eval_capacity_factor, c.dropless)
-        C, H, E = c.n_embd, c.expert_width, c.n_experts
-        self.router = Router(C, E, c.top_k, c.noisy_topk)
+        C, H, E = n_embd, hidden, router.w_gate.out_features
+        self.n_experts, self.top_k = E, router.top_k
+        self.capacity_factor, self.eval_capacity_factor, self.dropless = capacity_factor, eval_capacity_factor, dropless
+        self.router = router
         # all experts' weights stacked, so one bmm applies every expert to its token group
         self.w_fc = nn.Parameter(torch.empty(E, C, H))
         self.w_proj = nn.Parameter(torch.empty(E, H, C))
-        self.b_fc = nn.Parameter(torch.zeros(E, H)) if c.bias else None
-        self.b_proj = nn.Parameter(torch.zeros(E, C)) if c.bias else None
+        self.b_fc = nn.Parameter(torch.zeros(E, H)) if bias else None
+        self.b_proj = nn.Parameter(torch.zeros(E, C)) if bias else None
         nn.init.normal_(self.w_fc, std=0.02)
         nn.init.normal_(self.w_proj, std=0.02)  # GPT rescales "w_proj" like c_proj
-        if c.shared_expert and mlp is None:
-            raise ValueError("MoE with shared_expert=True needs the dense feed-forward class: MoE(config, mlp=MLP)")
-        self.shared_expert = mlp(c, hidden=H) if c.shared_expert else None
-        self.dropout = nn.Dropout(c.dropout)
+        self.shared_expert = shared_expert
+        self.dropout = nn.Dropout(dropout)
         self.last_losses: tuple[torch.Tensor, torch.Tensor] | None = None  # (aux, z), with grad
         self.last_stats: torch.Tensor | None = None  # (4 + E,), detached; see STAT_NAMES
 

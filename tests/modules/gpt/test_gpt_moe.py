@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules.gpt.model import GPT, MLP, GPTConfig
+from modules.gpt.model import GPT, GPTConfig, build_ffn
 from modules.gpt.moe import MoE, dispatch, expert_capacity, load_balancing_loss, router_z_loss
 
 C = 16
@@ -14,7 +14,7 @@ def moe(**kw) -> MoE:
     torch.manual_seed(0)
     cfg = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=C, ffn="moe", n_experts=4, top_k=2,
                expert_hidden=24)
-    m = MoE(GPTConfig(**{**cfg, **kw}), mlp=MLP)
+    m = build_ffn(GPTConfig(**{**cfg, **kw}), layer=0)  # the path the model takes: config -> MoE
     with torch.no_grad():  # non-zero biases so the reference must get them right too
         for p in (m.b_fc, m.b_proj):
             if p is not None:
