@@ -1,4 +1,5 @@
-"""What many tests need: a quiet plain Trainer, the real command line in a subprocess, a free port."""
+"""What many tests need: a quiet plain Trainer, the real command line in a subprocess, a free port, a
+checkpoint crafted to run code."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,3 +36,21 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Payload:
+    """What a crafted checkpoint carries: unpickling it calls a function (here: touch `marker`)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def crafted_checkpoint(path: Path, marker: Path, class_path: str = "modules.gpt.module.GPTModule") -> Path:
+    """A file that looks like a Practicum checkpoint (state_dict, hyper-parameters, class path) with a pickled
+    `Payload` inside: a loader that unpickles freely touches `marker`; a safe one refuses the file."""
+    torch.save({"state_dict": {}, "hyper_parameters": {"method": "lora"}, "pytorch-lightning_version": L.__version__,
+                "practicum": {"class_path": class_path}, "tokenizer": Payload(marker)}, path)
+    return path
