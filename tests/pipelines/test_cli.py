@@ -9,7 +9,7 @@ import yaml
 
 from pipelines.cli import main
 from tests.helpers import free_port
-from tests.pipelines.test_run import TOY
+from tests.pipelines.toy import TOY
 
 
 @pytest.fixture

@@ -120,7 +120,7 @@ def test_fsdp_single_gpu_run_and_resume(tmp_path, tracking_uri, practicum_cli):
 def test_torchrun_launch_gives_one_run(tmp_path, tracking_uri, practicum_cli):
     """Under torchrun every rank starts at once: only rank 0 may open the store (a fresh SQLite schema
     created by two processes collides) and create the run."""
-    from tests.pipelines.test_run import TOY
+    from tests.pipelines.toy import TOY
 
     cfg = tmp_path / "toy.yaml"
     cfg.write_text(yaml.safe_dump(TOY))

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from pipelines.run import run_experiment
 from pipelines.tracking import ConfigError, TrackingError
 from tests.helpers import free_port
-from tests.pipelines.test_run import TOY
+from tests.pipelines.toy import TOY
 
 ROOT = Path(__file__).resolve().parents[2]
 QUIET = ["--system_metrics=false"]

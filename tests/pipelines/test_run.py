@@ -10,21 +10,6 @@ from mlflow import MlflowClient
 from pipelines.run import run_experiment
 from pipelines.tracking import ConfigError
 
-TOY = {
-    "seed_everything": 7,
-    "trainer": {"max_steps": 12, "log_every_n_steps": 2, "enable_progress_bar": False, "val_check_interval": 4,
-                "enable_model_summary": False},
-    "model": {"class_path": "tests.pipelines.toy.ToyModule", "init_args": {"hidden": 8}},
-    "data": {"class_path": "tests.pipelines.toy.ToyDataModule", "init_args": {"n": 64, "batch_size": 8}},
-}
-
-
-@pytest.fixture
-def toy_config(tmp_path) -> Path:
-    p = tmp_path / "toy.yaml"
-    p.write_text(yaml.safe_dump(TOY))
-    return p
-
 
 def test_run_logs_config_metrics_tags_artifacts(toy_config, tracking_uri):
     res = run_experiment(toy_config, ["--model.init_args.lr=0.02"], tracking_uri)

@@ -12,7 +12,7 @@ from pipelines.cli import main
 from pipelines.compare import compare
 from pipelines.study import load_study, run_study
 from pipelines.tracking import ConfigError
-from tests.pipelines.test_run import TOY
+from tests.pipelines.toy import TOY
 
 
 @pytest.fixture

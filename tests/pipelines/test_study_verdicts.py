@@ -15,7 +15,7 @@ from pipelines import stats as st
 from pipelines.compare import human, people_table, render
 from pipelines.study import load_study, run_study
 from pipelines.tracking import ConfigError
-from tests.pipelines.test_run import TOY
+from tests.pipelines.toy import TOY
 
 
 @pytest.fixture

@@ -8,25 +8,17 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from pipelines.tracking import ConfigError, TrackingError
 from pipelines.tune import TuneSpec, default_storage, tune_variant
-from tests.pipelines.test_run import TOY
+from tests.pipelines.toy import TOY
 from tests.pipelines.toy import HOOKS
 
 ROOT = Path(__file__).resolve().parents[2]
 LR = {"low": 1.0e-3, "high": 1.0e-1, "log": True}
 QUICK = ["--system_metrics=false"]
-
-
-@pytest.fixture
-def toy_config(tmp_path) -> Path:
-    p = tmp_path / "toy.yaml"
-    p.write_text(yaml.safe_dump(TOY))
-    return p
 
 
 @pytest.fixture
@@ -89,15 +81,33 @@ def test_tune_runs_trials_as_children_and_a_rerun_runs_none(toy_config, tracking
     assert run.data.params["model.init_args.hidden"] == str(best.params["model.init_args.hidden"])
     assert run.data.metrics["val/loss"] == pytest.approx(best.value)
 
+    # the parent's record names the same best as the storage and the trial runs (not only what tune_variant returned)
     client = MlflowClient(tracking_uri)
     logged = json.loads(Path(client.download_artifacts(parent, "tune/narrow.json")).read_text())
-    assert logged == res
+    assert logged["best_params"] == best.params and logged["best_value"] == pytest.approx(run.data.metrics["val/loss"])
+    assert logged["n_trials"] == len(runs) == 3
     assert client.get_run(parent).data.params["tune.narrow.model.init_args.hidden"] == str(best.params[
         "model.init_args.hidden"])
 
     again = tune_variant("toy-study", "narrow", toy_config, QUICK, s, tracking_uri, **kw)
     assert again["trials_run_now"] == 0 and again["best_params"] == res["best_params"] and again["n_trials"] == 3
     assert len(trial_runs(tracking_uri)) == 3
+
+
+def test_maximize_keeps_the_trial_with_the_highest_value(toy_config, tracking_uri, parent):
+    """direction: maximize reaches Optuna and the best: here the worst loss, so a minimising search would pick
+    another trial (the learning rates span 1e-5..0.1, whose val/loss differ by orders of magnitude)."""
+    s = spec(direction="maximize", params={"model.init_args.lr": {"low": 1.0e-5, "high": 0.1, "log": True}})
+    res = tune_variant("toy-study", "max", toy_config, QUICK, s, tracking_uri, parent_run_id=parent,
+                       experiment="toy-study", system_metrics=False)
+    study = optuna.load_study(study_name="toy-study/max", storage=default_storage(tracking_uri))
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    losses = {float(r.data.params["model.init_args.lr"]): r.data.metrics["val/loss"]
+              for r in trial_runs(tracking_uri, parent)}
+    assert len(losses) == 3 and max(losses.values()) > min(losses.values())
+    assert res["best_value"] == pytest.approx(max(losses.values()))
+    best_lr = max(losses, key=losses.get)
+    assert res["best_params"]["model.init_args.lr"] == pytest.approx(best_lr)
 
 
 def test_bad_region_is_pruned_and_stops_early(toy_config, tracking_uri, parent):

@@ -8,6 +8,15 @@ from lightning import Callback, LightningDataModule, LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+# The toy project's run config: 12 steps, validation every 4 (tests/pipelines/conftest.py writes it as toy_config).
+TOY = {
+    "seed_everything": 7,
+    "trainer": {"max_steps": 12, "log_every_n_steps": 2, "enable_progress_bar": False, "val_check_interval": 4,
+                "enable_model_summary": False},
+    "model": {"class_path": "tests.pipelines.toy.ToyModule", "init_args": {"hidden": 8}},
+    "data": {"class_path": "tests.pipelines.toy.ToyDataModule", "init_args": {"n": 64, "batch_size": 8}},
+}
+
 
 class ToyModule(LightningModule):
     """y = Wx + b regression with a two-layer MLP.
