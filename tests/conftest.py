@@ -41,10 +41,37 @@ def tracking_uri(tmp_path, monkeypatch, _empty_store):
     return f"sqlite:///{tmp_path}/mlruns/mlflow.db"
 
 
-
 @pytest.fixture
 def practicum_cli():
     """``python -m pipelines ARGS`` in a fresh process: `tests.helpers.practicum_cli`."""
     from tests.helpers import practicum_cli
 
     return practicum_cli
+
+
+# Tiny backbones, built once per session (builders: tests/helpers.py).
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A Llama-architecture Hugging Face model folder (`tests.helpers.save_tiny_llama`)."""
+    from tests.helpers import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_minigpt_ckpt(tmp_path_factory):
+    """A byte-level mini-GPT trained 3 steps: a fine-tune's backbone (the byte vocabulary reads any text)."""
+    from tests.helpers import train_tiny_gpt
+
+    return train_tiny_gpt(tmp_path_factory.mktemp("tiny-minigpt") / "base.ckpt", "byte", steps=3, seed=1,
+                          max_chars=20000, warmup_steps=1)
+
+
+@pytest.fixture(scope="session")
+def sft_ckpt(tmp_path_factory):
+    """A character-level mini-GPT trained 20 steps on the plays: DPO's policy, old enough to write letters
+    (context 32: an 8-character prompt and 16 new characters fit)."""
+    from tests.helpers import train_tiny_gpt
+
+    return train_tiny_gpt(tmp_path_factory.mktemp("tiny-sft") / "sft.ckpt", "char", steps=20, seed=0, batch_size=8,
+                          lr=1e-2, warmup_steps=2)

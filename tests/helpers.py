@@ -1,5 +1,6 @@
 """What many tests need: a quiet plain Trainer, the real command line in a subprocess, a free port, a
-checkpoint crafted to run code."""
+checkpoint crafted to run code, the tiny backbones' builders (their session fixtures: tests/conftest.py)
+and the small mini-GPT configs the pipeline tests run."""
 
 from __future__ import annotations
 
@@ -13,6 +14,31 @@ import lightning as L
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The mini-GPT's CPU preset, made tiny by overrides (1 layer, 16 wide, 6 steps): `gpt_small()` adds the text.
+GPT_CONFIG = ROOT / "configs" / "gpt" / "shakespeare_char_cpu.yaml"
+_GPT_SMALL = [
+    "--data.init_args.max_chars=20000", "--data.init_args.block_size=16",
+    "--data.init_args.batch_size=4", "--data.init_args.val_windows=8",
+    "--model.init_args.n_layer=1", "--model.init_args.n_head=2", "--model.init_args.n_embd=16",
+    "--model.init_args.warmup_steps=2", "--model.init_args.lr_decay_steps=6", "--model.init_args.sample_tokens=10",
+    "--trainer.max_steps=6", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=2",
+    "--system_metrics=false",
+]
+
+# A mini-GPT run config small enough to train 40 steps in seconds; its batches are a function of (seed, step).
+GPT_RUN = {
+    "seed_everything": 3,
+    "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 40, "val_check_interval": 10,
+                "check_val_every_n_epoch": None, "log_every_n_steps": 1, "enable_progress_bar": False,
+                "enable_model_summary": False, "gradient_clip_val": 1.0},
+    "model": {"class_path": "modules.gpt.module.GPTModule",
+              "init_args": {"n_layer": 2, "n_head": 2, "n_embd": 32, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5,
+                            "lr_decay_steps": 40, "sample_tokens": 8}},
+    "data": {"class_path": "datamodules.shakespeare.ShakespeareDataModule",
+             "init_args": {"corpus": "shakespeare-plays", "block_size": 32, "batch_size": 8, "val_windows": 32,
+                           "max_chars": 200_000}},
+}
 
 
 def quiet_trainer(**kw) -> L.Trainer:
@@ -54,3 +80,71 @@ def crafted_checkpoint(path: Path, marker: Path, class_path: str = "modules.gpt.
     torch.save({"state_dict": {}, "hyper_parameters": {"method": "lora"}, "pytorch-lightning_version": L.__version__,
                 "practicum": {"class_path": class_path}, "tokenizer": Payload(marker)}, path)
     return path
+
+
+def gpt_small() -> list[str]:
+    """GPT_CONFIG's overrides for a run of seconds, on the Shakespeare file of `tests.data.shakespeare_text`."""
+    from tests.data import shakespeare_text
+
+    return [f"--data.init_args.path={shakespeare_text()}", *_GPT_SMALL]
+
+
+def make_tokenizer():
+    """A byte-level BPE (vocabulary 320) trained offline on Python's docs, as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from datamodules.instruct import python_docs
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(python_docs()[:10], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def save_tiny_llama(folder: Path) -> Path:
+    """A Llama-architecture causal LM (2 layers, width 128) with `make_tokenizer`'s vocabulary, saved with
+    `save_pretrained`, so tests load it back through the real `from_pretrained` path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def train_tiny_gpt(path: Path, tokenizer: str, steps: int, seed: int, max_chars: int | None = None, **model) -> str:
+    """A 1-layer mini-GPT (2 heads, width 32, block 32) trained `steps` steps on the plays under a plain
+    Trainer, saved as a Lightning checkpoint at `path` (tokenizer inside): a fine-tune's or DPO's backbone."""
+    from datamodules.shakespeare import ShakespeareDataModule
+    from modules.gpt.module import GPTModule
+
+    torch.manual_seed(seed)
+    dm = ShakespeareDataModule(corpus="shakespeare-plays", tokenizer=tokenizer, block_size=32,
+                               batch_size=model.pop("batch_size", 4), max_chars=max_chars)
+    trainer = quiet_trainer(max_steps=steps, limit_val_batches=0, default_root_dir=path.parent)
+    trainer.fit(GPTModule(n_layer=1, n_head=2, n_embd=32, sample_tokens=0, **model), datamodule=dm)
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
+def built_gpt(config: Path, args: list[str], vocab_size: int = 80):
+    """A config's GPTModule with its model built as `setup` would build it for a tokenizer of vocab_size."""
+    from pipelines.run import load_experiment
+
+    cli = load_experiment(config, args)
+    m = cli.model
+    m.hparams.vocab_size, m.hparams.block_size = vocab_size, cli.datamodule.block_size
+    m._build()
+    return m

@@ -72,7 +72,7 @@ def test_csv_and_parquet_give_the_same_examples_as_jsonl(tmp_path, fmt):
 
 
 def test_alpaca_template_and_hf_tokenizer_specials(tmp_path):
-    from tests.modules.finetune.conftest import make_tokenizer  # noqa: PLC0415 - shared tiny tokenizer
+    from tests.helpers import make_tokenizer  # noqa: PLC0415 - shared tiny tokenizer
 
     tok = make_tokenizer()
     dm = setup_dm(write(tmp_path, "jsonl"), tokenizer=tok, fields=FIELDS, max_length=256)

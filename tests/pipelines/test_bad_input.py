@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from pipelines.run import run_experiment
 from pipelines.tracking import ConfigError
-from tests.pipelines.test_fault_tolerance import GPT
+from tests.helpers import GPT_RUN as GPT
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--trainer.max_steps=1", "--trainer.limit_val_batches=1", "--system_metrics=false", "--log_checkpoint=false"]

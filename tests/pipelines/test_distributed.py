@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from pipelines.run import load_experiment, run_experiment
 from pipelines.tracking import ConfigError
 from tests.helpers import free_port
-from tests.pipelines.test_fault_tolerance import GPT
+from tests.helpers import GPT_RUN as GPT
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,25 +12,13 @@ from mlflow import MlflowClient
 
 from pipelines.run import run_experiment
 from pipelines.tracking import ConfigError, TrackingError
-from tests.helpers import free_port
+from tests.helpers import GPT_RUN, free_port
 from tests.pipelines.toy import TOY
 
 ROOT = Path(__file__).resolve().parents[2]
 QUIET = ["--system_metrics=false"]
 
-# A mini-GPT small enough to train 40 steps in seconds; its batches are a function of (seed, step).
-GPT = {
-    "seed_everything": 3,
-    "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 40, "val_check_interval": 10,
-                "check_val_every_n_epoch": None, "log_every_n_steps": 1, "enable_progress_bar": False,
-                "enable_model_summary": False, "gradient_clip_val": 1.0},
-    "model": {"class_path": "modules.gpt.module.GPTModule",
-              "init_args": {"n_layer": 2, "n_head": 2, "n_embd": 32, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5,
-                            "lr_decay_steps": 40, "sample_tokens": 8}},
-    "data": {"class_path": "datamodules.shakespeare.ShakespeareDataModule",
-             "init_args": {"corpus": "shakespeare-plays", "block_size": 32, "batch_size": 8, "val_windows": 32,
-                           "max_chars": 200_000}},
-}
+GPT = GPT_RUN
 
 
 def _write(tmp_path, cfg, name="cfg.yaml"):

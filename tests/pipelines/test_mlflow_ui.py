@@ -17,9 +17,7 @@ from pipelines import tracking as trk
 from pipelines.cli import landing_url
 from pipelines.generate import load_checkpoint
 from pipelines.run import run_experiment
-from tests.modules.gpt.test_gpt_module import CONFIG as GPT_CONFIG
-from tests.modules.finetune.conftest import tiny_llama_dir  # noqa: F401  (a fixture)
-from tests.modules.gpt.test_gpt_module import SMALL as GPT_SMALL
+from tests.helpers import GPT_CONFIG, gpt_small
 
 ROOT = Path(__file__).resolve().parents[2]
 DDPM = [f"--model.init_args.{k}={v}" for k, v in {
@@ -46,7 +44,7 @@ def predict_in_fresh_process(uri: str, run_id: str, frame: dict, params: dict, c
 
 
 def test_gpt_run_logs_a_pyfunc_model_that_generates_in_a_fresh_process(tracking_uri, tmp_path):
-    res = run_experiment(GPT_CONFIG, [*GPT_SMALL, "--log_model=true", "--data.init_args.test_fraction=0.05"],
+    res = run_experiment(GPT_CONFIG, [*gpt_small(), "--log_model=true", "--data.init_args.test_fraction=0.05"],
                          tracking_uri=tracking_uri)
     assert res.status == "FINISHED", res.error
     # MLflow's fluent model logging moved neither the process's store nor $MLFLOW_TRACKING_URI
@@ -86,7 +84,7 @@ def test_ddpm_run_logs_a_pyfunc_model_that_samples_the_asked_digits(tracking_uri
 
 
 def test_register_puts_the_model_in_the_registry(tracking_uri):
-    res = run_experiment(GPT_CONFIG, [*GPT_SMALL, "--register=tiny-gpt"], tracking_uri=tracking_uri)
+    res = run_experiment(GPT_CONFIG, [*gpt_small(), "--register=tiny-gpt"], tracking_uri=tracking_uri)
     assert res.status == "FINISHED", res.error
     versions = mlflow.MlflowClient(tracking_uri).search_model_versions("name = 'tiny-gpt'")
     assert [v.run_id for v in versions] == [res.run_id]

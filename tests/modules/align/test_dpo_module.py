@@ -93,9 +93,9 @@ def test_lora_reference_is_the_base_with_adapters_disabled(sft_ckpt, tmp_path):
     assert not torch.allclose(module._logps(module.backbone, batch), ref_logps)  # the adapters are back on
 
 
-def test_hugging_face_model_with_lora(tiny_llama, tmp_path):
+def test_hugging_face_model_with_lora(tiny_llama_dir, tmp_path):
     torch.manual_seed(0)
-    module = DPOModule(backbone=tiny_llama, method="lora", r=4, lr=1e-2, eval_samples=1)
+    module = DPOModule(backbone=str(tiny_llama_dir), method="lora", r=4, lr=1e-2, eval_samples=1)
     dm = preference_data(tmp_path, n_prompts=16, n_eval_prompts=2, max_new_tokens=6, batch_size=4)
     trainer = quiet_trainer(max_steps=2, val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm)

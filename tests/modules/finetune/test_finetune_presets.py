@@ -11,7 +11,7 @@ import torch
 
 from pipelines.run import load_experiment
 from pipelines.tracking import ConfigError
-from tests.modules.finetune.conftest import make_tokenizer
+from tests.helpers import make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[3]
 PRESETS = sorted(p for p in (ROOT / "configs" / "finetune").glob("*.yaml") if p.name.startswith(("llama3_8b", "mistral_7b")))

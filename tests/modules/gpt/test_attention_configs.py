@@ -4,7 +4,7 @@ parameters where the variant allows, the window at block_size / 4, and defaults 
 from pathlib import Path
 
 from pipelines.study import load_study
-from tests.modules.gpt.test_gpt_configs import built
+from tests.helpers import built_gpt as built
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -10,7 +10,11 @@ import torch.nn.functional as F
 from datamodules.shakespeare import ShakespeareDataModule, consecutive_windows
 from modules.gpt.module import GPTModule
 from pipelines.run import run_experiment
-from tests.modules.gpt.test_gpt_module import CONFIG, SMALL, TINY
+from tests.data import shakespeare_text
+from tests.helpers import GPT_CONFIG as CONFIG
+from tests.helpers import gpt_small
+
+TINY, SMALL = shakespeare_text(), gpt_small()
 
 LONG = SMALL + ["--data.init_args.test_fraction=0.05", "--model.init_args.eval_block_sizes=[32]",
                 "--model.init_args.sample_tokens=0"]

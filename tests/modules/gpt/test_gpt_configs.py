@@ -3,21 +3,12 @@ the CPU preset is nanoGPT's configuration, and the dense-vs-moe variants are siz
 
 from pathlib import Path
 
-from modules.gpt.module import GPTModule
 from pipelines.config import PracticumCLI
 from pipelines.run import load_experiment
 from pipelines.study import load_study
+from tests.helpers import built_gpt as built
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-def built(config: Path, args: list[str], vocab_size: int = 80) -> GPTModule:
-    """The module's model as `setup` would build it for a tokenizer of vocab_size."""
-    cli = load_experiment(config, args)
-    m = cli.model
-    m.hparams.vocab_size, m.hparams.block_size = vocab_size, cli.datamodule.block_size
-    m._build()
-    return m
 
 
 def test_cpu_preset_is_nanogpts():

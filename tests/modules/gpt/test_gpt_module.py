@@ -12,18 +12,10 @@ from modules.gpt.module import GPTModule, cosine_lr
 from pipelines.cli import main as practicum
 from pipelines.run import run_experiment
 from tests.data import shakespeare_text
-from tests.helpers import quiet_trainer
+from tests.helpers import GPT_CONFIG, gpt_small, quiet_trainer
 
 TINY = shakespeare_text()  # Shakespeare text in place of the tinyshakespeare file (tests/data.py)
-CONFIG = Path(__file__).resolve().parents[3] / "configs" / "gpt" / "shakespeare_char_cpu.yaml"
-SMALL = [
-    f"--data.init_args.path={TINY}", "--data.init_args.max_chars=20000", "--data.init_args.block_size=16",
-    "--data.init_args.batch_size=4", "--data.init_args.val_windows=8",
-    "--model.init_args.n_layer=1", "--model.init_args.n_head=2", "--model.init_args.n_embd=16",
-    "--model.init_args.warmup_steps=2", "--model.init_args.lr_decay_steps=6", "--model.init_args.sample_tokens=10",
-    "--trainer.max_steps=6", "--trainer.val_check_interval=3", "--trainer.log_every_n_steps=2",
-    "--system_metrics=false",
-]
+CONFIG, SMALL = GPT_CONFIG, gpt_small()
 
 
 def test_cosine_lr_matches_nanogpt_schedule():
