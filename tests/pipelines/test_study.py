@@ -6,11 +6,12 @@ import json
 import pandas as pd
 import pytest
 import yaml
+from matplotlib.container import BarContainer
 from mlflow import MlflowClient
 
 from pipelines.cli import main
 from pipelines.compare import compare
-from pipelines.study import load_study, run_study
+from pipelines.study import load_study, run_study, study_plots
 from pipelines.tracking import ConfigError
 from tests.pipelines.toy import TOY
 
@@ -56,6 +57,7 @@ def test_study_runs_children_and_compare_matches(study_file, tracking_uri, capsy
     assert all(r.data.params["trainer.max_steps"] == "6" for r in kids)
     arts = {a.path for a in client.list_artifacts(parent_id)} | {a.path for a in client.list_artifacts(parent_id, "plots")}
     assert {"comparison.csv", "comparison.md", "plots/train_loss.png", "plots/memory_throughput.png"} <= arts
+    check_plotted_data(client, parent_id, {r.data.tags["practicum.variant"]: r for r in kids})
 
     # compare reads MLflow only and gives the same table
     again = pd.read_csv(io.StringIO(compare("toy-study", tracking_uri, "csv")))
@@ -64,6 +66,27 @@ def test_study_runs_children_and_compare_matches(study_file, tracking_uri, capsy
     assert [r["variant"] for r in rows] == ["narrow", "wide", "broken"]
     assert main(["compare", "toy-study", "--format", "markdown", "--tracking_uri", tracking_uri]) == 0
     assert "| narrow" in capsys.readouterr().out
+
+
+def check_plotted_data(client, parent_id: str, runs: dict) -> None:
+    """The figures draw what the runs logged: each variant's curve is its train/loss history, each ledger
+    bar its mem/params_bytes, each throughput bar its samples per second (one seed: the mean is the run)."""
+    figs = study_plots(client, parent_id, "train/loss")
+    curves = {line.get_label().split(" (")[0]: line for line in figs["train_loss.png"].axes[0].get_lines()}
+    assert set(curves) == set(runs)
+    for name, run in runs.items():
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
+        assert list(curves[name].get_xdata()) == [s for s, _ in history], name
+        assert list(curves[name].get_ydata()) == pytest.approx([v for _, v in history]), name
+    ledger, _, throughput = figs["memory_throughput.png"].axes
+    names = [t.get_text() for t in throughput.get_xticklabels()]
+    bars = [[c for c in ax.containers if isinstance(c, BarContainer)] for ax in (ledger, throughput)]
+    params_bars = bars[0][0]  # MEMORY_KEYS[0]: mem/params_bytes, one bar per variant in that order
+    # the failed variant never reached the ledger: no bar (NaN on the log axis)
+    logged = [runs[n].data.metrics.get("mem/params_bytes", float("nan")) for n in names]
+    assert [b.get_height() for b in params_bars] == pytest.approx(logged, nan_ok=True)
+    speed = [b.get_height() for b in bars[1][0]]
+    assert speed == pytest.approx([runs[n].data.metrics.get("perf/samples_per_s", 0.0) for n in names])
 
 
 def test_study_file_errors_name_the_problem(tmp_path, study_file):
