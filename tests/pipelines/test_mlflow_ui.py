@@ -16,7 +16,7 @@ from modules.diffusion.module import DiffusionModule
 from pipelines import tracking as trk
 from pipelines.cli import landing_url
 from pipelines.generate import load_checkpoint
-from pipelines.run import run_experiment
+from pipelines.run import load_experiment, run_experiment
 from tests.helpers import GPT_CONFIG, gpt_small
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +65,9 @@ def test_gpt_run_logs_a_pyfunc_model_that_generates_in_a_fresh_process(tracking_
     inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
     assert set(inputs) == {"training", "validation", "test"}
     assert len({d.digest for d in inputs.values()}) == 3 and all(d.name.startswith("shakespeare") for d in inputs.values())
-    assert json.loads(inputs["validation"].profile)["num_examples"] > 0
+    data = load_experiment(GPT_CONFIG, [*gpt_small(), "--data.init_args.test_fraction=0.05"]).datamodule
+    data.setup("fit")
+    assert json.loads(inputs["validation"].profile)["num_examples"] == len(data.val_dataloader().dataset)
 
 
 def test_ddpm_run_logs_a_pyfunc_model_that_samples_the_asked_digits(tracking_uri, tmp_path):

@@ -28,7 +28,10 @@ def test_run_logs_config_metrics_tags_artifacts(toy_config, tracking_uri):
         assert key in m, key
     assert m["params/total"] == 4 * 8 + 8 + 8 + 1
     assert m["mem/params_bytes"] == 4 * m["params/total"]  # float32
-    assert m["perf/samples_per_s"] > 0 and m["mem/host_peak_rss_bytes"] > 10 * 2**20
+    # what the steps were given, exactly: 12 steps of 8 samples; the toy counts no tokens (no CountsTokens)
+    assert (m["budget/steps"], m["budget/samples"]) == (12, 12 * 8) and "budget/tokens" not in m
+    # throughput is samples over the timed steps' seconds: between 8 samples per slowest and per fastest step
+    assert 8 / m["time/fit_s"] < m["perf/samples_per_s"] and m["mem/host_peak_rss_bytes"] > 10 * 2**20
     history = MlflowClient(tracking_uri).get_metric_history(res.run_id, "train/loss")
     assert [h.step for h in history] == sorted({h.step for h in history}) and len(history) >= 5
     arts = {a.path for a in MlflowClient(tracking_uri).list_artifacts(res.run_id)}

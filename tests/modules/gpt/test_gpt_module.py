@@ -70,7 +70,9 @@ def test_pipeline_run_logs_and_generate_round_trip(tracking_uri, capsys):
     assert run.data.tags["practicum.project"] == "gpt"
     assert math.isclose(m["val/ppl"], math.exp(m["val/loss"]), rel_tol=1e-4)
     assert m["val/loss"] < math.log(65)  # it learned something in 6 steps
-    assert m["perf/tokens_per_s"] > 0 and m["params/active"] == m["params/total"]
+    # tokens_per_batch reached the ledger: every sample is a window of block_size=16 tokens, 6 steps of 4
+    assert m["perf/tokens_per_s"] == pytest.approx(16 * m["perf/samples_per_s"]) and m["budget/tokens"] == 6 * 4 * 16
+    assert m["params/active"] == m["params/total"]
     assert m["gpt/flops_per_token"] > 6 * m["params/active"] / 2
     assert not any(k.startswith("test/") for k in m)  # the test split is opt-in (data.test_fraction)
     history = client.get_metric_history(res.run_id, "train/loss")
