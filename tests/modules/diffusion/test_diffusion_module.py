@@ -2,19 +2,17 @@
 
 from pathlib import Path
 
-import lightning as L
 import mlflow
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-from lightning.pytorch.cli import LightningCLI
 
 from datamodules.mnist import MNISTDataModule
 from modules.classifier.module import ClassifierModule
 from modules.diffusion.model import Denoiser, DiffusionConfig
 from modules.diffusion.module import DiffusionModule, ema_with_warmup, image_grid
-from pipelines.run import run_experiment
+from pipelines.run import load_experiment, run_experiment
 from tests.helpers import quiet_trainer
 
 TINY = dict(block_out_channels=(8, 16), attention=(False, True), num_timesteps=50, num_sample_steps=4,
@@ -167,15 +165,15 @@ def test_missing_judge_and_bad_inputs_are_clear_errors(tmp_path):
         module.training_step((torch.zeros(2, 1, 32, 32), torch.zeros(2, dtype=torch.long)), 0)
 
 
+ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = ["configs/diffusion/ddpm_mnist_cpu.yaml", "configs/diffusion/ddpm_mnist.yaml",
            "configs/classifier/lenet_mnist5k.yaml", "configs/classifier/lenet_mnist.yaml"]
 
 
 @pytest.mark.parametrize("path", CONFIGS)
 def test_every_config_parses_and_instantiates(path):
-    cli = LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                       args=["--config", path, "--trainer.accelerator=cpu", "--trainer.logger=false",
-                             "--trainer.precision=32"], run=False, save_config_callback=None)
+    """Through the project's CLI (the pipeline's parser and links), as `practicum run` reads them."""
+    cli = load_experiment(ROOT / path, ["--trainer.accelerator=cpu", "--trainer.precision=32"])
     assert isinstance(cli.model, (DiffusionModule, ClassifierModule))
     assert isinstance(cli.datamodule, MNISTDataModule)
     if isinstance(cli.model, DiffusionModule):
@@ -185,11 +183,9 @@ def test_every_config_parses_and_instantiates(path):
 def test_quick_study_variants_resolve():
     from pipelines.study import load_study
 
-    study = load_study("configs/studies/ddpm-quick.yaml")
+    study = load_study(ROOT / "configs/studies/ddpm-quick.yaml")
     for name in study.variants:
-        base, args = study.variant_config(name)
-        cli = LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                           args=["--config", str(base), *args, "--trainer.logger=false"], run=False, save_config_callback=None)
+        cli = load_experiment(*study.variant_config(name))
         assert cli.model.hparams.schedule == name and cli.model.hparams.classifier_checkpoint is None
 
 
