@@ -17,10 +17,11 @@ from flask import abort, request
 from mlflow.server import app as flask_app
 from mlflow.server.fastapi_app import app  # noqa: F401  (the ASGI app uvicorn serves; it wraps flask_app)
 
+from pipelines.tracking import UI_LAND as LAND
+
 # The UI's own key (useLocalStorage({key: "mlflow.workflowType", version: 1}) stores it as KEY_vVERSION);
 # tests/pipelines/test_ui_app.py reads it back out of MLflow's JavaScript bundle.
 VIEW_KEY, VIEW = "mlflow.workflowType_v1", "machine_learning"
-LAND = "/practicum/land"
 
 _PAGE = """<!doctype html><meta charset="utf-8"><title>MLflow</title>
 <script>

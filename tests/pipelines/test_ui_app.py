@@ -31,3 +31,17 @@ def test_land_stores_the_view_and_goes_on_to_the_page():
 @pytest.mark.parametrize("target", ["https://elsewhere.example/", "//elsewhere.example", "javascript:alert(1)"])
 def test_land_goes_nowhere_but_this_ui(target):
     assert ui_app.flask_app.test_client().get(ui_app.LAND, query_string={"to": target}).status_code == 400
+
+
+def test_practicum_ui_lands_through_the_page_that_keeps_the_view():
+    from urllib.parse import parse_qs, urlsplit
+
+    from pipelines.cli import sticky_view
+
+    base = "http://127.0.0.1:5000"
+    url = sticky_view(base, f"{base}/#/experiments/4/runs?workflowType=machine_learning")
+    parts = urlsplit(url)
+    assert f"{parts.scheme}://{parts.netloc}{parts.path}" == base + ui_app.LAND
+    assert parse_qs(parts.query)["to"] == ["#/experiments/4/runs?workflowType=machine_learning"]
+    r = ui_app.flask_app.test_client().get(f"{parts.path}?{parts.query}")
+    assert r.status_code == 200 and "#/experiments/4/runs?workflowType=machine_learning" in r.get_data(as_text=True)
