@@ -4,13 +4,17 @@
 
 Starts `practicum ui` on a free port for the store (default: mlruns/ after `make demo`), takes the
 URL it prints, and loads it in Chromium through Playwright (Debian's `chromium`, or $CHROMIUM; Playwright
-cannot download browsers offline). Exits 1, after saving the screenshot anyway, when the page is not
-the experiment's runs table in the model-training view, or does not list the study's parent run.
+cannot download browsers offline). Exits 1, after saving the screenshots anyway, when the page is not
+the experiment's runs table in the model-training view or does not list the study's parent run; when a
+run page or the compare page (reached without the URL's workflowType) falls back to the GenAI view; or
+when a run other than a seeded one (a tuning trial, a stage) carries the variant tag that the runs
+table groups by. Screenshots: OUT, OUT-run, OUT-compare.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -21,12 +25,27 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import unquote
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ml_view(page) -> bool:
+    """The sidebar of the model-training view lists the Model registry; the GenAI view's does not, and
+    shows Traces and Evaluations instead."""
+    time.sleep(1)
+    registry = page.get_by_text("Model registry", exact=True).count() > 0
+    genai = page.get_by_text("Evaluations", exact=True).count() > 0 or page.get_by_text("Agent versions").count() > 0
+    return registry and not genai
+
+
+def _beside(path: str, suffix: str) -> str:
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-{suffix}{p.suffix}"))
 
 
 def main() -> int:
@@ -57,7 +76,7 @@ def main() -> int:
             print(f"practicum ui printed no URL: {line!r}", file=sys.stderr)
             return 1
         url = m.group(1)
-        exp_id = re.search(r"/experiments/(\d+)/runs", url).group(1)
+        exp_id = re.search(r"/experiments/(\d+)/runs", unquote(url)).group(1)
         parents = client.search_runs([exp_id], f"tags.`{trk.TAG_ROLE}` = 'parent'", max_results=1,
                                      order_by=["attributes.start_time DESC"])
         expected = parents[0].info.run_name if parents else find_parent(client, ns.study).info.run_name
@@ -71,6 +90,9 @@ def main() -> int:
         else:
             print("the MLflow UI did not start", file=sys.stderr)
             return 1
+        children = client.search_runs([exp_id], f"tags.`{trk.TAG_ROLE}` = 'variant'", max_results=2,
+                                      order_by=["attributes.start_time DESC"])
+        base = f"http://127.0.0.1:{port}"
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1600, "height": 900})
@@ -87,13 +109,32 @@ def main() -> int:
             Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=ns.out)
             landed = page.url
-            genai = page.get_by_text("Traces", exact=True).count() > 0 and page.get_by_text("Detect Issues").count() > 0
+            checks = {
+                "the runs route": f"/experiments/{exp_id}/runs" in landed,
+                "the model-training view": "workflowType=machine_learning" in landed and ml_view(page),
+                f"the parent run '{expected}' listed": ok,
+            }
+            # Past the landing page: pages a user reaches in a click or two carry no workflowType
+            # parameter; they must stay in the model-training view all the same.
+            if children:
+                run = children[0].info
+                page.goto(f"{base}/#/experiments/{exp_id}/runs/{run.run_id}")
+                page.get_by_text(run.run_name, exact=True).first.wait_for(timeout=60_000)
+                time.sleep(2)
+                page.screenshot(path=_beside(ns.out, "run"))
+                checks["a run page in the model-training view"] = ml_view(page)
+            if len(children) == 2:
+                ids = json.dumps([c.info.run_id for c in children])
+                page.goto(f"{base}/#/compare-runs?runs={ids}&experiments={json.dumps([exp_id])}")
+                page.get_by_text(children[0].info.run_name).first.wait_for(timeout=60_000)
+                time.sleep(2)
+                page.screenshot(path=_beside(ns.out, "compare"))
+                checks["the compare page in the model-training view"] = ml_view(page)
             browser.close()
-        checks = {
-            "the runs route": f"/experiments/{exp_id}/runs" in landed,
-            "the model-training view": "workflowType=machine_learning" in landed and not genai,
-            f"the parent run '{expected}' listed": ok,
-        }
+        # Grouping the runs table by variant averages what carries the variant tag: seeded runs only.
+        tagged = client.search_runs([exp_id], f"tags.`{trk.TAG_VARIANT}` != ''", max_results=5000)
+        roles = {r.data.tags.get(trk.TAG_ROLE) for r in tagged}
+        checks["grouping by variant holds seeded runs only"] = roles <= {"variant"}
         for what, passed in checks.items():
             print(f"{'ok  ' if passed else 'FAIL'} {what}")
         print(f"{landed}\nscreenshot: {ns.out}")

@@ -245,12 +245,15 @@ def cmd_ui(args: list[str]) -> int:
     from pipelines import tracking as trk
 
     uri = trk.resolve_tracking_uri(ns.tracking_uri)
-    url = landing_url(uri, trk.ui_base(uri, ns.host, ns.port), ns.study)
+    base = trk.ui_base(uri, ns.host, ns.port)
+    url = landing_url(uri, base, ns.study)
     if uri.startswith(("http://", "https://")):
         print(f"The tracking server has its own UI: {url}")
         _open(url, ns.open)
         return 0
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", ns.host, "--port", str(ns.port)]
+    url = sticky_view(base, url)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", ns.host, "--port", str(ns.port),
+           "--app-name", "practicum"]
     if art := trk.default_artifact_location(uri):
         cmd += ["--default-artifact-root", art]
     print(f"MLflow UI on {uri}: {url}  (Ctrl-C stops it)", flush=True)
@@ -261,6 +264,16 @@ def cmd_ui(args: list[str]) -> int:
         return proc.wait()
     except KeyboardInterrupt:
         return 0
+
+
+def sticky_view(base: str, url: str) -> str:
+    """`url` through the landing page of `pipelines.ui_app`, which keeps the model-training view for the
+    pages after it (MLflow drops the URL's workflowType at the first click)."""
+    from urllib.parse import quote
+
+    from pipelines.tracking import UI_LAND
+
+    return f"{base.rstrip('/')}{UI_LAND}?to={quote(url[len(base.rstrip('/')) + 1:], safe='')}"
 
 
 def landing_url(uri: str, base: str, study: str | None = None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import warnings
 
 # The loggers that narrate every run: "GPU available", "Seed set to", the LitLogger tip,
@@ -49,17 +50,67 @@ def is_verbose() -> bool:
     return _verbose
 
 
+def is_terminal(stream=None) -> bool:
+    """Whether `stream` (stdout by default) is a terminal that redraws a bar in place; a file, a pipe,
+    `tee`, a CI log or a notebook cell is not, and would keep every frame as a line."""
+    stream = sys.stdout if stream is None else stream
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
 def trainer_overrides(trainer_cfg: dict, progress_bar: bool) -> dict:
     """Trainer arguments that keep a quiet run quiet, where the config leaves them at their default
-    (a config that sets ``enable_model_summary`` or ``enable_progress_bar`` keeps its choice)."""
+    (a config that sets ``enable_model_summary`` or ``enable_progress_bar`` keeps its choice).
+    Lightning's bar is off when the caller draws its own or stdout is no terminal."""
     if _verbose:
         return {}
     out = {}
     if trainer_cfg.get("enable_model_summary") is None:
         out["enable_model_summary"] = False
-    if not progress_bar and trainer_cfg.get("enable_progress_bar") is None:
+    if (not progress_bar or not is_terminal()) and trainer_cfg.get("enable_progress_bar") is None:
         out["enable_progress_bar"] = False
     return out
+
+
+class PlainProgress:
+    """The study's progress as plain lines, for output that is not a terminal: a line when a run starts
+    (`set_postfix_str` with a new label), the caller's line when it ends (`write`), and during a long run
+    at most one line every `every_s` seconds. Same calls as the `tqdm` bar it stands in for."""
+
+    def __init__(self, total: int, desc: str, stream=None, every_s: float = 60.0, clock=time.monotonic):
+        self.total, self.desc, self.n = total, desc, 0
+        self.stream, self.every_s, self.clock = stream, every_s, clock
+        self._label, self._last = None, clock()
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream or sys.stdout, flush=True)
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        label = text.split(" step ")[0]
+        now = self.clock()
+        if label != self._label:  # a new run (or a run's tuning) begins
+            self._label, self._last = label, now
+            self._print(f"[{self.desc}] {self.n + 1}/{self.total} {label}: started")
+        elif text and now - self._last >= self.every_s:
+            self._last = now
+            self._print(f"[{self.desc}] {self.n + 1}/{self.total} {text}")
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def write(self, text: str) -> None:
+        self._print(text)
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int, desc: str):
+    """The study-wide progress display: a `tqdm` bar redrawn in place on a terminal, plain lines elsewhere."""
+    if is_terminal():
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="run", position=0, leave=False, dynamic_ncols=True)
+    return PlainProgress(total, desc)
 
 
 def summary_line(label: str, res, metric: str, seconds: float) -> str:

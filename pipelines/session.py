@@ -114,6 +114,7 @@ class Session:
 
                 self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, tracking_uri=uri,
                                                      resume_logging=self.resumed)
+                self._monitor._start_step = self._monitor._logging_step
                 if hasattr(getattr(self._monitor, "mlflow_logger", None), "client"):
                     self._monitor.mlflow_logger.client = self.client  # its samples go through the spool too
                 self._monitor.start()
@@ -147,6 +148,7 @@ class Session:
             return status, error
         if self._monitor is not None:
             self._monitor.finish()
+            final_system_sample(self._monitor)
         deadline = time.monotonic() + float(os.environ.get("PRACTICUM_TRACKING_WAIT_S", "60"))
         try:
             if error is not None:
@@ -189,6 +191,18 @@ class Session:
             except Exception:  # a second refusal, raised by the queue behind the tag: the first one is reported
                 pass
         return "FAILED", self._refusal
+
+
+def final_system_sample(monitor) -> None:
+    """Publish the samples a short run collected but never sent: MLflow's monitor publishes at the end of
+    each interval, so a run shorter than one interval would show an empty System metrics tab."""
+    if monitor._logging_step > monitor._start_step:
+        return
+    try:
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as e:  # the figures are a courtesy; the run's own record is complete without them
+        print(f"warning: no system metrics for this run ({e})", file=sys.stderr)
 
 
 def one_line(e: BaseException) -> str:

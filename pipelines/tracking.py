@@ -148,6 +148,9 @@ def ui_base(uri: str, host: str = "127.0.0.1", port: int = 5000) -> str:
     return f"http://{host}:{port}"
 
 
+UI_LAND = "/practicum/land"  # `practicum ui`'s page that keeps the model-training view (pipelines.ui_app)
+
+
 def runs_url(base: str, experiment_id: str) -> str:
     """The experiment's runs table in the UI's model-training view (MLflow 3 reads ``workflowType``)."""
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"

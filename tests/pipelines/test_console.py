@@ -1,0 +1,53 @@
+"""What lands in a log file: plain lines, never a bar's redrawn frames (carriage returns)."""
+
+import io
+
+from pipelines import console
+from pipelines.console import PlainProgress
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_plain_progress_prints_a_line_per_run_start_and_at_most_one_a_minute_during_it():
+    out, clock = io.StringIO(), Clock()
+    bar = PlainProgress(2, "toy", stream=out, clock=clock)
+    bar.set_postfix_str("narrow seed=0")
+    for t in (1, 10, 59):  # a run's step updates inside the first minute: silent
+        clock.t = t
+        bar.set_postfix_str(f"narrow seed=0 step {t}/100 train/loss 0.5")
+    clock.t = 61
+    bar.set_postfix_str("narrow seed=0 step 61/100 train/loss 0.4")
+    clock.t = 62
+    bar.set_postfix_str("narrow seed=0 step 62/100 train/loss 0.4")
+    bar.update(1)
+    bar.write("[toy] narrow seed=0: FINISHED")
+    bar.set_postfix_str("wide seed=0")
+    lines = out.getvalue().splitlines()
+    assert lines == ["[toy] 1/2 narrow seed=0: started",
+                     "[toy] 1/2 narrow seed=0 step 61/100 train/loss 0.4",
+                     "[toy] narrow seed=0: FINISHED",
+                     "[toy] 2/2 wide seed=0: started"]
+    assert "\r" not in out.getvalue()
+
+
+def test_a_file_gets_plain_lines_and_no_lightning_bar(monkeypatch):
+    monkeypatch.setattr("sys.stdout", io.StringIO())  # not a terminal
+    assert isinstance(console.progress(3, "toy"), PlainProgress)
+    assert console.trainer_overrides({}, progress_bar=True)["enable_progress_bar"] is False
+    assert console.trainer_overrides({"enable_progress_bar": True}, progress_bar=True).get("enable_progress_bar") is None
+
+
+def test_a_terminal_gets_the_redrawn_bar(monkeypatch):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stdout", Tty())
+    assert not isinstance(console.progress(3, "toy"), PlainProgress)
+    assert "enable_progress_bar" not in console.trainer_overrides({}, progress_bar=True)
