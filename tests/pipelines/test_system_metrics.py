@@ -4,7 +4,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipelines.run import run_experiment
-from tests.pipelines.test_run import TOY
+from tests.pipelines.toy import TOY
 
 
 def test_a_two_second_run_has_system_metrics(tmp_path, tracking_uri):
