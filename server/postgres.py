@@ -141,27 +141,35 @@ def reachable_bindir(bindir: Path, user: str | None) -> Path:
         raise RuntimeError(f"the '{user}' user cannot reach {bindir} (a folder above it is closed to other users), "
                            f"and {install} is not a relocatable install (bin, lib, share) to copy. Install "
                            "postgresql-<major> with apt, or set PRACTICUM_PG_BINDIR to binaries outside such a folder")
-    version = subprocess.run([str(bindir / "initdb"), "--version"], capture_output=True, text=True).stdout
-    number = (re.findall(r"\d+(?:\.\d+)*", version) or ["unknown"])[-1]
+    version = subprocess.run([str(bindir / "initdb"), "--version"], capture_output=True, text=True)
+    if version.returncode != 0:
+        raise RuntimeError(f"{bindir / 'initdb'} --version failed: {version.stderr.strip()}")
     st = (bindir / "postgres").stat()
-    key = hashlib.sha256(f"{install.resolve()}\0{version}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{install.resolve()}\0{version.stdout}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+    number = re.findall(r"\d+(?:\.\d+)*", version.stdout)[-1]
     home = shared_home()
-    copy = home / f"postgresql-{number}-{key}"
-    if not (copy / "bin" / "initdb").is_file():
+    copy = home / f"postgresql-{number}-{key[:12]}"
+    # The wheels' binaries find their shared libraries through an rpath relative to themselves
+    # ($ORIGIN/../../../pgserver.libs, auditwheel's <package>.libs): the copy keeps that layout.
+    pkg = install.parent
+    parts = {pkg.name + "/" + install.name + "/" + p: install / p for p in ("bin", "lib", "share")}
+    parts[pkg.name + ".libs"] = pkg.parent / (pkg.name + ".libs")
+    copied_bin = copy / pkg.name / install.name / "bin"
+    if not (copied_bin / "initdb").is_file():
         tmp = Path(tempfile.mkdtemp(prefix=".copy-", dir=home))
-        for part in ("bin", "lib", "share"):
-            if (install / part).is_dir():
-                shutil.copytree(install / part, tmp / part, symlinks=True)
+        for rel, src in parts.items():
+            if src.is_dir():
+                shutil.copytree(src, tmp / rel, symlinks=True)
         _open_to_all(tmp)
         try:
             tmp.rename(copy)  # atomic: a concurrent start that won the race keeps its copy
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-    if subprocess.run(as_user(user, str(copy / "bin" / "initdb"), "--version"), capture_output=True).returncode != 0:
-        raise RuntimeError(f"the '{user}' user cannot run {copy / 'bin' / 'initdb'} (is {home} on a noexec mount or "
+    if subprocess.run(as_user(user, str(copied_bin / "initdb"), "--version"), capture_output=True).returncode != 0:
+        raise RuntimeError(f"the '{user}' user cannot run {copied_bin / 'initdb'} (is {home} on a noexec mount or "
                            "under a folder closed to other users?); set PRACTICUM_PG_HOME to a folder it can reach")
     print(f"note: the '{user}' user cannot reach {bindir}; PostgreSQL runs from a copy in {copy}", file=sys.stderr)
-    return copy / "bin"
+    return copied_bin
 
 
 def _open_to_all(root: Path) -> None:
@@ -188,17 +196,20 @@ def reachable_cluster_root(root: Path, user: str | None) -> Path:
         if target != root.absolute() and not can_enter(user, target.parent):
             raise RuntimeError(f"{root} links to {target}, which the '{user}' user cannot reach")
         return target
-    if root.exists():
+    try:
+        root.rmdir()  # an empty folder (left by a start that failed) holds nothing to keep
+    except FileNotFoundError:
+        pass
+    except OSError:
         raise RuntimeError(f"the '{user}' user cannot reach the cluster in {root}: a folder above it is closed to other "
-                           "users. Move the state folder under /var/tmp (--state-dir), or open the folders above it")
-    key = hashlib.sha256(str(root.absolute()).encode()).hexdigest()[:16]
-    target = shared_home() / "clusters" / key
-    target.parent.mkdir(mode=0o755, exist_ok=True)
-    target.mkdir(mode=0o700, exist_ok=True)
+                           "users. Move the state folder under /var/tmp (--state-dir), or open the folders above it") from None
+    clusters = shared_home() / "clusters"
+    clusters.mkdir(mode=0o755, exist_ok=True)
+    target = Path(tempfile.mkdtemp(prefix="cluster-", dir=clusters))  # a new one: never an older state's data
     root.parent.mkdir(parents=True, exist_ok=True)
     root.symlink_to(target, target_is_directory=True)
-    print(f"note: the '{user}' user cannot reach {root.parent}; the cluster lives in {target} ({root} links to it)",
-          file=sys.stderr)
+    print(f"note: the '{user}' user cannot reach {root.parent}; the cluster lives in {target} ({root} links to it; "
+          "delete both together)", file=sys.stderr)
     return target
 
 

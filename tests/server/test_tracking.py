@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import tomllib
 import zipfile
@@ -37,20 +36,6 @@ COMPOSE = yaml.safe_load(compose.COMPOSE_FILE.read_text())
 DOCKER = compose.REPO / "docker" / "mlflow"
 
 
-def _env(**over) -> dict[str, str]:
-    # Only what .env would hold: the tests never read the developer's .env or shell.
-    env = {
-        "POSTGRES_PASSWORD": "pg-" + secrets.token_urlsafe(12),
-        "MLFLOW_ADMIN_PASSWORD": "admin-" + secrets.token_urlsafe(12),
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
-        # One uvicorn process (the compose default is 4): its thread pool still serves requests
-        # concurrently, each on its own database connection, and starting it costs half as much.
-        "MLFLOW_WORKERS": "1",
-    }
-    env.update(over)
-    return env
-
-
 # ---- the compose file and the image, without starting anything ---------------------------------
 
 
@@ -68,8 +53,8 @@ def test_interpolation_follows_compose_rules():
     assert compose.interpolate("${EMPTY?fill it in}", env) == ""  # without the colon, empty counts as set
 
 
-def test_loopback_command_is_the_compose_command_with_container_parts_swapped(tmp_path):
-    env = _env(POSTGRES_USER="team", POSTGRES_DB="runs")
+def test_loopback_command_is_the_compose_command_with_container_parts_swapped(tmp_path, stack_env):
+    env = stack_env(POSTGRES_USER="team", POSTGRES_DB="runs")
     server = TrackingServer(tmp_path, env, port=5123)
     argv, added = server.mlflow_command(db_port=6543)
     compose_args = compose.interpolate(COMPOSE["services"]["mlflow"]["command"], env)
@@ -88,17 +73,17 @@ def test_loopback_command_is_the_compose_command_with_container_parts_swapped(tm
     assert added["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
 
 
-def test_a_compose_file_with_a_secret_on_the_command_line_is_refused(tmp_path):
+def test_a_compose_file_with_a_secret_on_the_command_line_is_refused(tmp_path, stack_env):
     # The old compose file's way: the database URI as an argument of mlflow server.
     doc = yaml.safe_load(compose.COMPOSE_FILE.read_text())
     doc["services"]["mlflow"]["command"] += ["--backend-store-uri", doc["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]]
     (tmp_path / "compose.yml").write_text(yaml.safe_dump(doc))
-    server = TrackingServer(tmp_path / "state", _env(), port=5000, compose_file=tmp_path / "compose.yml")
+    server = TrackingServer(tmp_path / "state", stack_env(), port=5000, compose_file=tmp_path / "compose.yml")
     with pytest.raises(ValueError, match="secret on the command line.*MLFLOW_BACKEND_STORE_URI"):
         server.mlflow_command(db_port=5432)
 
 
-def test_compose_pins_versions_and_binds_loopback():
+def test_compose_pins_versions_and_binds_loopback(stack_env):
     services = COMPOSE["services"]
     for name, svc in services.items():
         image = svc["image"]
@@ -106,7 +91,7 @@ def test_compose_pins_versions_and_binds_loopback():
     assert services["postgres"]["healthcheck"]["test"][1].startswith("pg_isready")
     assert "/health" in " ".join(services["mlflow"]["healthcheck"]["test"])
     assert "pgdata" in COMPOSE["volumes"] and "mlartifacts" in COMPOSE["volumes"]
-    defaults = compose.interpolate(COMPOSE, _env())  # .env.example's values
+    defaults = compose.interpolate(COMPOSE, stack_env())  # .env.example's values
     for name, svc in defaults["services"].items():
         for port in svc.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
@@ -129,9 +114,9 @@ def test_env_example_names_every_required_secret():
     assert all(example[k] == "" for k in required), "secrets in .env.example must stay empty"
 
 
-def test_container_entrypoint_renders_the_same_auth_config(tmp_path):
+def test_container_entrypoint_renders_the_same_auth_config(tmp_path, stack_env):
     # Run the image's real entrypoint with stand-ins for `python` and `mlflow` on PATH.
-    env = _env()
+    env = stack_env()
     server = TrackingServer(tmp_path / "state", env, port=5000)
     _, added = server.mlflow_command(db_port=5432)
     server._write_auth_config(added)
@@ -153,13 +138,13 @@ def test_container_entrypoint_renders_the_same_auth_config(tmp_path):
     assert oct((tmp_path / "container.ini").stat().st_mode)[-3:] == "600"
 
 
-def test_bad_settings_fail_early_naming_the_variable(tmp_path):
+def test_bad_settings_fail_early_naming_the_variable(tmp_path, stack_env):
     with pytest.raises(ValueError, match="POSTGRES_PASSWORD"):
-        TrackingServer(tmp_path, _env(POSTGRES_PASSWORD="p@ss/word"))
+        TrackingServer(tmp_path, stack_env(POSTGRES_PASSWORD="p@ss/word"))
     with pytest.raises(ValueError, match="MLFLOW_ADMIN_PASSWORD must have at least 12"):
-        TrackingServer(tmp_path, _env(MLFLOW_ADMIN_PASSWORD="short"))
+        TrackingServer(tmp_path, stack_env(MLFLOW_ADMIN_PASSWORD="short"))
     with pytest.raises(ValueError, match="MLFLOW_FLASK_SERVER_SECRET_KEY is not set"):
-        TrackingServer(tmp_path, _env(MLFLOW_FLASK_SERVER_SECRET_KEY=""))
+        TrackingServer(tmp_path, stack_env(MLFLOW_FLASK_SERVER_SECRET_KEY=""))
 
 
 def test_postgres_comes_from_the_system_else_the_wheel_else_a_clear_error(tmp_path, monkeypatch):
@@ -186,8 +171,8 @@ def test_postgres_comes_from_the_system_else_the_wheel_else_a_clear_error(tmp_pa
     assert postgres.postgres_bindir(15, root=tmp_path) == tmp_path / "17" / "bin"
 
 
-def test_compose_gives_mlflow_a_dedicated_s3_key_not_minios_root():
-    env = _env(MINIO_ROOT_USER="root-user", MINIO_ROOT_PASSWORD="root-" + secrets.token_hex(8),
+def test_compose_gives_mlflow_a_dedicated_s3_key_not_minios_root(stack_env):
+    env = stack_env(MINIO_ROOT_USER="root-user", MINIO_ROOT_PASSWORD="root-" + secrets.token_hex(8),
                MLFLOW_S3_ACCESS_KEY="mlflow", MLFLOW_S3_SECRET_KEY="s3-" + secrets.token_hex(8))
     mlflow_env = compose.load_stack(env).mlflow_env
     assert (mlflow_env["AWS_ACCESS_KEY_ID"], mlflow_env["AWS_SECRET_ACCESS_KEY"]) == ("mlflow", env["MLFLOW_S3_SECRET_KEY"])
@@ -215,8 +200,8 @@ def _run_minio_init(tmp_path, env) -> tuple[subprocess.CompletedProcess, list[li
     return r, calls, policy
 
 
-def test_minio_init_creates_a_key_whose_policy_names_only_the_bucket(tmp_path):
-    env = _env(MINIO_ROOT_USER="root-user", MINIO_ROOT_PASSWORD="root-" + secrets.token_hex(8),
+def test_minio_init_creates_a_key_whose_policy_names_only_the_bucket(tmp_path, stack_env):
+    env = stack_env(MINIO_ROOT_USER="root-user", MINIO_ROOT_PASSWORD="root-" + secrets.token_hex(8),
                MLFLOW_S3_BUCKET="team-runs", MLFLOW_S3_ACCESS_KEY="mlflow", MLFLOW_S3_SECRET_KEY="s3-" + secrets.token_hex(8))
     r, calls, policy = _run_minio_init(tmp_path, env)
     assert r.returncode == 0, r.stderr
@@ -249,20 +234,11 @@ def test_cli_generates_missing_secrets_once(tmp_path, monkeypatch):
 # ---- a real stack -----------------------------------------------------------------------------
 
 
-def _state_dir() -> Path:
-    # Not pytest's tmp_path: as root, PostgreSQL runs as the postgres user, who cannot enter
-    # pytest's 0700 folders.
-    return Path(tempfile.mkdtemp(prefix="practicum-server-"))
-
-
 @pytest.fixture(scope="module")
-def server():
-    state = _state_dir()
-    try:
-        with TrackingServer(state, _env()) as s:
-            yield s
-    finally:
-        shutil.rmtree(state, ignore_errors=True)
+def server(stack_env, tmp_path_factory):
+    # In pytest's 0700 folders: as root, the postgres user cannot reach the cluster there (server.postgres).
+    with TrackingServer(tmp_path_factory.mktemp("server"), stack_env()) as s:
+        yield s
 
 
 @pytest.fixture
@@ -522,13 +498,13 @@ def test_credentials_in_the_tracking_uri_and_config_are_logged_nowhere(server, t
     assert ckpt["practicum"]["tracking_uri"] == run.data.params["tracking_uri"]
 
 
-def test_make_server_on_the_wheels_postgres_shows_no_secret(tmp_path):
+def test_make_server_on_the_wheels_postgres_shows_no_secret(tmp_path, stack_env):
     """`python -m server` (make server) on a machine without system PostgreSQL: the dev extra's wheel's
     serves; the admin's password goes to an owner-only file, not to the terminal or any command line."""
-    state = _state_dir()
+    state = tmp_path / "mlruns" / "server"  # as make server's default, inside a 0700 folder
     (tmp_path / "empty.env").touch()  # not the developer's .env
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PRACTICUM_PG_"))}
-    env.update(_env(), PRACTICUM_PG_ROOT=str(tmp_path))  # an empty root hides /usr/lib/postgresql
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PRACTICUM_PG_ROOT", "PRACTICUM_PG_BINDIR"))}
+    env.update(stack_env(), PRACTICUM_PG_ROOT=str(tmp_path))  # an empty root hides /usr/lib/postgresql
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "--port", "0", "--state-dir", str(state), "--env-file", str(tmp_path / "empty.env")],
         cwd=compose.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
