@@ -22,7 +22,8 @@ from urllib.parse import urlsplit
 
 from server.compose import COMPOSE_FILE, REPO, get_option, load_stack, localize, set_option
 from server.postgres import PostgresCluster
-from server.process import LOOPBACK, free_port, start_group, stop_group, tail
+from pipelines.supervise import start_group, stop_tree
+from server.process import LOOPBACK, free_port, tail
 
 AUTH_TEMPLATE = REPO / "docker" / "mlflow" / "basic_auth.ini"
 _URL_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
@@ -168,7 +169,7 @@ class TrackingServer:
     def stop(self) -> None:
         """Stop MLflow (its whole process group), then PostgreSQL; the state folder stays."""
         if self._proc is not None:
-            stop_group(self._proc)
+            stop_tree(self._proc)
             self._proc = None
         if self.postgres is not None:
             self.postgres.stop()

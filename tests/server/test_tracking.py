@@ -180,30 +180,10 @@ def test_compose_gives_mlflow_a_dedicated_s3_key_not_minios_root(stack_env):
     assert "MLFLOW_S3_ACCESS_KEY" in compose.read_dotenv(compose.REPO / ".env.example")
 
 
-def _run_minio_init(tmp_path, env) -> tuple[subprocess.CompletedProcess, list[list[str]], dict]:
-    """The minio-init command as compose runs it, with a stand-in `mc` that records its calls."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "mc").write_text(textwrap.dedent("""\
-        #!/bin/sh
-        printf '%s\\0' "$@" >> "$MC_CALLS"; printf '\\n' >> "$MC_CALLS"
-        if [ "$2" = policy ] && [ "$3" = create ]; then cp "$6" "$MC_POLICY"; fi
-    """))
-    (bin_dir / "mc").chmod(0o755)
-    svc = compose.interpolate(COMPOSE["services"]["minio-init"], env)
-    run_env = {**svc["environment"], "PATH": f"{bin_dir}:/usr/bin:/bin", "TMPDIR": str(tmp_path),
-               "MC_CALLS": str(tmp_path / "calls"), "MC_POLICY": str(tmp_path / "policy.json")}
-    r = subprocess.run([*svc["entrypoint"], *svc["command"]], env=run_env, capture_output=True, text=True)
-    calls = [line.split("\0")[:-1] for line in (tmp_path / "calls").read_text().splitlines()] \
-        if (tmp_path / "calls").exists() else []
-    policy = json.loads((tmp_path / "policy.json").read_text()) if (tmp_path / "policy.json").exists() else None
-    return r, calls, policy
-
-
-def test_minio_init_creates_a_key_whose_policy_names_only_the_bucket(tmp_path, stack_env):
+def test_minio_init_creates_a_key_whose_policy_names_only_the_bucket(tmp_path, stack_env, run_minio_init):
     env = stack_env(MINIO_ROOT_USER="root-user", MINIO_ROOT_PASSWORD="root-" + secrets.token_hex(8),
                MLFLOW_S3_BUCKET="team-runs", MLFLOW_S3_ACCESS_KEY="mlflow", MLFLOW_S3_SECRET_KEY="s3-" + secrets.token_hex(8))
-    r, calls, policy = _run_minio_init(tmp_path, env)
+    r, calls, policy = run_minio_init(tmp_path, env)
     assert r.returncode == 0, r.stderr
     assert ["admin", "user", "add", "store", "mlflow", env["MLFLOW_S3_SECRET_KEY"]] in calls
     assert calls[-1] == ["admin", "policy", "attach", "store", "mlflow-artifacts", "--user", "mlflow"]
@@ -216,7 +196,7 @@ def test_minio_init_creates_a_key_whose_policy_names_only_the_bucket(tmp_path, s
     # MinIO's root key, or none, is refused before anything is created.
     for bad in ({"MLFLOW_S3_ACCESS_KEY": "root-user"}, {"MLFLOW_S3_SECRET_KEY": ""}):
         (tmp_path / "calls").unlink(missing_ok=True)
-        r, calls, _ = _run_minio_init(tmp_path, {**env, **bad})
+        r, calls, _ = run_minio_init(tmp_path, {**env, **bad})
         assert r.returncode == 1 and "MLFLOW_S3_ACCESS_KEY (not MINIO_ROOT_USER)" in r.stderr and calls == []
 
 
