@@ -1,4 +1,4 @@
-"""`practicum ui` stops whole: a SIGTERM to it (what `kill PID`, `timeout` and process managers send) ends
+"""`practicum ui` serves the store and stops whole: a SIGTERM to it (what `kill PID`, `timeout` and process managers send) ends
 mlflow and every worker it started, and frees the port; and it starts no GenAI job runner."""
 
 import signal
@@ -35,9 +35,10 @@ def _port_open(port: int) -> bool:
 def test_sigterm_to_practicum_ui_leaves_nothing_behind(tracking_uri):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pipelines", "ui", "--port", str(port), "--tracking_uri", tracking_uri],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     tree = []
     try:
+        assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
         _wait_up(port, proc)
         tree = psutil.Process(proc.pid).children(recursive=True)
         lines = [" ".join(p.cmdline()) for p in tree]
