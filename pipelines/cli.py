@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -240,9 +239,12 @@ def cmd_ui(args: list[str]) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--study", help="land on this study's runs (default: the newest study)")
     p.add_argument("--open", action="store_true", help="open the page in the browser")
+    p.add_argument("--workers", type=int, default=ui_workers(),
+                   help="uvicorn worker processes (default: one per two CPU cores, at most 4)")
     p.add_argument("--tracking_uri")
     ns = p.parse_args(args)
     from pipelines import tracking as trk
+    from pipelines.supervise import serve
 
     uri = trk.resolve_tracking_uri(ns.tracking_uri)
     base = trk.ui_base(uri, ns.host, ns.port)
@@ -253,17 +255,23 @@ def cmd_ui(args: list[str]) -> int:
         return 0
     url = sticky_view(base, url)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", ns.host, "--port", str(ns.port),
-           "--app-name", "practicum"]
+           "--workers", str(max(1, ns.workers)), "--app-name", "practicum"]
     if art := trk.default_artifact_location(uri):
         cmd += ["--default-artifact-root", art]
+    # No job runner: its huey consumers serve MLflow's GenAI jobs (scorers), which Practicum never submits.
+    env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     print(f"MLflow UI on {uri}: {url}  (Ctrl-C stops it)", flush=True)
-    try:
-        proc = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"})
+
+    def when_up():
         if ns.open and _wait_http(trk.ui_base(uri, ns.host, ns.port)):
             _open(url, True)
-        return proc.wait()
-    except KeyboardInterrupt:
-        return 0
+
+    return serve(cmd, env, when_up)  # SIGTERM or Ctrl-C stops mlflow and every worker it started
+
+
+def ui_workers() -> int:
+    """One uvicorn worker per two CPU cores this process may use, 1 to 4: the UI serves one person."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) // 2)) if hasattr(os, "sched_getaffinity") else 1
 
 
 def sticky_view(base: str, url: str) -> str:

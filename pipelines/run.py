@@ -168,8 +168,10 @@ def _log_model(s: Session, cfg, model, trainer) -> None:
 
     try:
         example = None
-        if models.kind_of(model) == "tensor" and trainer.val_dataloaders is not None:
-            example = next(iter(trainer.val_dataloaders))
+        # After trainer.test() the trainer holds no validation loader: ask the datamodule for one then.
+        loader = trainer.val_dataloaders or (trainer.datamodule.val_dataloader() if trainer.datamodule else None)
+        if models.kind_of(model) == "tensor" and loader is not None:
+            example = next(iter(loader))
         models.log_model(s.client, s.run_id, s.uri, model, best, cfg.register, example)
     except Exception as e:  # noqa: BLE001  (the run's results stand without their MLflow Model)
         if cfg.register:

@@ -1,3 +1,3 @@
-from server.stack import main
+from server.cli import main
 
 raise SystemExit(main())

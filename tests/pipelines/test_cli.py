@@ -1,9 +1,5 @@
 """Bad input through the real command line: a clear message, a non-zero exit, no traceback wall."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import yaml
 
@@ -54,29 +50,6 @@ def test_unwritable_tracking_folder(cfg, tmp_path, capsys):
 
 def test_unknown_command():
     assert main(["trian"]) == 2
-
-
-def test_ui_serves_the_store(tracking_uri):
-    import time
-    import urllib.request
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "ui", "--port", str(port), "--tracking_uri", tracking_uri],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    try:
-        assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
-        for _ in range(240):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    assert r.status == 200
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("the UI did not come up")
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(30)
 
 
 def test_print_config_shows_the_resolved_config(cfg, capsys):

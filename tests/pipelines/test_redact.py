@@ -1,7 +1,7 @@
 """tracking.redact: URL passwords and secret query values never reach what the pipeline logs.
 
 The end-to-end check (a run with user:password in --tracking_uri against the team server, then
-every param, tag, artifact and checkpoint searched) is in tests/server/test_stack.py.
+every param, tag, artifact and checkpoint searched) is in tests/server/test_tracking.py.
 """
 
 import pytest

