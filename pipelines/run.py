@@ -164,9 +164,15 @@ def _log_model(s: Session, cfg, model, trainer) -> None:
                               "(enable checkpointing)")
         return
     from pipelines import models
+    from pipelines.models_sklearn import ServesEstimator, log_estimator
 
     try:
         example = None
+        if isinstance(model, ServesEstimator) and model.fitted_estimator() is not None:
+            # a scikit-learn-API estimator: its library's own MLflow flavour, a few validation rows as example
+            rows = next(iter(trainer.val_dataloaders))[0][:5].numpy() if trainer.val_dataloaders is not None else None
+            log_estimator(s.client, s.run_id, s.uri, model.fitted_estimator(), cfg.register, rows)
+            return
         if models.kind_of(model) == "tensor" and trainer.val_dataloaders is not None:
             example = next(iter(trainer.val_dataloaders))
         models.log_model(s.client, s.run_id, s.uri, model, best, cfg.register, example)

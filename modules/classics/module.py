@@ -328,12 +328,23 @@ def _import_class(path: str, field: str) -> type:
     return cls
 
 
+# Packages whose classes a checkpoint's estimator may hold; skops rebuilds them from their state
+# (LightGBM and XGBoost keep their boosters as model text / JSON bytes), never by unpickling.
+TRUSTED_PACKAGES = ("sklearn.", "lightgbm.", "xgboost.")
+TRUSTED_TYPES = ("collections.OrderedDict",)
+
+
 class SklearnModule(_NumpyClassifierModule):
-    """A scikit-learn classifier fitted once on the training split, scored like the others.
+    """A scikit-learn-API classifier fitted once on the training split, scored like the others.
+
+    Any estimator with scikit-learn's `fit`/`predict` runs here: scikit-learn's own (logistic
+    regression, k-NN, SVC, random forest, HistGradientBoosting), LightGBM's `LGBMClassifier`,
+    XGBoost's `XGBClassifier`. The pipeline logs the fitted estimator as an MLflow Model in its
+    library's flavour (`fitted_estimator`, `pipelines.models_sklearn`).
 
     Args:
-        estimator: Class path, e.g. "sklearn.linear_model.LogisticRegression" or
-            "sklearn.neighbors.KNeighborsClassifier".
+        estimator: Class path, e.g. "sklearn.linear_model.LogisticRegression",
+            "sklearn.svm.SVC", "lightgbm.LGBMClassifier" or "xgboost.XGBClassifier".
         estimator_kwargs: Keyword arguments of the estimator.
         equivalent_lam: If set, C = 1 / (equivalent_lam * n_train) at fit time: the C that makes
             scikit-learn's objective C * sum(loss) + R(w) the same problem as the NumPy
@@ -409,15 +420,24 @@ class SklearnModule(_NumpyClassifierModule):
         full[:, classes] = logp
         return full
 
+    def fitted_estimator(self) -> Any | None:
+        """The fitted estimator, for the pipeline to log as an MLflow Model (None before fitting)."""
+        return self.estimator if self._fitted else None
+
     def _fitted_arrays(self) -> list[np.ndarray]:
         return [v for v in vars(self.estimator).values() if isinstance(v, np.ndarray)]
 
     def param_count(self) -> int:
+        # the estimator's own NumPy arrays (coefficients, support vectors); 0 for tree ensembles and
+        # boosters, which hold their nodes in native structures: their size is mem/params_bytes
         return sum(a.size for a in self._fitted_arrays()) if self._fitted else 0
 
     def memory_ledger(self) -> dict[str, int]:
-        # scikit-learn's working memory is not observable from outside; its fitted arrays are
-        stored = sum(a.nbytes for a in self._fitted_arrays()) if self._fitted else 0
+        # the working memory of `fit` is not observable from outside; the fitted model's size is,
+        # as the bytes of its skops serialisation (trees and boosters included)
+        import skops.io
+
+        stored = len(skops.io.dumps(self.estimator)) if self._fitted else 0
         return {"params_bytes": stored, "grads_bytes": 0, "optimizer_bytes": 0, "activations_bytes": 0}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -429,8 +449,8 @@ class SklearnModule(_NumpyClassifierModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The fitted estimator, read with skops: never unpickled, so a crafted file cannot run code.
 
-        skops refuses every type outside its defaults unless trusted; only scikit-learn's own
-        classes are (a KD-tree, a distance metric), anything else is refused by name.
+        skops refuses every type outside its defaults unless trusted; only the classes of
+        scikit-learn, LightGBM and XGBoost are (`TRUSTED_PACKAGES`), anything else is refused by name.
         """
         state = checkpoint.get("classics")
         if state is None:
@@ -442,9 +462,9 @@ class SklearnModule(_NumpyClassifierModule):
 
         data = state["estimator_skops"]
         untrusted = skops.io.get_untrusted_types(data=data)
-        foreign = [t for t in untrusted if not t.startswith("sklearn.")]
+        foreign = [t for t in untrusted if not t.startswith(TRUSTED_PACKAGES) and t not in TRUSTED_TYPES]
         if foreign:
-            raise ValueError(f"the checkpoint's estimator holds types outside scikit-learn ({', '.join(foreign)}); "
-                             "it is refused because loading them could run code")
+            raise ValueError(f"the checkpoint's estimator holds types outside scikit-learn, LightGBM and XGBoost "
+                             f"({', '.join(foreign)}); it is refused because loading them could run code")
         self.estimator = skops.io.loads(data, trusted=untrusted)
         self._fitted = True
