@@ -21,7 +21,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from modules.classics.knn import KNNClassifier, KNNConfig
+from modules.classics.knn_fast import FastKNNClassifier, FastKNNConfig
 from modules.classics.logreg import LogisticRegression, LogRegConfig
 
 _EPS = np.finfo(np.float64).eps
@@ -254,7 +254,7 @@ class LogisticRegressionModule(_NumpyClassifierModule):
 
 
 class KNNModule(_NumpyClassifierModule):
-    """NumPy k-NN: the training epoch stores the training split, validation/test predict.
+    """NumPy k-NN (the fast path, `knn_fast`): the training epoch stores the training split, validation/test predict.
 
     Run it for one epoch (`trainer.max_epochs: 1`); a new epoch stores the split anew.
 
@@ -269,7 +269,7 @@ class KNNModule(_NumpyClassifierModule):
     def __init__(self, k: int = 5, weights: str = "uniform", block_size: int = 512, n_jobs: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.core = KNNClassifier(KNNConfig(k=k, weights=weights, block_size=block_size, n_jobs=n_jobs))
+        self.core = FastKNNClassifier(FastKNNConfig(k=k, weights=weights, block_size=block_size, n_jobs=n_jobs))
         self._n_classes: int | None = None
 
     def setup(self, stage: str) -> None:
