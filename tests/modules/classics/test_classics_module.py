@@ -127,6 +127,7 @@ print(",".join(map(str, np.asarray(mlflow.pyfunc.load_model(sys.argv[2]).predict
 """
 
 
+@pytest.mark.slow  # logs an MLflow Model and starts a fresh Python: ~15 s alone, more on a busy machine
 def test_a_tree_model_is_logged_in_its_flavour_and_loads_in_a_fresh_process(tracking_uri):
     import subprocess
     import sys
@@ -150,6 +151,24 @@ def test_a_tree_model_is_logged_in_its_flavour_and_loads_in_a_fresh_process(trac
     native = np.array(native.split(","), dtype=int)
     np.testing.assert_array_equal(native, np.array(served.split(","), dtype=float).astype(int))
     assert np.mean(native == yte) == pytest.approx(res.metrics["test/acc"], abs=1e-6)  # the run's own model (float32 metric)
+
+
+def test_converge_solver_fits_the_whole_split_once_to_tolerance():
+    """solver="converge" in the module gives the core's own `fit` on the training split, whatever the batches."""
+    from modules.classics.logreg import LogisticRegression, LogRegConfig
+
+    dm = TabularDataModule("wine", batch_size=32)
+    model = LogisticRegressionModule(solver="converge", lam=1e-3, tol=1e-7)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(model, dm)
+    X, y = dm.splits["train"]
+    ref = LogisticRegression(LogRegConfig(X.shape[1], 3, lam=1e-3))
+    n_iter = ref.fit(X, y, tol=1e-7)
+    np.testing.assert_allclose(model.core.W, ref.W, atol=1e-9)  # the batches came shuffled: sums round differently
+    assert trainer.callback_metrics["classics/n_iter"] == n_iter
+    assert trainer.global_step == int(np.ceil(len(y) / 32))  # one counted (no-op optimizer) step per batch
+    with pytest.raises(ValueError, match="solver"):
+        LogisticRegressionModule(solver="newton")
 
 
 def test_sklearn_equivalent_lam_sets_c_from_the_training_size():
