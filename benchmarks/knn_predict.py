@@ -1,4 +1,4 @@
-"""NumPy k-NN predict time against scikit-learn's brute-force KNeighborsClassifier, one process.
+"""NumPy k-NN predict time (modules/classics/knn_fast.py) against scikit-learn's brute-force KNeighborsClassifier, one process.
 
 Run from the repository root (by hand, not part of the tests):
 
@@ -37,7 +37,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from datamodules.tabular import TabularDataModule
-from modules.classics.knn import KNNClassifier, KNNConfig
+from modules.classics.knn_fast import FastKNNClassifier, FastKNNConfig
 
 
 def best_of(fns: dict[str, callable], repeats: int, block: int = 5, pause_s: float = 0.3) -> dict[str, float]:
@@ -83,7 +83,7 @@ def main() -> None:
             for threads in ("default", "1"):
                 # default: one worker thread per CPU (n_jobs=None); "1": n_jobs=1 and every
                 # thread pool (BLAS, OpenMP) limited to one thread
-                ours = KNNClassifier(KNNConfig(k=args.k, weights=weights, n_jobs=1 if threads == "1" else None))
+                ours = FastKNNClassifier(FastKNNConfig(k=args.k, weights=weights, n_jobs=1 if threads == "1" else None))
                 ours.fit(Xtr, ytr)
                 if not np.array_equal(ours.predict(Xte), theirs.predict(Xte)):
                     raise SystemExit(f"{name}/{weights}: predictions differ from scikit-learn's")

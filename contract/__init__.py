@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["CountsSamples", "CountsTokens", "Fingerprinted", "ImageSampler", "MemoryLedger", "OptionalTestSplit",
-           "ParamCount", "TextGenerator", "TransformersExport", "MODULE_HOOKS", "DATAMODULE_HOOKS", "HOOKS", "claims"]
+           "ParamCount", "ServesEstimator", "TextGenerator", "TransformersExport", "MODULE_HOOKS", "DATAMODULE_HOOKS", "HOOKS", "claims"]
 
 
 # --- datamodules ------------------------------------------------------------------------------------
@@ -159,7 +159,22 @@ class TransformersExport(Protocol):
         ...
 
 
-MODULE_HOOKS = (CountsTokens, CountsSamples, MemoryLedger, ParamCount, TextGenerator, ImageSampler, TransformersExport)
+@runtime_checkable
+class ServesEstimator(Protocol):
+    """A module whose fitted model is a scikit-learn-API estimator (scikit-learn, LightGBM, XGBoost)."""
+
+    def fitted_estimator(self) -> Any | None:
+        """The fitted estimator, or None before fit.
+
+        Called after fit and test (`pipelines.run`); a non-None result is logged as the run's MLflow
+        Model in its library's own flavour (`pipelines.models_sklearn.log_estimator`) instead of the
+        checkpoint pyfunc.
+        """
+        ...
+
+
+MODULE_HOOKS = (CountsTokens, CountsSamples, MemoryLedger, ParamCount, TextGenerator, ImageSampler, TransformersExport,
+                ServesEstimator)
 DATAMODULE_HOOKS = (Fingerprinted, OptionalTestSplit)
 HOOKS = MODULE_HOOKS + DATAMODULE_HOOKS
 

@@ -93,6 +93,7 @@ class ResourceMonitor(Callback):
     What a module may add is in `contract`: `CountsTokens` (then ``perf/tokens_per_s`` is logged),
     `CountsSamples`; a module whose core is not torch (the NumPy classics) is a `MemoryLedger` with the
     byte counts of its own arrays and a `ParamCount`.
+    ``perf/predict_time_s`` is the wall time of the last validation's batches (sanity check excluded).
 
     Args:
         warmup_steps: leading steps left out of timing (allocator warm-up, lazy init, compile).
@@ -119,6 +120,7 @@ class ResourceMonitor(Callback):
         # asked once per fit, not per batch (a runtime Protocol check walks the protocol's members)
         self._tokens = isinstance(pl_module, CountsTokens)
         self._samples = isinstance(pl_module, CountsSamples)
+        self._predict_s: float | None = None  # validation batches of the last (non-sanity) validation
         self._cuda = trainer.strategy.root_device.type == "cuda"
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
@@ -162,6 +164,22 @@ class ResourceMonitor(Callback):
             self._ledger["mem/optimizer_bytes"] = optimizer_bytes(trainer.optimizers)
         self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)
 
+    # -- prediction time: the validation batches of the last validation, one prediction each -----
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._val_s = 0.0
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._vt0 = time.perf_counter()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._cuda:
+            torch.cuda.synchronize(trainer.strategy.root_device)
+        self._val_s += time.perf_counter() - self._vt0
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._predict_s = self._val_s
+
     def _close_meter(self) -> None:
         if self._meter is not None:
             self._meter.__exit__(None, None, None)
@@ -189,6 +207,8 @@ class ResourceMonitor(Callback):
         else:
             m["mem/device_peak_allocated_bytes"] = m["mem/device_peak_reserved_bytes"] = 0
         m["time/fit_s"] = time.perf_counter() - self._fit_t0
+        if self._predict_s is not None:
+            m["perf/predict_time_s"] = self._predict_s
         # What the run was given: optimizer steps and the samples (tokens) its steps saw, a resumed run's
         # earlier fits included, summed over ranks, so a study can check its variants had equal budgets.
         m["budget/steps"] = trainer.global_step

@@ -18,7 +18,7 @@ from typing import Sequence
 import yaml
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from contract import Fingerprinted, OptionalTestSplit
+from contract import Fingerprinted, OptionalTestSplit, ServesEstimator
 from pipelines import console
 from pipelines import tracking as trk
 from pipelines.callbacks import pipeline_callbacks
@@ -165,11 +165,17 @@ def _log_model(s: Session, cfg, model, trainer) -> None:
                               "(enable checkpointing)")
         return
     from pipelines import models
+    from pipelines.models_sklearn import log_estimator
 
     try:
         example = None
         # After trainer.test() the trainer holds no validation loader: ask the datamodule for one then.
         loader = trainer.val_dataloaders or (trainer.datamodule.val_dataloader() if trainer.datamodule else None)
+        if isinstance(model, ServesEstimator) and model.fitted_estimator() is not None:
+            # a scikit-learn-API estimator: its library's own MLflow flavour, a few validation rows as example
+            rows = next(iter(loader))[0][:5].numpy() if loader is not None else None
+            log_estimator(s.client, s.run_id, s.uri, model.fitted_estimator(), cfg.register, rows)
+            return
         if models.kind_of(model) == "tensor" and loader is not None:
             example = next(iter(loader))
         models.log_model(s.client, s.run_id, s.uri, model, best, cfg.register, example)

@@ -35,6 +35,9 @@ A study is an experiment with a verdict (`pipelines.compare`, `pipelines.stats`)
     tune: {n_trials: 6, params: {model.init_args.lr: {low: 1.0e-4, high: 1.0e-2, log: true}}}
                                    # per variant, the same budget each (`pipelines.tune`); the seeded
                                    # runs then use the variant's best config
+    variants: {svm: {tune_params: {model.init_args.estimator_kwargs.C: {low: 0.1, high: 100, log: true}}}}
+                                   # a variant's own search space (families differ in what they
+                                   # tune); n_trials, metric and pruner stay the study's: the same budget
 
 `requires` (a name or a list; known: cuda, bitsandbytes) keeps a variant out of a study on
 machines that cannot run it, so one study file serves a laptop and a GPU node alike; skipped
@@ -117,6 +120,7 @@ class Study:
     equal_budget: bool = True
     quick: bool = False
     tune: Any = None  # pipelines.tune.TuneSpec
+    variant_tune: dict[str, Any] = field(default_factory=dict)  # a variant's own search space (`tune_params`)
     scatter: list[list[str]] = field(default_factory=list)
     path: Path | None = None
 
@@ -132,6 +136,7 @@ class Study:
         """
         v = dict(self.variants[name] or {})
         v.pop("requires", None)
+        v.pop("tune_params", None)
         base = (self.path.parent / v.pop("base")).resolve() if "base" in v else self.base
         if not base.is_file():
             raise ConfigError(f"study '{self.name}', variant '{name}': base config {base} does not exist")
@@ -166,6 +171,18 @@ def _tune_spec(raw: Any, path: Path):
     from pipelines.tune import TuneSpec
 
     return TuneSpec.from_dict(raw, f"study {path}, tune")
+
+
+def _variant_tune(raw: dict, path: Path) -> dict[str, Any]:
+    """Each variant's `tune_params` as the study's tune block with those params: the same budget."""
+    own = {n: v["tune_params"] for n, v in raw["variants"].items() if isinstance(v, dict) and "tune_params" in v}
+    if own and not isinstance(raw.get("tune"), dict):
+        raise ConfigError(f"study {path}: variant(s) {sorted(own)} set tune_params but the study has no tune: block "
+                          "(n_trials, metric) to give them a budget")
+    if own and "params" not in raw["tune"] and set(raw["variants"]) - set(own):
+        raise ConfigError(f"study {path}: tune has no params, so every variant needs tune_params; missing for "
+                          f"{sorted(set(raw['variants']) - set(own))}")
+    return {n: _tune_spec({**raw["tune"], "params": p}, path) for n, p in own.items()}
 
 
 def load_study(path: str | Path) -> Study:
@@ -233,7 +250,9 @@ def load_study(path: str | Path) -> Study:
         modes=modes,
         equal_budget=bool(raw.get("equal_budget", True)),
         quick=bool(raw.get("quick", False)),
-        tune=_tune_spec(raw.get("tune"), path),
+        # without study-wide params the block only sets the budget of the variants' own searches
+        tune=None if isinstance(raw.get("tune"), dict) and "params" not in raw["tune"] else _tune_spec(raw.get("tune"), path),
+        variant_tune=_variant_tune(raw, path),
         scatter=[[reported(k, raw.get("report", "val")) for k in p] for p in scatter],
         path=path.resolve(),
     )
@@ -311,12 +330,13 @@ def run_study(
         started = time.monotonic()
         try:
             config, vargs = study.variant_config(name, stage_runs)
-            if study.tune is not None and name not in tuned:  # the variant's search, once, before its seeds
-                tuned[name] = tune_variant(study.name, name, config, [*vargs, *args], study.tune, uri,
+            spec = study.variant_tune.get(name, study.tune)
+            if spec is not None and name not in tuned:  # the variant's search, once, before its seeds
+                tuned[name] = tune_variant(study.name, name, config, [*vargs, *args], spec, uri,
                                            parent_run_id=parent, experiment=study.name, system_metrics=system_metrics,
-                                           progress=ProgressLine(bar, f"{name} tuning", study.tune.metric))
+                                           progress=ProgressLine(bar, f"{name} tuning", spec.metric))
                 bar.write(f"[{study.name}] {name}: tuned {tuned[name]['best_params']} "
-                          f"({study.tune.metric} {tuned[name]['best_value']:.4g}, {tuned[name]['n_trials']} trials)")
+                          f"({spec.metric} {tuned[name]['best_value']:.4g}, {tuned[name]['n_trials']} trials)")
                 started = time.monotonic()
             best = tuned[name]["best_params"] if name in tuned else {}
             if best:

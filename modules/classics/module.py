@@ -1,17 +1,14 @@
-"""Thin LightningModules around the NumPy cores and around scikit-learn, for one pipeline.
+"""Thin LightningModules around the NumPy cores and around scikit-learn-API estimators, for one pipeline.
 
 None of these modules owns a torch parameter. Lightning runs them under manual optimization
 with `configure_optimizers` returning None, which gives Lightning's no-op stand-in optimizer;
-each training batch is run as that optimizer's step closure, so `trainer.global_step`,
-`max_steps` and step-based logging count NumPy steps like any other step.
+each training batch's NumPy work runs as that optimizer's step closure (`_counted_step`), so
+`trainer.global_step`, `max_steps` and step-based logging count NumPy steps like any other step.
 
 Timing keys: `perf/fit_time_s` is the wall time spent fitting (all gradient steps, or storing
-the training set, or scikit-learn's `fit`), `perf/predict_time_s` the time to predict the
-whole validation split at the last validation: for each batch the fastest of `TIMING_REPEATS`
-identical calls (as `timeit` does), summed over the batches. A single call also times one-off
-costs (fresh buffers faulting in, thread pools waking) that made the same predict read 5 ms in
-one run and 15 ms in the next. Every validation predicts that many times, which costs
-milliseconds at these sizes.
+the training set, or the estimator's `fit`), logged here; `perf/predict_time_s`, the time to
+predict the validation split at the last validation, is measured for every project by the
+pipeline's resource callback around the validation batches, one prediction per batch.
 """
 
 from __future__ import annotations
@@ -24,8 +21,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from contract import MemoryLedger, ParamCount
-from modules.classics.knn import KNNClassifier, KNNConfig
+from contract import MemoryLedger, ParamCount, ServesEstimator
+from modules.classics.knn_fast import FastKNNClassifier, FastKNNConfig
 from modules.classics.logreg import LogisticRegression, LogRegConfig
 
 _EPS = np.finfo(np.float64).eps
@@ -45,13 +42,10 @@ def _train_size(trainer: L.Trainer | None) -> int | None:
 class _NumpyClassifierModule(L.LightningModule):
     """What the classics share: NumPy batches, manual steps, timed and scored evaluation."""
 
-    TIMING_REPEATS = 3  # validation predicts per batch; the fastest is the one timed
-
     def __init__(self) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.fit_time_s = 0.0
-        self.predict_time_s = 0.0
         # fit-once models (KNN, scikit-learn) collect the training split here, then fit
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -65,13 +59,19 @@ class _NumpyClassifierModule(L.LightningModule):
         return to_np(x), to_np(y)
 
     def _counted_step(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` as the closure of the optimizer step so Lightning counts one step."""
+        """Run `fn`, the batch's NumPy work, as the closure of Lightning's optimizer step.
+
+        With `configure_optimizers` returning None, `self.optimizers()` is Lightning's no-op
+        `_MockOptimizer`: its `step(closure)` only calls the closure. Calling it anyway is what
+        makes Lightning count the batch as an optimizer step (`global_step`, `max_steps`,
+        step-based logging and checkpoints); the NumPy update itself happens inside `fn`.
+        """
         out: dict[str, Any] = {}
 
         def closure() -> None:
             out["value"] = fn()
 
-        self.optimizers().step(closure=closure)
+        self.optimizers().step(closure=closure)  # the no-op optimizer: runs closure(), nothing else
         return out.get("value")
 
     # ----- hooks the subclasses fill -------------------------------------------------
@@ -108,12 +108,7 @@ class _NumpyClassifierModule(L.LightningModule):
         if not self.fitted:
             return  # the sanity check runs before a fit-once model has seen data
         X, y = self._numpy(batch)
-        best = float("inf")
-        for _ in range(self.TIMING_REPEATS if stage == "val" else 1):
-            t = time.perf_counter()
-            pred, logp = self._predict(X)
-            best = min(best, time.perf_counter() - t)
-        self.predict_time_s += best
+        pred, logp = self._predict(X)
         n = len(y)
         self.log(f"{stage}/acc", float(np.mean(pred == y)), on_epoch=True, batch_size=n, sync_dist=True)
         if logp is not None:
@@ -125,14 +120,9 @@ class _NumpyClassifierModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._finish_fit()  # Lightning validates before on_train_epoch_end
-        self.predict_time_s = 0.0
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking and self.fitted:
-            self.log("perf/predict_time_s", self.predict_time_s)
 
     def on_train_epoch_end(self) -> None:
         self._finish_fit()
@@ -148,12 +138,21 @@ class _NumpyClassifierModule(L.LightningModule):
 
 
 class LogisticRegressionModule(_NumpyClassifierModule, MemoryLedger, ParamCount):
-    """NumPy logistic regression: one hand-derived gradient step per training batch.
+    """NumPy logistic regression, trained one of two ways (`solver`).
+
+    "sgd": one hand-derived gradient step at `lr` per training batch, for as many epochs as the
+    trainer runs (the textbook loop; its curve is `train/loss` per step).
+    "converge": fit once on the whole training split, as scikit-learn does: accelerated
+    proximal gradient until the largest gradient entry is <= `tol`, at most `max_iter`
+    iterations (`LogisticRegression.fit`; no step size to tune). Run it for one epoch.
 
     Args:
         penalty: "l2", "l1" (proximal step) or "none".
         lam: Penalty strength lambda; scikit-learn's equivalent is C = 1 / (lam * n_train).
-        lr: Gradient-descent step size.
+        lr: Gradient-descent step size of the "sgd" solver.
+        solver: "sgd" or "converge".
+        tol: Stopping tolerance of the "converge" solver (max |gradient|, scikit-learn's `tol`).
+        max_iter: Iteration cap of the "converge" solver; reaching it warns (ConvergenceWarning).
         n_features: Input dimension; None reads `num_features` from the datamodule.
         n_classes: Number of classes; None reads `num_classes` from the datamodule.
     """
@@ -163,6 +162,9 @@ class LogisticRegressionModule(_NumpyClassifierModule, MemoryLedger, ParamCount)
         penalty: str = "l2",
         lam: float = 1e-3,
         lr: float = 0.1,
+        solver: str = "sgd",
+        tol: float = 1e-6,
+        max_iter: int = 10_000,
         n_features: int | None = None,
         n_classes: int | None = None,
     ) -> None:
@@ -170,7 +172,12 @@ class LogisticRegressionModule(_NumpyClassifierModule, MemoryLedger, ParamCount)
         self.save_hyperparameters()
         # validate the hyper-parameters now; the sizes may only be known from the data
         LogRegConfig(n_features=n_features or 1, n_classes=n_classes or 2, penalty=penalty, lam=lam, lr=lr)
+        if solver not in ("sgd", "converge"):
+            raise ValueError(f"solver must be 'sgd' (a step per batch) or 'converge' (fit to tol), got {solver!r}")
+        if not tol > 0 or max_iter < 1:
+            raise ValueError(f"tol must be > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
         self.core: LogisticRegression | None = None
+        self._converged = False
 
     def setup(self, stage: str) -> None:
         if self.core is not None:
@@ -188,9 +195,12 @@ class LogisticRegressionModule(_NumpyClassifierModule, MemoryLedger, ParamCount)
 
     @property
     def fitted(self) -> bool:
-        return self.core is not None
+        return self.core is not None and (self.hparams.solver == "sgd" or self._converged)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
+        if self.hparams.solver == "converge":
+            self._collect(batch)
+            return
         X, y = self._numpy(batch)
         t = time.perf_counter()
         loss = self._counted_step(lambda: self.core.step(X, y))
@@ -198,9 +208,17 @@ class LogisticRegressionModule(_NumpyClassifierModule, MemoryLedger, ParamCount)
         self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=len(y))
         self.log("classics/objective", loss + self.core.penalty_value(), on_step=True, batch_size=len(y))
 
+    def _fit_pending(self, X: np.ndarray, y: np.ndarray) -> None:
+        self.core.fit(X, y, tol=self.hparams.tol, max_iter=self.hparams.max_iter)
+        self._converged = True
+        self._train_objective = (self.core.loss(X, y), self.core.objective(X, y))
+
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
         self.log("classics/weight_sparsity", float(np.mean(self.core.W == 0.0)))
+        if self.hparams.solver == "converge" and self._converged:
+            loss, objective = self._train_objective
+            self.log_dict({"train/loss": loss, "classics/objective": objective, "classics/n_iter": self.core.n_iter_})
 
     def _predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logp = self.core.log_proba(X)
@@ -233,10 +251,11 @@ class LogisticRegressionModule(_NumpyClassifierModule, MemoryLedger, ParamCount)
         s, h = checkpoint["classics"], self.hparams
         self.core = LogisticRegression(LogRegConfig(s["n_features"], s["n_classes"], h.penalty, h.lam, h.lr))
         self.core.W, self.core.b = s["W"].numpy().copy(), s["b"].numpy().copy()
+        self._converged = True
 
 
 class KNNModule(_NumpyClassifierModule, MemoryLedger, ParamCount):
-    """NumPy k-NN: the training epoch stores the training split, validation/test predict.
+    """NumPy k-NN (the fast path, `knn_fast`): the training epoch stores the training split, validation/test predict.
 
     Run it for one epoch (`trainer.max_epochs: 1`); a new epoch stores the split anew.
 
@@ -251,7 +270,7 @@ class KNNModule(_NumpyClassifierModule, MemoryLedger, ParamCount):
     def __init__(self, k: int = 5, weights: str = "uniform", block_size: int = 512, n_jobs: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.core = KNNClassifier(KNNConfig(k=k, weights=weights, block_size=block_size, n_jobs=n_jobs))
+        self.core = FastKNNClassifier(FastKNNConfig(k=k, weights=weights, block_size=block_size, n_jobs=n_jobs))
         self._n_classes: int | None = None
 
     def setup(self, stage: str) -> None:
@@ -310,12 +329,23 @@ def _import_class(path: str, field: str) -> type:
     return cls
 
 
-class SklearnModule(_NumpyClassifierModule, MemoryLedger, ParamCount):
-    """A scikit-learn classifier fitted once on the training split, scored like the others.
+# Packages whose classes a checkpoint's estimator may hold; skops rebuilds them from their state
+# (LightGBM and XGBoost keep their boosters as model text / JSON bytes), never by unpickling.
+TRUSTED_PACKAGES = ("sklearn.", "lightgbm.", "xgboost.")
+TRUSTED_TYPES = ("collections.OrderedDict",)
+
+
+class SklearnModule(_NumpyClassifierModule, MemoryLedger, ParamCount, ServesEstimator):
+    """A scikit-learn-API classifier fitted once on the training split, scored like the others.
+
+    Any estimator with scikit-learn's `fit`/`predict` runs here: scikit-learn's own (logistic
+    regression, k-NN, SVC, random forest, HistGradientBoosting), LightGBM's `LGBMClassifier`,
+    XGBoost's `XGBClassifier`. The pipeline logs the fitted estimator as an MLflow Model in its
+    library's flavour (`fitted_estimator`, `pipelines.models_sklearn`).
 
     Args:
-        estimator: Class path, e.g. "sklearn.linear_model.LogisticRegression" or
-            "sklearn.neighbors.KNeighborsClassifier".
+        estimator: Class path, e.g. "sklearn.linear_model.LogisticRegression",
+            "sklearn.svm.SVC", "lightgbm.LGBMClassifier" or "xgboost.XGBClassifier".
         estimator_kwargs: Keyword arguments of the estimator.
         equivalent_lam: If set, C = 1 / (equivalent_lam * n_train) at fit time: the C that makes
             scikit-learn's objective C * sum(loss) + R(w) the same problem as the NumPy
@@ -391,15 +421,24 @@ class SklearnModule(_NumpyClassifierModule, MemoryLedger, ParamCount):
         full[:, classes] = logp
         return full
 
+    def fitted_estimator(self) -> Any | None:
+        """The fitted estimator, for the pipeline to log as an MLflow Model (None before fitting)."""
+        return self.estimator if self._fitted else None
+
     def _fitted_arrays(self) -> list[np.ndarray]:
         return [v for v in vars(self.estimator).values() if isinstance(v, np.ndarray)]
 
     def param_count(self) -> int:
+        # the estimator's own NumPy arrays (coefficients, support vectors); 0 for tree ensembles and
+        # boosters, which hold their nodes in native structures: their size is mem/params_bytes
         return sum(a.size for a in self._fitted_arrays()) if self._fitted else 0
 
     def memory_ledger(self) -> dict[str, int]:
-        # scikit-learn's working memory is not observable from outside; its fitted arrays are
-        stored = sum(a.nbytes for a in self._fitted_arrays()) if self._fitted else 0
+        # the working memory of `fit` is not observable from outside; the fitted model's size is,
+        # as the bytes of its skops serialisation (trees and boosters included)
+        import skops.io
+
+        stored = len(skops.io.dumps(self.estimator)) if self._fitted else 0
         return {"params_bytes": stored, "grads_bytes": 0, "optimizer_bytes": 0, "activations_bytes": 0}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -411,8 +450,8 @@ class SklearnModule(_NumpyClassifierModule, MemoryLedger, ParamCount):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The fitted estimator, read with skops: never unpickled, so a crafted file cannot run code.
 
-        skops refuses every type outside its defaults unless trusted; only scikit-learn's own
-        classes are (a KD-tree, a distance metric), anything else is refused by name.
+        skops refuses every type outside its defaults unless trusted; only the classes of
+        scikit-learn, LightGBM and XGBoost are (`TRUSTED_PACKAGES`), anything else is refused by name.
         """
         state = checkpoint.get("classics")
         if state is None:
@@ -424,9 +463,9 @@ class SklearnModule(_NumpyClassifierModule, MemoryLedger, ParamCount):
 
         data = state["estimator_skops"]
         untrusted = skops.io.get_untrusted_types(data=data)
-        foreign = [t for t in untrusted if not t.startswith("sklearn.")]
+        foreign = [t for t in untrusted if not t.startswith(TRUSTED_PACKAGES) and t not in TRUSTED_TYPES]
         if foreign:
-            raise ValueError(f"the checkpoint's estimator holds types outside scikit-learn ({', '.join(foreign)}); "
-                             "it is refused because loading them could run code")
+            raise ValueError(f"the checkpoint's estimator holds types outside scikit-learn, LightGBM and XGBoost "
+                             f"({', '.join(foreign)}); it is refused because loading them could run code")
         self.estimator = skops.io.loads(data, trusted=untrusted)
         self._fitted = True

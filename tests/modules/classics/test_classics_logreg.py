@@ -1,11 +1,13 @@
 """NumPy logistic regression: hand gradient vs finite differences, L1 prox, parity with scikit-learn."""
 
+import warnings
+
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression as SkLogisticRegression
 
 from datamodules.tabular import TabularDataModule
-from modules.classics.logreg import LogisticRegression, LogRegConfig, logsumexp, soft_threshold
+from modules.classics.logreg import ConvergenceWarning, LogisticRegression, LogRegConfig, logsumexp, soft_threshold
 
 
 def _random_problem(n_classes: int, penalty: str, seed: int = 0):
@@ -119,7 +121,7 @@ def test_l1_converges_to_a_sparse_kkt_point():
     X, y = dm.splits["train"]
     lam = 0.05
     m = LogisticRegression(LogRegConfig(X.shape[1], 2, penalty="l1", lam=lam, lr=1.0))
-    m.fit(X, y, epochs=3000)  # full-batch ISTA
+    m.fit(X, y, tol=1e-8)  # accelerated proximal gradient (FISTA) to tolerance
     g, _, _ = m.gradient(X, y)  # penalty "l1": the gradient of the smooth part only
     nz = m.W != 0
     assert 0.2 < np.mean(~nz) < 1.0  # genuinely sparse, not all zero
@@ -127,26 +129,42 @@ def test_l1_converges_to_a_sparse_kkt_point():
     assert np.all(np.abs(g[~nz]) <= lam + 1e-6)
 
 
-@pytest.mark.parametrize(
-    "dataset, lam, epochs", [("digits", 1e-2, 1200), ("breast_cancer", 1e-2, 400)]
-)
-def test_test_accuracy_within_one_point_of_sklearn(dataset, lam, epochs):
+# Every bundled classification set, none of them tuned for: one lam, the default tol and max_iter.
+@pytest.mark.parametrize("dataset", ["breast_cancer", "wine", "iris", "diabetes", "digits"])
+@pytest.mark.parametrize("lam", [1e-2, 1e-4])
+def test_fit_reaches_sklearns_optimum_on_every_bundled_set(dataset, lam):
     dm = TabularDataModule(dataset, seed=0)
     dm.setup()
     (Xtr, ytr), (Xte, yte) = dm.splits["train"], dm.splits["test"]
-    n = len(ytr)
-    sk = SkLogisticRegression(C=1.0 / (lam * n), l1_ratio=0.0, max_iter=2000, tol=1e-8).fit(Xtr, ytr)
-    m = LogisticRegression(LogRegConfig(Xtr.shape[1], dm.num_classes, penalty="l2", lam=lam, lr=1.0))
-    m.fit(Xtr, ytr, epochs=epochs)  # full-batch gradient descent
-    ours, theirs = np.mean(m.predict(Xte) == yte), sk.score(Xte, yte)
-    assert abs(ours - theirs) <= 0.01, (ours, theirs)
-    # the same problem (C = 1/(lam n)): our objective reaches scikit-learn's optimum to 1e-5 relative,
-    # the README's figure (benchmarks/logreg_objective_gap.py: 8.8e-7 on digits after 1,200 epochs,
-    # 4.0e-5 after 600; 1.1e-6 on breast_cancer after 400)
+    sk = SkLogisticRegression(C=1.0 / (lam * len(ytr)), l1_ratio=0.0, max_iter=20_000, tol=1e-10).fit(Xtr, ytr)
+    m = LogisticRegression(LogRegConfig(Xtr.shape[1], dm.num_classes, penalty="l2", lam=lam))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)  # the stopping rule, not the cap, ends it
+        n_iter = m.fit(Xtr, ytr)
     ref = LogisticRegression(m.config)
     ref.W, ref.b = sk.coef_.T.copy(), sk.intercept_.copy()
-    assert m.objective(Xtr, ytr) == pytest.approx(ref.objective(Xtr, ytr), rel=1e-5)
-    assert m.objective(Xtr, ytr) >= ref.objective(Xtr, ytr) - 1e-6  # cannot beat the optimum
+    # the same problem (C = 1/(lam n)): within 1e-5 of scikit-learn's optimum, never below it by more
+    # than its own tolerance (benchmarks/logreg_objective_gap.py prints the gaps: 1e-11 to 4e-6)
+    ours, theirs = m.objective(Xtr, ytr), ref.objective(Xtr, ytr)
+    assert theirs - 1e-9 <= ours <= theirs * (1 + 1e-5), (ours, theirs)
+    assert np.max(np.abs(m.gradient(Xtr, ytr)[0])) <= 1e-6 and 1 < n_iter == m.n_iter_ < 10_000
+    assert abs(np.mean(m.predict(Xte) == yte) - sk.score(Xte, yte)) <= 1.5 / len(yte)  # one test row at most
+
+
+def test_fit_warns_when_max_iter_ends_it_and_a_warm_start_finishes():
+    dm = TabularDataModule("wine", seed=0)
+    dm.setup()
+    X, y = dm.splits["train"]
+    m = LogisticRegression(LogRegConfig(X.shape[1], 3, lam=1e-3))
+    with pytest.warns(ConvergenceWarning, match="max_iter=5"):
+        assert m.fit(X, y, max_iter=5) == 5
+    g5 = np.max(np.abs(m.gradient(X, y)[0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        m.fit(X, y, tol=1e-7)
+    assert np.max(np.abs(m.gradient(X, y)[0])) <= 1e-7 < g5
+    with pytest.raises(ValueError, match="tol"):
+        m.fit(X, y, tol=0.0)
 
 
 def test_minibatch_steps_lower_the_objective_and_count():
@@ -155,7 +173,7 @@ def test_minibatch_steps_lower_the_objective_and_count():
     X, y = dm.splits["train"]
     m = LogisticRegression(LogRegConfig(4, 3, lam=1e-3, lr=0.5))
     before = m.objective(X, y)
-    losses = m.fit(X, y, epochs=5, batch_size=16)
+    losses = m.fit_minibatch(X, y, epochs=5, batch_size=16)
     assert len(losses) == 5 * int(np.ceil(len(y) / 16))
     assert m.objective(X, y) < 0.5 * before
     assert m.param_count() == 4 * 3 + 3

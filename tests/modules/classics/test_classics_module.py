@@ -72,6 +72,9 @@ def test_pipeline_rejects_k_larger_than_the_training_set(tracking_uri):
     lambda: LogisticRegressionModule(penalty="l1", lam=1e-3, lr=0.5),
     lambda: KNNModule(k=3, weights="distance"),
     lambda: SklearnModule("sklearn.linear_model.LogisticRegression", {"max_iter": 500}, equivalent_lam=1e-2),
+    lambda: SklearnModule("lightgbm.LGBMClassifier", {"n_estimators": 5, "verbose": -1}),
+    lambda: SklearnModule("xgboost.XGBClassifier", {"n_estimators": 5}),
+    lambda: SklearnModule("sklearn.ensemble.RandomForestClassifier", {"n_estimators": 5}),
 ])
 def test_checkpoint_round_trip_predicts_the_same(module, tmp_path):
     dm = TabularDataModule("iris", batch_size=32)
@@ -83,7 +86,8 @@ def test_checkpoint_round_trip_predicts_the_same(module, tmp_path):
     X = dm.splits["test"][0]
     loaded = type(model).load_from_checkpoint(path, weights_only=True)
     np.testing.assert_array_equal(loaded._predict(X)[0], model._predict(X)[0])
-    assert loaded.param_count() == model.param_count() > 0
+    assert loaded.param_count() == model.param_count()
+    assert loaded.memory_ledger()["params_bytes"] == model.memory_ledger()["params_bytes"] > 0
 
 
 class Payload:
@@ -107,6 +111,64 @@ def test_sklearn_checkpoint_with_foreign_objects_is_refused(state, match, tmp_pa
     torch.save(ckpt, path)
     with pytest.raises(ValueError, match=match):
         SklearnModule.load_from_checkpoint(path, weights_only=True)
+
+
+LOAD_BACK = """
+import sys, numpy as np, mlflow, mlflow.lightgbm
+from datamodules.tabular import TabularDataModule
+mlflow.set_tracking_uri(sys.argv[1])
+dm = TabularDataModule("breast_cancer", batch_size=None, seed=0)
+dm.setup()
+X = dm.splits["test"][0]
+native = mlflow.lightgbm.load_model(sys.argv[2])
+print(type(native).__module__ + "." + type(native).__name__)
+print(",".join(map(str, native.predict(X))))
+print(",".join(map(str, np.asarray(mlflow.pyfunc.load_model(sys.argv[2]).predict(X)).ravel())))
+"""
+
+
+@pytest.mark.slow  # logs an MLflow Model and starts a fresh Python: ~15 s alone, more on a busy machine
+def test_a_tree_model_is_logged_in_its_flavour_and_loads_in_a_fresh_process(tracking_uri):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    res = run_experiment(ROOT / "configs" / "tabular" / "lightgbm.yaml",
+                         ["--log_model=true", "--model.init_args.estimator_kwargs.n_estimators=20", *QUIET], tracking_uri)
+    assert res.status == "FINISHED", res.error
+    tags = MlflowClient(tracking_uri).get_run(res.run_id).data.tags
+    assert tags["practicum.model_flavour"] == "lightgbm" and "practicum.model_error" not in tags
+    dm = TabularDataModule("breast_cancer", batch_size=None, seed=0)
+    dm.setup()
+    (Xtr, ytr), (Xte, yte) = dm.splits["train"], dm.splits["test"]
+    out = subprocess.run([sys.executable, "-c", LOAD_BACK, tracking_uri, f"runs:/{res.run_id}/model"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    cls, native, served = out.stdout.strip().splitlines()[-3:]
+    assert cls == "lightgbm.sklearn.LGBMClassifier"
+    native = np.array(native.split(","), dtype=int)
+    np.testing.assert_array_equal(native, np.array(served.split(","), dtype=float).astype(int))
+    assert np.mean(native == yte) == pytest.approx(res.metrics["test/acc"], abs=1e-6)  # the run's own model (float32 metric)
+
+
+def test_converge_solver_fits_the_whole_split_once_to_tolerance():
+    """solver="converge" in the module gives the core's own `fit` on the training split, whatever the batches."""
+    from modules.classics.logreg import LogisticRegression, LogRegConfig
+
+    dm = TabularDataModule("wine", batch_size=32)
+    model = LogisticRegressionModule(solver="converge", lam=1e-3, tol=1e-7)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(model, dm)
+    X, y = dm.splits["train"]
+    ref = LogisticRegression(LogRegConfig(X.shape[1], 3, lam=1e-3))
+    n_iter = ref.fit(X, y, tol=1e-7)
+    np.testing.assert_allclose(model.core.W, ref.W, atol=1e-9)  # the batches came shuffled: sums round differently
+    assert trainer.callback_metrics["classics/n_iter"] == n_iter
+    assert trainer.global_step == int(np.ceil(len(y) / 32))  # one counted (no-op optimizer) step per batch
+    with pytest.raises(ValueError, match="solver"):
+        LogisticRegressionModule(solver="newton")
 
 
 def test_sklearn_equivalent_lam_sets_c_from_the_training_size():
