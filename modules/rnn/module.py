@@ -2,23 +2,23 @@
 
 Same datamodule, tokenizer, metric keys (train/loss, val/loss, val/ppl, test/...), schedule and
 sampling interface (`generate_text`, so `practicum generate RUN_ID` works) as the mini-GPT's
-`GPTModule`. What differs is the state: with `carry_state` each training batch starts from the
-state the previous batch ended in, detached, which is truncated backpropagation through time
-(Williams & Peng 1990; k1 = k2 = block_size) over ShakespeareDataModule(train_stream="contiguous").
+`GPTModule`, whose methods for those it borrows. What differs is the state: with `carry_state`
+each training batch starts from the state the previous batch ended in, detached, which is
+truncated backpropagation through time (Williams & Peng 1990; k1 = k2 = block_size) over
+ShakespeareDataModule(train_stream="contiguous").
 Evaluation starts every window from zeros, so the RNN and the transformer are scored on the same
 context: the tokens of the window.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from datamodules.tokenizers import Tokenizer, tokenizer_from_state
-from modules.gpt.module import cosine_lr
+from datamodules.tokenizers import Tokenizer
+from modules.artifacts import log_text
+from modules.gpt.module import GPTModule
 from modules.rnn.model import CharRNN, CharRNNConfig, State
 
 
@@ -43,6 +43,7 @@ class CharRNNModule(L.LightningModule):
         lr_decay_steps: int | None = None,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.99),
+        fused: bool | None = None,
         sample_prompt: str = "\n",
         sample_tokens: int = 200,
         sample_temperature: float = 0.8,
@@ -61,6 +62,7 @@ class CharRNNModule(L.LightningModule):
                 lr_decay_steps None means trainer.max_steps.
             weight_decay: AdamW decay of the weight matrices (not of biases).
             betas: AdamW betas.
+            fused: Fused AdamW kernel; None uses it on CUDA only.
             sample_prompt, sample_tokens, sample_temperature, sample_top_k, sample_seed: the text
                 sample logged at each validation (sample_tokens 0: none).
         """
@@ -107,13 +109,13 @@ class CharRNNModule(L.LightningModule):
         logits, loss, _ = self.model(idx, targets)
         return logits, loss
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.tokenizer is not None:
-            checkpoint["tokenizer"] = self.tokenizer.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "tokenizer" in checkpoint:
-            self.tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
+    # the GPT's: the tokenizer travels in the checkpoint; one AdamW (decay on matrices) on its cosine schedule
+    on_save_checkpoint = GPTModule.on_save_checkpoint
+    on_load_checkpoint = GPTModule.on_load_checkpoint
+    configure_optimizers = GPTModule.configure_optimizers
+    _log_score = GPTModule._log_score
+    # and its sampling: CharRNN.generate takes GPT.generate's arguments
+    generate_text = GPTModule.generate_text
 
     # -- training --------------------------------------------------------------------------
     def tokens_per_batch(self, batch) -> int:
@@ -130,32 +132,11 @@ class CharRNNModule(L.LightningModule):
             self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        params = list(self.model.parameters())
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        decay_steps = hp.lr_decay_steps
-        if decay_steps is None:
-            decay_steps = self.trainer.max_steps if self._trainer is not None else -1
-            if decay_steps is None or decay_steps < 0:
-                raise ValueError("set lr_decay_steps or trainer.max_steps: the cosine schedule needs an end")
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: cosine_lr(s, hp.lr, hp.min_lr, hp.warmup_steps, decay_steps) / hp.lr)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
     # -- evaluation ------------------------------------------------------------------------
     def _score(self, batch, metric: MeanMetric) -> None:
         x, y = batch
         _, loss, _ = self.model(x, y)
         metric.update(loss, weight=x.size(0))
-
-    def _log_score(self, split: str, metric: MeanMetric) -> None:
-        loss = metric.compute()
-        metric.reset()
-        self.log(f"{split}/loss", loss)
-        self.log(f"{split}/ppl", torch.exp(loss))
 
     def validation_step(self, batch, batch_idx):
         self._score(batch, self.val_loss)
@@ -166,8 +147,6 @@ class CharRNNModule(L.LightningModule):
         if self.trainer.sanity_checking or hp.sample_tokens <= 0 or self.tokenizer is None:
             return
         if self.trainer.is_global_zero:
-            from modules.artifacts import log_text
-
             text = self.generate_text(hp.sample_prompt, hp.sample_tokens, hp.sample_temperature, hp.sample_top_k,
                                       hp.sample_seed)
             log_text(self.loggers, text, f"samples/step_{self.global_step:06d}.txt")
@@ -177,24 +156,3 @@ class CharRNNModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_score("test", self.test_loss)
-
-    # -- sampling --------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate_text(
-        self, prompt: str, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, seed: int = 0
-    ) -> str:
-        """Prompt plus max_new_tokens sampled tokens, decoded; same seed, same text."""
-        if self.tokenizer is None or self.model is None:
-            raise RuntimeError("no tokenizer/model: load a checkpoint saved by a fit, or call trainer.fit first")
-        ids = self.tokenizer.encode(prompt or "\n")
-        if not ids:
-            raise ValueError(f"prompt {prompt!r} encodes to no tokens; give a non-empty prompt")
-        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out = self.model.generate(idx, max_new_tokens, temperature, top_k, generator=g)
-        finally:
-            self.model.train(was_training)
-        return self.tokenizer.decode(out[0].tolist())
