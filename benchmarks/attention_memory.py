@@ -3,7 +3,7 @@
 Run from the repository root (by hand, not part of the tests):
 
     python benchmarks/attention_memory.py                       # CPU sweep, T = 64 .. 4096
-    python benchmarks/attention_memory.py --device cuda         # CUDA: math vs flash vs mem-efficient (bf16)
+    python benchmarks/attention_memory.py --device cuda         # CUDA: explicit vs mem-efficient vs flash (bf16)
 
 The mini-GPT's own attention functions (`modules.gpt.attention`: `attention_reference`, the explicit
 path, and `attention_sdpa`) on q, k, v of its CPU preset's shape (n_head 4, head size 32; batch 1 so
@@ -55,8 +55,7 @@ def attend(kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
         return attention_sdpa(q, k, v)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-               "math": SDPBackend.MATH}[kind]
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}[kind]
     with sdpa_kernel([backend]):
         return attention_sdpa(q, k, v)
 
@@ -97,7 +96,7 @@ def measure(kind: str, t: int, args, device: str = "cpu") -> dict:
         sync(device)
         times.append(time.perf_counter() - t0)
     el = torch.empty((), dtype=dtype).element_size()
-    formula = (reference_saved_bytes if kind in ("explicit", "math") else flash_saved_bytes)(
+    formula = (reference_saved_bytes if kind == "explicit" else flash_saved_bytes)(
         args.batch, args.n_head, t, args.head_size, el)
     return {"kind": kind, "T": t, "ledger_bytes": meter.bytes, "formula_bytes": formula, "peak_bytes": peak,
             "step_s": statistics.median(times), "kernel": kernel, "device": device, "dtype": str(dtype)}
@@ -130,7 +129,7 @@ def cpu_sweep(args) -> list[dict]:
 def cuda_sweep(args) -> list[dict]:
     rows = []
     for t in args.lengths:
-        for kind in ("math", "efficient", "flash"):
+        for kind in ("explicit", "efficient", "flash"):
             try:
                 rows.append(measure(kind, t, args, "cuda"))
             except (RuntimeError, torch.OutOfMemoryError) as e:  # a kernel this GPU or shape lacks, or OOM

@@ -4,7 +4,7 @@
 # 1. mini-GPT GPU preset throughput: fp32 vs bf16 vs bf16 + torch.compile (300 steps each)
 # 2. device peak memory of full vs LoRA vs QLoRA fine-tuning on the embedded mini-GPT base
 # 3. FSDP on one GPU (the fsdp preset), with a sharded checkpoint and a resume from it
-# 4. what FlashAttention saves: the mini-GPT's attention at T = 64..4096 as explicit math vs the
+# 4. what FlashAttention saves: the mini-GPT's attention at T = 64..4096 written out (explicit) vs the
 #    memory-efficient vs the flash SDPA kernel, bf16 (benchmarks/attention_memory.py --device cuda:
 #    ledger, device peak, ms per forward + backward, fitted log-log slopes; figure attention_memory_cuda.png beside OUT)
 # FULL=1 also trains the GPU preset for its 5000 steps (val loss target <= 1.48).
@@ -59,6 +59,6 @@ for r in runs:
 open(out, "w").write("\n".join(lines) + "\n")
 att = os.path.join(os.path.dirname(gpu), "attention.md")
 if os.path.isfile(att) and os.path.getsize(att):
-    open(out, "a").write("\n## Attention memory: explicit math vs memory-efficient vs flash (bf16)\n\n" + open(att).read())
+    open(out, "a").write("\n## Attention memory: explicit vs memory-efficient vs flash (bf16)\n\n" + open(att).read())
 print("\n".join(lines))
 PY
