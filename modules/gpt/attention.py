@@ -131,6 +131,20 @@ def attention_sdpa(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, **gqa)
 
 
+def reference_saved_bytes(batch: int, n_head: int, t: int, head_size: int, element_size: int = 4) -> int:
+    """Bytes `attention_reference` (causal, no window, ALiBi, dropout or GQA) saves for backward:
+    the softmax output P (B, nh, T, T), which both softmax's and P @ V's backward read; the boolean
+    causal mask (T, T) of `masked_fill`; and q, k, v for the two matmuls. Quadratic in T."""
+    return element_size * batch * n_head * t * t + t * t + 3 * element_size * batch * n_head * t * head_size
+
+
+def flash_saved_bytes(batch: int, n_head: int, t: int, head_size: int, element_size: int = 4) -> int:
+    """Bytes a fused SDPA kernel (FlashAttention, CPU flash, memory-efficient) saves for backward:
+    q, k, v, the output and the fp32 row log-sum-exp (B, nh, T), from which backward recomputes P
+    block by block (Dao et al. 2022, Algorithm 4). Linear in T."""
+    return 4 * element_size * batch * n_head * t * head_size + 4 * batch * n_head * t
+
+
 # -- positions -------------------------------------------------------------------------------
 
 
