@@ -29,7 +29,7 @@ from modules.artifacts import log_text
 from modules.finetune.model import logits_of, sample
 from modules.finetune.module import FinetuneModule
 
-BEST_OF_BY = ("true", "proxy")
+BEST_OF_BY = ("gold", "proxy")
 
 
 class PolicyModule(FinetuneModule):
@@ -39,7 +39,7 @@ class PolicyModule(FinetuneModule):
         method: str = "full",
         reward_model: str | None = None,
         best_of: int = 1,
-        best_of_by: str = "true",
+        best_of_by: str = "gold",
         eval_samples: int = 2,
         sample_batch_size: int = 512,
         export: bool = False,
@@ -57,7 +57,7 @@ class PolicyModule(FinetuneModule):
             best_of: At evaluation, keep the best of this many draws per sample (best-of-n
                 sampling; 1: plain sampling). With no training steps this is the best-of-n
                 baseline of the supervised model.
-            best_of_by: "true" (the data module's reward picks: an oracle) or "proxy" (the reward model).
+            best_of_by: "gold" (the data module's reward picks: an oracle) or "proxy" (the reward model).
             eval_samples: Completions sampled per held-out prompt for `kl` and the rewards.
             sample_batch_size: Sequences generated (and scored) at once.
             export: Save and log the trained model after fit (see `FinetuneModule`).
@@ -106,6 +106,13 @@ class PolicyModule(FinetuneModule):
 
     def _logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return sequence_logps(logits_of(model, batch["input_ids"], batch.get("attention_mask")), batch["labels"])
+
+    # evaluation is the sampling at the end of the epoch: batches of prompts need no step (DPO scores its pairs)
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        pass
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        pass
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
@@ -209,7 +216,7 @@ class PolicyModule(FinetuneModule):
 
     def gold_scores(self, completions: list[list[int]]) -> torch.Tensor | None:
         """The data module's programmatic reward (VADER) of each decoded completion, (N,); None without one."""
-        reward = getattr(getattr(self.trainer, "datamodule", None), "reward", None)
+        reward = getattr(getattr(self._trainer, "datamodule", None), "reward", None)
         if reward is None:
             return None
         skip = {"skip_special_tokens": True} if self.kind == "hf" else {}
