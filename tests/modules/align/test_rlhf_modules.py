@@ -92,7 +92,7 @@ def test_rloo_trains_against_the_true_reward(sft_ckpt):
 
 @pytest.mark.parametrize("cls, kwargs, match", [
     (PPOModule, {}, "reward='proxy' optimises the learned reward model"),
-    (PPOModule, {"reward": "gold"}, "reward must be one of"),
+    (PPOModule, {"reward": "true"}, "reward must be one of"),
     (PPOModule, {"reward": "gold", "target_kl": 0}, "target_kl must be > 0"),
     (PPOModule, {"reward": "gold", "kl_estimator": "k9"}, "kl_estimator must be one of"),
     (RLOOModule, {"reward": "gold", "k": 1}, "k must be >= 2"),
