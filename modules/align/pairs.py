@@ -9,7 +9,7 @@ scores, to the run's artifact ``pairs/pairs.jsonl``. `PreferenceDataModule` read
 (``runs:/<run id>/pairs/pairs.jsonl``); no datamodule samples from the model it feeds.
 
 Logged: `pairs/<split>` (pairs with a reward gap, ties excluded) and `pairs/mean_gap` (the mean
-score gap of the training pairs).
+score gap over every training prompt, a tie counting 0).
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ PAIRS_ARTIFACT = "pairs/pairs.jsonl"
 
 class PairSampler(PolicyModule):
     def __init__(self, backbone: str | None = None, samples_per_prompt: int = 4, temperature: float = 1.0,
-                 seed: int = 0, **kwargs: Any):
+                 sample_seed: int = 0, **kwargs: Any):
         """Sample, label and write preference pairs when the fit starts (run it with max_steps 0).
 
         Args:
             backbone: The supervised model to sample from (``runs:/<run id>`` of the SFT run).
             samples_per_prompt: Continuations per prompt (>= 2); the best and the worst make the pair.
             temperature: Sampling temperature of the continuations.
-            seed: Seed of the samples.
+            sample_seed: Seed of the samples.
             **kwargs: The other `PolicyModule` arguments (sample_batch_size, ...).
         """
         super().__init__(backbone=backbone, **kwargs)
@@ -57,7 +57,7 @@ class PairSampler(PolicyModule):
         h, rows = self.hparams, []
         for i, (split, prompts) in enumerate(dm.prompts.items()):
             samples = self.sample_completions(prompts, h.samples_per_prompt, dm.max_new_tokens, h.temperature,
-                                              seed=h.seed * 1000 + i, reference=True)
+                                              seed=h.sample_seed * 1000 + i, reference=True)
             scores = dm.reward([c for cs in samples for c in cs])
             rows += [{"split": split, **r} for r in best_and_worst(prompts, samples, scores)]
         return rows

@@ -3,7 +3,7 @@
 Both are `PolicyModule`s (`policy.py`: backbones, the frozen reference, the frozen reward model,
 evaluation) that train on batches of prompts (`datamodules.preference.PromptDataModule`). A
 training step samples answers from the policy (temperature 1), scores them with the reward the
-module optimises (`reward="proxy"`: the learned reward model, as in RLHF; `reward="gold"`: the
+module optimises (`reward_signal="proxy"`: the learned reward model, as in RLHF; `"gold"`: the
 data module's VADER score, an oracle upper line) and takes policy-gradient steps:
 
 - `PPOModule`: one answer per prompt; per-token rewards (the KL penalty at every token, the score
@@ -61,14 +61,14 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 class OnPolicyModule(PolicyModule):
     """What PPO and RLOO share: the reward they optimise, rollouts, per-token log-probs, logging."""
 
-    def __init__(self, backbone: str | None = None, reward: str = "proxy", kl_coef: float = 0.05,
-                 kl_estimator: str = "k1", max_new_tokens: int | None = None, **kwargs: Any):
+    def __init__(self, backbone: str | None = None, reward_signal: str = "proxy", kl_coef: float = 0.05,
+                 kl_estimator: str = "k1", rollout_tokens: int | None = None, **kwargs: Any):
         super().__init__(backbone=backbone, **kwargs)
-        if reward not in REWARDS:
-            raise ValueError(f"{type(self).__name__}.reward must be one of {REWARDS}, got {reward!r}")
-        if reward == "proxy" and self.reward_model_path is None:
-            raise ValueError(f"{type(self).__name__}.reward='proxy' optimises the learned reward model: set "
-                             "reward_model (the reward stage's runs:/<run id>/reward/model.ckpt), or reward='gold'")
+        if reward_signal not in REWARDS:
+            raise ValueError(f"{type(self).__name__}.reward_signal must be one of {REWARDS}, got {reward_signal!r}")
+        if reward_signal == "proxy" and self.reward_model_path is None:
+            raise ValueError(f"{type(self).__name__}.reward_signal='proxy' optimises the learned reward model: set "
+                             "reward_model (the reward stage's runs:/<run id>/reward/model.ckpt), or reward_signal='gold'")
         if kl_coef < 0:
             raise ValueError(f"{type(self).__name__}.kl_coef must be >= 0, got {kl_coef}")
         if kl_estimator not in KL_ESTIMATORS:
@@ -77,9 +77,9 @@ class OnPolicyModule(PolicyModule):
 
     def _new_tokens(self) -> int:
         dm = getattr(self._trainer, "datamodule", None)
-        n = self.hparams.max_new_tokens or getattr(dm, "max_new_tokens", None)
+        n = self.hparams.rollout_tokens or getattr(dm, "max_new_tokens", None)
         if n is None:
-            raise ValueError(f"{type(self).__name__}: set max_new_tokens (or use a data module that has one)")
+            raise ValueError(f"{type(self).__name__}: set rollout_tokens (or use a data module with max_new_tokens)")
         return n
 
     @torch.no_grad()
@@ -96,9 +96,9 @@ class OnPolicyModule(PolicyModule):
             ref_logps, mask = token_logps(logits_of(ref, batch["input_ids"], batch["attention_mask"]), batch["labels"])
         gold = self.gold_scores(flat)
         proxy = self.proxy_scores(flat_prompts, flat) if self.reward_model is not None else None
-        score = proxy if self.hparams.reward == "proxy" else gold
+        score = proxy if self.hparams.reward_signal == "proxy" else gold
         if score is None:
-            raise ValueError(f"{type(self).__name__}.reward='gold' scores with the data module's reward, and it has "
+            raise ValueError(f"{type(self).__name__}.reward_signal='gold' scores with the data module's reward, and it has "
                              "none: set data.init_args.reward (e.g. vader)")
         return {**batch, "mask": mask, "ref_logps": ref_logps, "score": score.float().to(self.device),
                 "gold": gold, "proxy": proxy}
@@ -133,7 +133,7 @@ class PPOModule(OnPolicyModule):
     def __init__(
         self,
         backbone: str | None = None,
-        reward: str = "proxy",
+        reward_signal: str = "proxy",
         kl_coef: float = 0.05,
         target_kl: float | None = None,
         kl_horizon: int = 10_000,
@@ -147,14 +147,14 @@ class PPOModule(OnPolicyModule):
         lam: float = 0.95,
         whiten_advantages: bool = True,
         max_grad_norm: float = 1.0,
-        max_new_tokens: int | None = None,
+        rollout_tokens: int | None = None,
         **kwargs: Any,
     ):
         """PPO with a per-token KL penalty (InstructGPT's RLHF), a value head and GAE.
 
         Args:
             backbone: The supervised model (also pi_ref).
-            reward: "proxy" (the learned `reward_model`) or "gold" (the data module's reward: the oracle).
+            reward_signal: "proxy" (the learned `reward_model`) or "gold" (the data module's reward: the oracle).
             kl_coef: Weight of the per-token KL penalty (the initial value when `target_kl` is set).
             target_kl: Adaptive KL (Ziegler et al. 2019): kl_coef moves towards this sequence KL; None: fixed.
             kl_horizon: The adaptive controller's horizon, in answers.
@@ -169,11 +169,11 @@ class PPOModule(OnPolicyModule):
             whiten_advantages: Normalise advantages per batch.
             max_grad_norm: Gradient-norm clip per optimiser step (Lightning's own clipping is for
                 automatic optimisation).
-            max_new_tokens: Answer length of rollouts; None: the data module's.
+            rollout_tokens: Answer length of rollouts; None: the data module's `max_new_tokens`.
             **kwargs: `PolicyModule`'s arguments (reward_model, method, lr, eval_samples, ...).
         """
-        super().__init__(backbone=backbone, reward=reward, kl_coef=kl_coef, kl_estimator=kl_estimator,
-                         max_new_tokens=max_new_tokens, **kwargs)
+        super().__init__(backbone=backbone, reward_signal=reward_signal, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                         rollout_tokens=rollout_tokens, **kwargs)
         for name, value in (("ppo_epochs", ppo_epochs), ("minibatches", minibatches)):
             if value < 1:
                 raise ValueError(f"PPOModule.{name} must be >= 1, got {value}")
@@ -238,22 +238,22 @@ class PPOModule(OnPolicyModule):
 
 
 class RLOOModule(OnPolicyModule):
-    def __init__(self, backbone: str | None = None, reward: str = "proxy", kl_coef: float = 0.05, k: int = 4,
-                 epsilon: float = 0.2, normalize_advantages: bool = False, max_new_tokens: int | None = None,
+    def __init__(self, backbone: str | None = None, reward_signal: str = "proxy", kl_coef: float = 0.05, k: int = 4,
+                 epsilon: float = 0.2, normalize_advantages: bool = False, rollout_tokens: int | None = None,
                  **kwargs: Any):
         """REINFORCE leave-one-out (Ahmadian et al. 2024), TRL's `RLOOTrainer` objective.
 
         Args:
             backbone: The supervised model (also pi_ref).
-            reward: "proxy" (the learned `reward_model`) or "gold" (the data module's reward: the oracle).
+            reward_signal: "proxy" (the learned `reward_model`) or "gold" (the data module's reward: the oracle).
             kl_coef: TRL's beta: the sequence reward is score - beta * sum_t log pi / pi_ref.
             k: Answers per prompt (TRL's num_generations), >= 2.
             epsilon: Clip of the sequence ratio (inactive on-policy: one step per batch).
             normalize_advantages: Whiten the advantages per batch (TRL's `normalize_advantages`).
-            max_new_tokens: Answer length of rollouts; None: the data module's.
+            rollout_tokens: Answer length of rollouts; None: the data module's `max_new_tokens`.
             **kwargs: `PolicyModule`'s arguments (reward_model, method, lr, eval_samples, ...).
         """
-        super().__init__(backbone=backbone, reward=reward, kl_coef=kl_coef, max_new_tokens=max_new_tokens, **kwargs)
+        super().__init__(backbone=backbone, reward_signal=reward_signal, kl_coef=kl_coef, rollout_tokens=rollout_tokens, **kwargs)
         if k < 2:
             raise ValueError(f"RLOOModule.k must be >= 2 (the leave-one-out baseline needs another answer), got {k}")
 

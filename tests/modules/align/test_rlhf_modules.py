@@ -60,7 +60,7 @@ def test_written_reward_model_scores_as_the_trained_one(reward_fit, sft_pairs):
 def test_ppo_kl_is_zero_at_initialisation_then_trains_logging_gold_proxy_and_kl(sft_ckpt, reward_fit):
     torch.manual_seed(0)
     module = PPOModule(backbone=sft_ckpt, reward_model=str(reward_fit[3]), lr=3e-3, target_kl=0.5, kl_horizon=50,
-                       eval_samples=2, max_new_tokens=12)
+                       eval_samples=2, rollout_tokens=12)
     module.configure_model()
     roll = module.rollout(["To be or ", "My lord "], 2)
     old, _ = module.logps_and_values(roll)
@@ -79,11 +79,14 @@ def test_ppo_kl_is_zero_at_initialisation_then_trains_logging_gold_proxy_and_kl(
     assert m["val/kl"] != 0
 
 
-def test_rloo_trains_against_the_true_reward(sft_ckpt):
+def test_rloo_trains_against_the_true_reward(sft_ckpt, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
     torch.manual_seed(0)
-    module = RLOOModule(backbone=sft_ckpt, reward="gold", k=4, lr=3e-3, eval_samples=1)
+    module = RLOOModule(backbone=sft_ckpt, reward_signal="gold", k=4, lr=3e-3, eval_samples=1)
+    # a logger merges the module's and the data module's hyper-parameters: no name may clash
     trainer = quiet_trainer(max_steps=2, val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-                            log_every_n_steps=1)
+                            log_every_n_steps=1, logger=CSVLogger(tmp_path))
     trainer.fit(module, datamodule=prompts())
     m = metrics_of(trainer)
     assert {"train/loss", "train/true_reward", "train/kl", "val/kl", "val/true_reward"} <= set(m)
@@ -91,12 +94,12 @@ def test_rloo_trains_against_the_true_reward(sft_ckpt):
 
 
 @pytest.mark.parametrize("cls, kwargs, match", [
-    (PPOModule, {}, "reward='proxy' optimises the learned reward model"),
-    (PPOModule, {"reward": "true"}, "reward must be one of"),
-    (PPOModule, {"reward": "gold", "target_kl": 0}, "target_kl must be > 0"),
-    (PPOModule, {"reward": "gold", "kl_estimator": "k9"}, "kl_estimator must be one of"),
-    (RLOOModule, {"reward": "gold", "k": 1}, "k must be >= 2"),
-    (RLOOModule, {"reward": "gold", "best_of_by": "proxy"}, "set reward_model"),
+    (PPOModule, {}, "reward_signal='proxy' optimises the learned reward model"),
+    (PPOModule, {"reward_signal": "true"}, "reward_signal must be one of"),
+    (PPOModule, {"reward_signal": "gold", "target_kl": 0}, "target_kl must be > 0"),
+    (PPOModule, {"reward_signal": "gold", "kl_estimator": "k9"}, "kl_estimator must be one of"),
+    (RLOOModule, {"reward_signal": "gold", "k": 1}, "k must be >= 2"),
+    (RLOOModule, {"reward_signal": "gold", "best_of_by": "proxy"}, "set reward_model"),
     (RewardModule, {"calibration_bins": 1}, "calibration_bins must be >= 2"),
 ])
 def test_bad_arguments_get_clear_errors(cls, kwargs, match):
