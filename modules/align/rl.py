@@ -103,6 +103,12 @@ class OnPolicyModule(PolicyModule):
         return {**batch, "mask": mask, "ref_logps": ref_logps, "score": score.float().to(self.device),
                 "gold": gold, "proxy": proxy}
 
+    samples_per_prompt = 1
+
+    def tokens_per_batch(self, batch: list[str]) -> int:
+        """Answer tokens generated for a batch of prompts (what the throughput counts here)."""
+        return len(batch) * self.samples_per_prompt * self._new_tokens()
+
     def _log_rollout(self, roll: dict[str, Any], kl: torch.Tensor, extra: dict[str, Any]) -> None:
         metrics = {"kl": kl.mean(), **extra}
         if roll["gold"] is not None:
@@ -256,6 +262,7 @@ class RLOOModule(OnPolicyModule):
         super().__init__(backbone=backbone, reward_signal=reward_signal, kl_coef=kl_coef, rollout_tokens=rollout_tokens, **kwargs)
         if k < 2:
             raise ValueError(f"RLOOModule.k must be >= 2 (the leave-one-out baseline needs another answer), got {k}")
+        self.samples_per_prompt = k
 
     def training_step(self, batch: list[str], batch_idx: int) -> torch.Tensor:
         h = self.hparams

@@ -91,6 +91,7 @@ def test_rloo_trains_against_the_true_reward(sft_ckpt, tmp_path):
     m = metrics_of(trainer)
     assert {"train/loss", "train/true_reward", "train/kl", "val/kl", "val/true_reward"} <= set(m)
     assert "train/proxy_reward" not in m and m["val/kl"] != 0
+    assert module.tokens_per_batch(["a ", "b "]) == 2 * 4 * 12  # prompts x k answers x answer tokens
 
 
 @pytest.mark.parametrize("cls, kwargs, match", [
