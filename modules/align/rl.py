@@ -297,6 +297,7 @@ def overoptimisation_figure(points: list[dict[str, float]], title: str):
     ax.set_ylabel("proxy reward", color="C0")
     ax2.set_ylabel("gold reward", color="C1")
     ax.set_title(f"{title}: reward over-optimisation")
-    fig.legend(loc="lower right", fontsize=8)
+    ax.legend(ax.get_lines() + ax2.get_lines(), [line.get_label() for line in ax.get_lines() + ax2.get_lines()],
+              loc="upper left", fontsize=7)
     fig.tight_layout()
     return fig
