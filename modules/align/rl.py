@@ -38,7 +38,6 @@ from modules.align.ppo import (
     AdaptiveKLController,
     clipped_surrogate,
     gae,
-    masked_mean,
     per_token_kl,
     token_rewards,
     value_loss,
