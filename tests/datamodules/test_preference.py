@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from datamodules.preference import PreferenceDataModule, PromptDataModule, VaderReward, best_and_worst
 from datamodules.tokenizers import ByteTokenizer
