@@ -19,8 +19,8 @@ download, is real human-written text, and is a domain far from the Shakespeare t
 mini-GPT is pretrained on (modern technical register, code fragments, grammar rules), so
 fine-tuning on it measures real adaptation rather than more of the same distribution.
 
-Labels follow the Hugging Face convention: ``labels`` is aligned with ``input_ids`` (not
-shifted) and -100 marks positions that carry no loss; the model side shifts by one.
+Labels follow the Hugging Face convention (`datamodules.text`): ``labels`` is aligned with
+``input_ids`` (not shifted) and -100 marks positions that carry no loss; the model side shifts by one.
 """
 
 from __future__ import annotations
@@ -36,11 +36,19 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from contract import Fingerprinted, OptionalTestSplit
+from datamodules.text import (
+    IGNORE_INDEX,
+    TABLE_SUFFIXES,
+    BorrowedTokenizer,
+    PadCollator,
+    check_holdout,
+    load_hf_dataset,
+    read_table,
+    split_holdout,
+)
 from datamodules.tokenizers import encode, special_ids
 
-IGNORE_INDEX = -100
 PYTHON_DOCS = "python-docs"
-TABULAR_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 
 # Stanford Alpaca's two prompts (with and without an "input" field), the de-facto default
@@ -77,24 +85,6 @@ class TokenDataset(Dataset):
         return self.examples[i]
 
 
-class PadCollator:
-    """Right-pads a batch to its longest example: input_ids with `pad_id`, labels with -100."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, batch: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        t = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), t), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), t), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), t), dtype=torch.long)
-        for i, (ids, lab) in enumerate(batch):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            attention_mask[i, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
 def pack(examples: list[tuple[list[int], list[int]]], length: int) -> list[tuple[list[int], list[int]]]:
     """Concatenate examples and cut into blocks of `length`; the last block may be shorter (the
     collator pads it). Labels travel with their tokens, so prompt masking survives packing."""
@@ -103,7 +93,7 @@ def pack(examples: list[tuple[list[int], list[int]]], length: int) -> list[tuple
     return [(ids[i : i + length], lab[i : i + length]) for i in range(0, len(ids), length)]
 
 
-class InstructDataModule(LightningDataModule, Fingerprinted, OptionalTestSplit):
+class InstructDataModule(BorrowedTokenizer, LightningDataModule, Fingerprinted, OptionalTestSplit):
     def __init__(
         self,
         source: str = PYTHON_DOCS,
@@ -143,9 +133,9 @@ class InstructDataModule(LightningDataModule, Fingerprinted, OptionalTestSplit):
             val_fraction: Share held out for validation (records in instruct mode, the tail of
                 the shuffled token stream in text mode).
             test_fraction: Share held out as a test split that nothing selects on (0: none, and
-                the pipeline does not test). It is the end of the validation share (records in
-                instruct mode, the tail of the token stream in text mode), so it must be below
-                val_fraction, and training data are the same as without it.
+                the pipeline does not test), cut from the end of the validation share (records in
+                instruct mode, the tail of the token stream in text mode): below val_fraction, and
+                training data are the same as without it (`datamodules.text`).
             max_records: Use at most this many records / documents (after the seeded shuffle).
             batch_size: Examples per batch.
             num_workers: DataLoader workers.
@@ -161,13 +151,7 @@ class InstructDataModule(LightningDataModule, Fingerprinted, OptionalTestSplit):
             raise ValueError(f"InstructDataModule.mode must be 'instruct' or 'text', got {mode!r}")
         if max_length < 2:
             raise ValueError(f"InstructDataModule.max_length must be >= 2 (one input, one target), got {max_length}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"InstructDataModule.val_fraction must be in (0, 1), got {val_fraction}")
-        if not 0.0 <= test_fraction < val_fraction:
-            raise ValueError(
-                f"InstructDataModule.test_fraction must be in [0, val_fraction={val_fraction}): the test share is cut "
-                f"from the validation share, which must keep some data; got {test_fraction}"
-            )
+        check_holdout("InstructDataModule", val_fraction, test_fraction)
         if batch_size < 1:
             raise ValueError(f"InstructDataModule.batch_size must be >= 1, got {batch_size}")
         if max_records is not None and max_records < 2:
@@ -195,7 +179,6 @@ class InstructDataModule(LightningDataModule, Fingerprinted, OptionalTestSplit):
         self.seed = seed
         self.tokenizer_name = tokenizer
         self.hf_split = hf_split
-        self._tokenizer: Any = None
         self.dropped = 0  # instruct examples whose prompt left no room for a target
         self.train_set: TokenDataset | None = None
         self.val_set: TokenDataset | None = None
@@ -208,7 +191,7 @@ class InstructDataModule(LightningDataModule, Fingerprinted, OptionalTestSplit):
         if self.source == PYTHON_DOCS:
             return
         path = Path(self.source)
-        looks_local = path.suffix in TABULAR_SUFFIXES + TEXT_SUFFIXES or self.source.startswith((".", "/", "~"))
+        looks_local = path.suffix in TABLE_SUFFIXES + TEXT_SUFFIXES or self.source.startswith((".", "/", "~"))
         if looks_local and not path.expanduser().exists():
             raise FileNotFoundError(
                 f"InstructDataModule.source {self.source!r} does not exist; give a .jsonl/.json/.csv/"
@@ -235,32 +218,14 @@ class InstructDataModule(LightningDataModule, Fingerprinted, OptionalTestSplit):
         if path.is_file():
             if path.suffix in TEXT_SUFFIXES:
                 return [path.read_text(encoding="utf-8", errors="replace")]
-            import pandas as pd
-
-            readers = {
-                ".jsonl": lambda p: pd.read_json(p, lines=True),
-                ".json": pd.read_json,
-                ".csv": pd.read_csv,
-                ".parquet": pd.read_parquet,
-            }
-            if path.suffix not in readers:
-                raise ValueError(f"InstructDataModule.source {path}: unknown file type {path.suffix!r}")
-            frame = readers[path.suffix](path)
-            return frame.to_dict(orient="records")
+            return read_table(path, "InstructDataModule")
         return list(self._hf_dataset())
 
     def _is_hf_dataset(self) -> bool:
         return self.source != PYTHON_DOCS and not Path(self.source).expanduser().exists()
 
     def _hf_dataset(self):
-        try:
-            import datasets
-        except ImportError:
-            raise ImportError(
-                f"InstructDataModule.source {self.source!r} is neither a file nor {PYTHON_DOCS!r}, so it is read "
-                "as a Hugging Face dataset name, which needs `pip install datasets` (and the network)"
-            ) from None
-        return datasets.load_dataset(self.source, split=self.hf_split)
+        return load_hf_dataset(self.source, self.hf_split, "InstructDataModule")
 
     def prepare_data(self) -> None:
         # Lightning runs this on one process per node while the others wait: hub downloads land
@@ -273,27 +238,6 @@ class InstructDataModule(LightningDataModule, Fingerprinted, OptionalTestSplit):
             AutoTokenizer.from_pretrained(self.tokenizer_name)
 
     # ----------------------------------------------------------------- tokenisation
-
-    def set_tokenizer(self, tokenizer: Any) -> None:
-        """Use this tokenizer object (HF or the mini-GPT's) instead of resolving one in setup."""
-        self._tokenizer = tokenizer
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            if self.tokenizer_name is not None:
-                from transformers import AutoTokenizer
-
-                self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
-            else:
-                module = self.trainer.lightning_module if self.trainer is not None else None
-                self._tokenizer = getattr(module, "tokenizer", None)
-            if self._tokenizer is None:
-                raise ValueError(
-                    "InstructDataModule has no tokenizer: pass tokenizer='<HF id or folder>', call "
-                    "set_tokenizer(tok), or train a LightningModule that has a `tokenizer` attribute"
-                )
-        return self._tokenizer
 
     def _prompt(self, record: dict[str, Any]) -> str:
         values = {}
@@ -374,12 +318,8 @@ class InstructDataModule(LightningDataModule, Fingerprinted, OptionalTestSplit):
         else:
             if isinstance(records[0], str):
                 raise ValueError(f"InstructDataModule.source {self.source!r} is plain text: set mode='text'")
-            n_val = max(1, int(round(len(records) * self.val_fraction)))
-            # the last n_test records of the validation share; none when test_fraction is 0
-            n_test = max(1, int(round(len(records) * self.test_fraction))) if self.test_fraction > 0 else 0
-            train = self._instruct_examples(records[:-n_val])
-            val = self._instruct_examples(records[len(records) - n_val : len(records) - n_test]) if n_val > n_test else []
-            test = self._instruct_examples(records[len(records) - n_test :]) if n_test else []
+            train, val, test = (self._instruct_examples(part) if part else []
+                                for part in split_holdout(records, self.val_fraction, self.test_fraction))
             if self.packing:
                 train, val, test = (pack(d, self.max_length) for d in (train, val, test))
         if not train or not val or (self.test_fraction > 0 and not test):

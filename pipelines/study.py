@@ -143,8 +143,12 @@ class Study:
         merged = {k: _fill_stages(val, stage_runs) for k, val in {**self.overrides, **v}.items()}
         return base, to_cli_args(merged)
 
-    def stage_config(self, name: str, extra: Sequence[str] = ()) -> tuple[Path, list[str], str]:
+    def stage_config(self, name: str, extra: Sequence[str] = (),
+                     stage_runs: dict[str, str] | None = None) -> tuple[Path, list[str], str]:
         """(config file, CLI overrides, digest) of a stage; the digest identifies a reusable run.
+
+        ``{stages.NAME}`` names an earlier stage's run (`stage_runs`): its id enters the digest, so a
+        rerun earlier stage gives a new run of this one.
 
         `extra` are the study's command-line overrides that reach stages: every one but those of
         ``--model.`` and ``--data.``, which name the variants' classes, not the stage's.
@@ -152,7 +156,8 @@ class Study:
         stage = self.stages[name]
         config = (self.path.parent / stage["config"]).resolve()
         extra = [a for a in extra if not a.startswith(("--model.", "--data."))]
-        args = [*to_cli_args(stage.get("overrides") or {}), *extra]
+        overrides = {k: _fill_stages(v, stage_runs) for k, v in (stage.get("overrides") or {}).items()}
+        args = [*to_cli_args(overrides), *extra]
         import torch
 
         digest = hashlib.sha256("\n".join([config.read_text(), *args, torch.__version__]).encode()).hexdigest()[:16]
@@ -209,12 +214,15 @@ def load_study(path: str | Path) -> Study:
         except ConfigError as e:
             raise ConfigError(f"study {path}, variant '{name}': {e}") from None
     stages = raw.get("stages") or {}
-    for name, stage in stages.items():
+    for i, (name, stage) in enumerate(stages.items()):
         if not isinstance(stage, dict) or set(stage) - {"config", "overrides"} or "config" not in stage:
             raise ConfigError(f"study {path}, stage '{name}': give {{config: FILE, overrides: {{...}}}}")
         if not (path.parent / stage["config"]).is_file():
             raise ConfigError(f"study {path}, stage '{name}': config {(path.parent / stage['config']).resolve()} "
                               "does not exist")
+        if set(STAGE_REF.findall(json.dumps(stage.get("overrides")))) - set(list(stages)[:i]):
+            raise ConfigError(f"study {path}, stage '{name}': {{stages.X}} may name only the stages before it, "
+                              f"{list(stages)[:i]}")
     seeds = raw.get("seeds", [None])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) for x in seeds if x is not None) \
             or len(set(seeds)) != len(seeds):
@@ -381,7 +389,7 @@ def run_stages(study: Study, client, exp_id: str, parent: str, uri: str, args: S
 
     runs: dict[str, str] = {}
     for name in study.stages:
-        config, sargs, digest = study.stage_config(name, args)
+        config, sargs, digest = study.stage_config(name, args, runs)
         found = client.search_runs(
             [exp_id], f"tags.`{trk.TAG_ROLE}` = 'stage' and tags.`practicum.stage_digest` = '{digest}' "
                       "and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)

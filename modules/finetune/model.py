@@ -21,10 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from datamodules.text import IGNORE_INDEX
 from modules.gpt.model import GPT
 
 METHODS = ("full", "lora", "qlora")
-IGNORE_INDEX = -100
 # Every nn.Linear inside the mini-GPT's blocks: attention qkv and output projections, MLP up and
 # down projections ("c_proj" matches both attn.c_proj and mlp.c_proj: PEFT matches name suffixes).
 # lm_head is left out like PEFT's "all-linear" leaves out the output layer; here it is also tied

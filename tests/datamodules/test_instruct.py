@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from datamodules.instruct import ALPACA_NO_INPUT, IGNORE_INDEX, InstructDataModule, python_docs
+from datamodules.instruct import ALPACA_NO_INPUT, InstructDataModule, python_docs
+from datamodules.text import IGNORE_INDEX
 from datamodules.tokenizers import ByteTokenizer
 
 RECORDS = [

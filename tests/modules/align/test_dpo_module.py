@@ -10,15 +10,15 @@ import torch
 
 from modules.align.module import DPOModule
 from tests.helpers import quiet_trainer
-from tests.modules.align.conftest import preference_data
+from tests.modules.align.conftest import preference_data, sample_pairs
 
 
 def metrics_of(trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
-def test_untrained_policy_scores_log_two_zero_rewards_and_zero_kl(sft_ckpt, tmp_path):
-    module, dm = DPOModule(backbone=sft_ckpt, eval_samples=2), preference_data(tmp_path)
+def test_untrained_policy_scores_log_two_zero_rewards_and_zero_kl(sft_ckpt, sft_pairs):
+    module, dm = DPOModule(backbone=sft_ckpt, eval_samples=2), preference_data(sft_pairs)
     trainer = quiet_trainer()
     trainer.validate(module, datamodule=dm, verbose=False)
     m = metrics_of(trainer)
@@ -26,24 +26,24 @@ def test_untrained_policy_scores_log_two_zero_rewards_and_zero_kl(sft_ckpt, tmp_
     for key in ("val/rewards/chosen", "val/rewards/rejected", "val/rewards/margins", "val/kl"):
         assert m[key] == 0.0, key
     assert -1 <= m["val/true_reward"] <= 1
-    assert dm.pairs_file.is_file() and len(dm.records["train"]) > 8  # pairs were sampled and labelled
+    assert len(dm.records["train"]) > 8 and len(dm.eval_prompts("val")) == 6  # pairs were sampled and labelled
 
 
-def test_best_of_n_kl_is_the_analytic_bound(sft_ckpt, tmp_path):
-    module, dm = DPOModule(backbone=sft_ckpt, best_of=4, eval_samples=1), preference_data(tmp_path)
+def test_best_of_n_kl_is_the_analytic_bound(sft_ckpt, sft_pairs):
+    module, dm = DPOModule(backbone=sft_ckpt, best_of=4, eval_samples=1), preference_data(sft_pairs)
     trainer = quiet_trainer()
     trainer.validate(module, datamodule=dm, verbose=False)
     assert metrics_of(trainer)["val/kl"] == pytest.approx(math.log(4) - 0.75)
 
 
 @pytest.fixture(scope="module")
-def fitted(sft_ckpt, tmp_path_factory):
+def fitted(sft_ckpt, sft_pairs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dpo-fit")
     torch.manual_seed(0)
     module = DPOModule(backbone=sft_ckpt, beta=0.1, lr=3e-3, eval_samples=2)
     trainer = quiet_trainer(max_steps=12, val_check_interval=12, check_val_every_n_epoch=None,
                             num_sanity_val_steps=0, log_every_n_steps=1, default_root_dir=tmp)
-    trainer.fit(module, datamodule=preference_data(tmp))
+    trainer.fit(module, datamodule=preference_data(sft_pairs))
     return module, trainer, tmp
 
 
@@ -77,10 +77,10 @@ def test_checkpoint_leaves_the_reference_out_and_rebuilds_it(fitted):
         assert torch.equal(p, q.cpu())
 
 
-def test_lora_reference_is_the_base_with_adapters_disabled(sft_ckpt, tmp_path):
+def test_lora_reference_is_the_base_with_adapters_disabled(sft_ckpt, sft_pairs):
     torch.manual_seed(0)
     module = DPOModule(backbone=sft_ckpt, method="lora", r=4, lora_dropout=0.0, lr=1e-2, eval_samples=1)
-    dm = preference_data(tmp_path)
+    dm = preference_data(sft_pairs)
     trainer = quiet_trainer(max_steps=4, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm)
     assert module.reference is None
@@ -96,7 +96,8 @@ def test_lora_reference_is_the_base_with_adapters_disabled(sft_ckpt, tmp_path):
 def test_hugging_face_model_with_lora(tiny_llama_dir, tmp_path):
     torch.manual_seed(0)
     module = DPOModule(backbone=str(tiny_llama_dir), method="lora", r=4, lr=1e-2, eval_samples=1)
-    dm = preference_data(tmp_path, n_prompts=16, n_eval_prompts=2, max_new_tokens=6, batch_size=4)
+    pairs = sample_pairs(str(tiny_llama_dir), tmp_path / "pairs.jsonl", n_prompts=16, n_eval_prompts=2, max_new_tokens=6)
+    dm = preference_data(pairs, n_eval_prompts=2, max_new_tokens=6, batch_size=4)
     trainer = quiet_trainer(max_steps=2, val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm)
     m = metrics_of(trainer)
