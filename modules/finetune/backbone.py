@@ -123,3 +123,16 @@ def load_hf(
         )
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+
+def require_cuda_4bit() -> None:
+    """QLoRA's 4-bit NF4 base needs bitsandbytes' CUDA kernels: say so before any loading."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "FinetuneModule.method='qlora' needs a CUDA GPU (bitsandbytes 4-bit NF4 kernels), and none "
+            "is available; use method='lora' on this machine (`practicum estimate` predicts QLoRA's memory here)"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ImportError("method='qlora' needs bitsandbytes: pip install 'practicum[qlora]'") from None
