@@ -136,3 +136,26 @@ def require_cuda_4bit() -> None:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ImportError("method='qlora' needs bitsandbytes: pip install 'practicum[qlora]'") from None
+
+
+def empty_base(arch: Any, dtype: str = "float32", attn_implementation: str | None = None,
+               device: str | torch.device = "meta") -> torch.nn.Module:
+    """A backbone's architecture without its weights (on the meta device), for the memory estimate.
+
+    `arch` is a Hugging Face config (or a folder / config.json holding one) or a mini-GPT
+    `GPTConfig`; the result is what `load_hf` or `load_minigpt` would give for those weights,
+    ready for `FinetuneModule.build`.
+    """
+    from modules.finetune.model import MiniGPTForCausalLM
+    from modules.gpt.model import GPT, GPTConfig
+
+    dt = torch_dtype("float32" if dtype == "auto" else dtype)
+    with torch.device(device):
+        if isinstance(arch, GPTConfig):
+            return MiniGPTForCausalLM(GPT(arch).to(dt))
+        from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+        cfg = arch if isinstance(arch, PretrainedConfig) else AutoConfig.from_pretrained(
+            str(Path(arch).parent if str(arch).endswith(".json") else arch))
+        kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        return AutoModelForCausalLM.from_config(cfg, dtype=dt, **kw)

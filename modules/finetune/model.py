@@ -59,6 +59,11 @@ class MiniGPTForCausalLM(nn.Module):
         return logits
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a PEFT wrapper (its adapter layers injected into it), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def logits_of(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T, V) logits of a Hugging Face causal LM, a PEFT wrapper or `MiniGPTForCausalLM`."""
     out = model(input_ids=input_ids, attention_mask=attention_mask)
@@ -171,7 +176,7 @@ def sample(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     # a PEFT wrapper injects its LoRA layers into the model it wraps, so sampling from that
     # inner model still applies the adapters
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = unwrap(model)
     if isinstance(core, MiniGPTForCausalLM):
         g = torch.Generator(device=input_ids.device).manual_seed(seed)
         out = core.gpt.generate(input_ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=g)
