@@ -34,9 +34,7 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, decay_s
                     min_ratio: float) -> dict[str, Any]:
     """`cosine_lr` on every parameter group of `optimizer`, stepped per optimizer step, as the
     `lr_scheduler` entry Lightning's `configure_optimizers` returns. The peak is each group's
-    `lr`; the floor is min_ratio of it."""
-    if decay_steps < warmup_steps:
-        raise ValueError(f"the cosine must end (decay_steps={decay_steps}) at or after the warm-up ({warmup_steps})")
+    `lr`; the floor is min_ratio of it. A run shorter than its warm-up never leaves it."""
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_lr(s, 1.0, min_ratio, warmup_steps, decay_steps)
     )
