@@ -14,6 +14,7 @@ a run of its own, then fine-tunes it).
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -107,12 +108,21 @@ def load_hf(
     quantize_4bit: bool = False,
     trust_remote_code: bool = False,
 ) -> torch.nn.Module:
-    """AutoModelForCausalLM from a folder or hub id; 4-bit NF4 for QLoRA."""
-    from transformers import AutoModelForCausalLM
+    """AutoModelForCausalLM from a folder or hub id; 4-bit NF4 for QLoRA.
+
+    A folder with a config.json and no weight files is an architecture to start from random
+    weights (set by the seed): configs/finetune/arch/tiny-llama, pretrained by a study stage.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    folder = Path(source)
+    if folder.is_dir() and not any(p.suffix in (".safetensors", ".bin") for p in folder.iterdir()) and not quantize_4bit:
+        warnings.warn(f"backbone {source} holds an architecture and no weights: the model starts from random weights")
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code),
+                                                **kwargs)
     if quantize_4bit:
         from transformers import BitsAndBytesConfig
 

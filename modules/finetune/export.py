@@ -26,7 +26,8 @@ LOADER = "modules.finetune.load.load_for_generation"
 
 
 def export_and_log(module: Any, export_dir: str | None) -> dict[str, float]:
-    """Save the adapter (not for full fine-tuning) and the merged model, log both folders as
+    """Save the adapter (not for full fine-tuning) and the merged model (where the method's update
+    folds into the weights), log both folders as
     artifacts and their sizes as `disk/adapter_bytes` and `disk/full_checkpoint_bytes`.
 
     With `export_dir` None the folders live in a temporary directory, removed once logged.
@@ -34,13 +35,14 @@ def export_and_log(module: Any, export_dir: str | None) -> dict[str, float]:
     root = Path(export_dir) if export_dir else Path(tempfile.mkdtemp(prefix="finetune-export-"))
     try:
         metrics = {}
-        if module.method != "full":
+        if module.adapter is not None:
             save_adapter(module, root / "adapter")
             metrics["disk/adapter_bytes"] = float(weights_bytes(root / "adapter"))
             log_file(module.loggers, root / "adapter", "adapter")
-        save_merged(module, root / "merged")
-        metrics["disk/full_checkpoint_bytes"] = float(weights_bytes(root / "merged"))
-        log_file(module.loggers, root / "merged", "merged")
+        if module.spec.mergeable:  # a bottleneck, prefix or prompt does not fold into the weights
+            save_merged(module, root / "merged")
+            metrics["disk/full_checkpoint_bytes"] = float(weights_bytes(root / "merged"))
+            log_file(module.loggers, root / "merged", "merged")
         module._log_now(metrics)
         return metrics
     finally:
@@ -49,21 +51,16 @@ def export_and_log(module: Any, export_dir: str | None) -> dict[str, float]:
 
 
 def save_adapter(module: Any, folder: str | Path) -> Path:
-    """The trained adapter weights alone (PEFT format: adapter_config.json names the base)."""
-    if module.method == "full":
+    """The trained part alone, in its method's format (PEFT's; a bottleneck's own), naming its base."""
+    if module.adapter is None:
         raise ValueError("method='full' has no adapter; use save_merged")
     module.configure_model()
     folder = Path(folder)
-    _save_peft(module, folder)
+    module.spec.save(module.backbone, folder, module.kind == "hf")
     if module.kind == "hf":
         module.tokenizer.save_pretrained(folder)
-    write_loader_marker(folder)
+    write_loader_marker(folder, module.method)
     return folder
-
-
-def _save_peft(module: Any, folder: Path) -> None:
-    # the mini-GPT has no vocabulary config for PEFT to inspect; its embeddings are never adapted
-    module.backbone.save_pretrained(folder, save_embedding_layers="auto" if module.kind == "hf" else False)
 
 
 def save_merged(module: Any, folder: str | Path) -> Path:
@@ -72,30 +69,30 @@ def save_merged(module: Any, folder: str | Path) -> Path:
     The adapter is merged into a freshly loaded full-precision base rather than into the
     training copy, so a 4-bit QLoRA base is not merged lossily and training state is untouched.
     """
+    if not module.spec.mergeable:
+        raise ValueError(f"method={module.method!r} does not fold into the weights (no merged model); use save_adapter")
     module.configure_model()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if module.method == "full":
+    if module.adapter is None:
         model = module.backbone
     else:
-        from peft import PeftModel
-
         with tempfile.TemporaryDirectory() as tmp:
-            _save_peft(module, Path(tmp))
-            base = module._load_base(quantize=False)
-            model = PeftModel.from_pretrained(base, tmp).merge_and_unload()
+            module.spec.save(module.backbone, Path(tmp), module.kind == "hf")
+            model = module.spec.load(module._load_base(quantize=False), Path(tmp)).merge_and_unload()
     if module.kind == "hf":
         model.save_pretrained(folder)
         module.tokenizer.save_pretrained(folder)
     else:
         save_minigpt(model.gpt, module.tokenizer, folder / "model.ckpt")
-    write_loader_marker(folder)
+    write_loader_marker(folder, "full")
     return folder
 
 
-def write_loader_marker(folder: Path) -> None:
-    """practicum.json names the loader, so `practicum generate <folder>` finds it."""
-    (Path(folder) / "practicum.json").write_text(json.dumps({"loader": LOADER}) + "\n")
+def write_loader_marker(folder: Path, method: str) -> None:
+    """practicum.json names the loader, so `practicum generate <folder>` finds it, and the method
+    whose format the folder holds."""
+    (Path(folder) / "practicum.json").write_text(json.dumps({"loader": LOADER, "method": method}) + "\n")
 
 
 def save_minigpt(gpt: torch.nn.Module, tokenizer: Any, path: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from modules.finetune.methods import lookup
 from modules.finetune.module import FinetuneModule
 
 
@@ -20,16 +21,19 @@ def load_for_generation(path: str | Path, **overrides: Any) -> FinetuneModule:
     FinetuneModule Lightning checkpoint, or any backbone spec `FinetuneModule` accepts.
     """
     path = Path(path)
-    if (path / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    marker = path / "practicum.json"
+    # folders exported before the marker named a method hold LoRA (PEFT) adapters or merged models
+    method = json.loads(marker.read_text()).get("method", "lora") if marker.is_file() else "lora"
+    spec = lookup(method)
+    if (path / spec.config_file).exists():
+        base = json.loads((path / spec.config_file).read_text()).get("base_model_name_or_path")
         if not base:
-            raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path; cannot rebuild the base")
+            raise ValueError(f"{path}/{spec.config_file} names no base_model_name_or_path; cannot rebuild the base")
         module = FinetuneModule(backbone=base, method="full", export=False, **overrides)
         module.configure_model()
-        module.backbone = PeftModel.from_pretrained(module.backbone, str(path))
-        module.method = "lora"
+        # the saved adapter, not a fresh one: its own config (rank, targets) comes from the folder
+        module.backbone = spec.load(module.backbone, path)
+        module.method, module.spec = method, spec
     elif path.is_file() and path.suffix == ".ckpt" and is_finetune_checkpoint(path):
         # load_from_checkpoint builds the backbone (configure_model) before loading the state dict
         module = FinetuneModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, export=False,

@@ -35,6 +35,8 @@ OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "sgd_momentum")
 STRATEGIES = ("ddp", "fsdp", "deepspeed_stage_2", "deepspeed_stage_3")
 PRECISIONS = {"32": "32-true", "32-true": "32-true", "fp32": "32-true", "bf16-mixed": "bf16-mixed", "bf16-true": "bf16-true"}
 KEYS = ("params", "grads", "optimizer", "activations", "recompute")
+# methods whose layers `modules.finetune.activations` writes out, each checked against a measured step
+ACTIVATION_MODELS = ("full", "lora", "qlora", "dora", "ia3", "prefix", "adapter")
 
 
 # ---------------------------------------------------------------------------- closed-form pieces
@@ -189,6 +191,9 @@ def estimate(module: Any, arch: Any, precision: str = "32-true", batch_size: int
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     precision = PRECISIONS[precision]
+    if module.method not in ACTIVATION_MODELS:
+        raise ValueError(f"the estimate models the activations of {', '.join(ACTIVATION_MODELS)}; "
+                         f"method={module.method!r} is not among them")
     h = module.hparams
     if (module.kind == "hf") == isinstance(arch, GPTConfig):
         raise ValueError(f"the config's backbone is a {'Hugging Face model' if module.kind == 'hf' else 'mini-GPT'} "

@@ -1,11 +1,12 @@
-"""Causal-LM fine-tuning: full, LoRA or QLoRA, on a Hugging Face model or the mini-GPT.
+"""Causal-LM fine-tuning, fully or by a parameter-efficient method, on a Hugging Face model or the mini-GPT.
 
-The method is chosen when the module is built: `full` trains every weight; `lora` freezes
-the base and trains PEFT's low-rank adapters (optionally DoRA); `qlora` does the same over a
-4-bit NF4 base (bitsandbytes, CUDA only). Validation runs once before the first step
+The method is chosen when the module is built, from one table (`modules.finetune.methods`):
+`full` trains every weight; the others freeze the base and train their own small part (LoRA,
+QLoRA over a 4-bit NF4 base, DoRA, IA3, VeRA, LoHa, prefix and prompt tuning through PEFT, and
+Houlsby's bottleneck adapter by hand). Validation runs once before the first step
 (`val/loss_before`, `val/ppl_before`) and as usual afterwards (`val/loss`, `val/ppl`). After
-training, the adapter alone and the merged model are exported and logged as artifacts with
-their sizes on disk.
+training, the adapter alone and, where it folds into the weights, the merged model are exported
+and logged as artifacts with their sizes on disk (`modules.finetune.export`).
 
 Construction only checks and stores the arguments, so a config instantiates offline in
 milliseconds. The work waits for Lightning's hooks: `configure_model` loads the weights and wraps
@@ -32,15 +33,15 @@ from modules.finetune.backbone import (
     torch_dtype,
 )
 from modules.finetune.export import export_and_log, save_adapter, save_merged
+from modules.finetune.methods import MethodArgs, lookup
 from modules.finetune.model import (
-    METHODS,
     MiniGPTForCausalLM,
     causal_lm_loss,
     default_lr,
     logits_of,
-    lora_config,
     quantize_nf4_,
     sample,
+    unwrap,
 )
 from modules.training import cosine_schedule, log_mean_loss
 
@@ -55,6 +56,7 @@ class FinetuneModule(L.LightningModule):
         lora_dropout: float = 0.05,
         target_modules: list[str] | str | None = None,
         use_dora: bool = False,
+        num_virtual_tokens: int = 16,
         lr: float | None = None,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -66,20 +68,23 @@ class FinetuneModule(L.LightningModule):
         export: bool = True,
         export_dir: str | None = None,
     ):
-        """Fine-tune a causal LM fully, with LoRA, or with QLoRA.
+        """Fine-tune a causal LM fully or with a parameter-efficient method.
 
         Args:
             backbone: A Hugging Face hub id or model folder, or a mini-GPT checkpoint (.ckpt or a
                 folder holding one). In a config, "runs:/<run id>" names the run that trained it
                 (the pipeline fetches the checkpoint: the lora-vs-full study's `base` stage).
                 None only parses: running needs a backbone.
-            method: "full", "lora" or "qlora" (4-bit NF4 base + LoRA; needs CUDA and bitsandbytes).
-            r: LoRA rank.
-            lora_alpha: LoRA scale numerator (update = alpha / r * B A); None means 2 r.
-            lora_dropout: Dropout on the LoRA branch input.
-            target_modules: Module names LoRA wraps; None means all linear projections
-                ("all-linear" for Hugging Face models, c_attn/c_proj/c_fc for the mini-GPT).
-            use_dora: Weight-decomposed LoRA (DoRA) through PEFT.
+            method: A row of `modules.finetune.methods.METHODS`: "full", "lora", "qlora" (4-bit NF4
+                base + LoRA; CUDA and bitsandbytes), "dora", "ia3", "vera", "loha", "prefix",
+                "prompt" (Hugging Face backbones) or "adapter" (Houlsby's bottleneck).
+            r: Rank of lora/dora/vera/loha; the bottleneck adapter's width.
+            lora_alpha: LoRA/LoHa scale numerator (update = alpha / r * B A); None means 2 r.
+            lora_dropout: Dropout on the LoRA (VeRA) branch input.
+            target_modules: Module names the method wraps; None means the method's default (all
+                linear projections for the low-rank methods, the sublayers' outputs for adapter).
+            use_dora: LoRA with DoRA's magnitude (method "dora" is lora with this set).
+            num_virtual_tokens: Trained tokens that prefix and prompt tuning prepend.
             lr: AdamW learning rate; None means the practitioners' default for the method and
                 model size (`modules.finetune.model.default_lr`).
             weight_decay: AdamW weight decay on the trained parameters.
@@ -95,15 +100,16 @@ class FinetuneModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        if method not in METHODS:
-            raise ValueError(f"FinetuneModule.method must be one of {METHODS}, got {method!r}")
+        self.spec = lookup(method)  # the method's row of the table; validates the name
         if lr is not None and lr <= 0:
             raise ValueError(f"FinetuneModule.lr must be > 0 or None (method default), got {lr}")
         if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError("FinetuneModule.warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
         torch_dtype(dtype)  # validates the name early
-        if use_dora and method == "full":
-            raise ValueError("FinetuneModule.use_dora applies to method='lora' or 'qlora', not 'full'")
+        if gradient_checkpointing and not self.spec.checkpointing:
+            raise ValueError(f"FinetuneModule.method={method!r} does not train under gradient_checkpointing; set it false")
+        if use_dora and method not in ("lora", "qlora"):
+            raise ValueError(f"FinetuneModule.use_dora applies to method='lora' or 'qlora', not {method!r}")
         self.method = method
         self.export, self.export_dir = export, export_dir
         # Only what needs neither the network nor training is settled here: a local path must be a
@@ -111,10 +117,9 @@ class FinetuneModule(L.LightningModule):
         self.kind, self.source = ("minigpt", None) if backbone is None else resolve_backbone(backbone)
         if self.kind == "minigpt" and dtype == "auto":
             raise ValueError("FinetuneModule.dtype='auto' is for Hugging Face models; use 'float32' or 'bfloat16'")
-        # PEFT's config, made (and so checked: rank, dropout) now and applied in configure_model
-        self.lora = None if method == "full" else lora_config(
-            r, lora_alpha, lora_dropout, target_modules, use_dora, minigpt=self.kind == "minigpt", task_type="CAUSAL_LM",
-        )
+        # the method's config, made (and so checked: rank, dropout, backbone kind) now, applied in configure_model
+        args = MethodArgs(r, lora_alpha, lora_dropout, target_modules, use_dora, num_virtual_tokens, self.kind == "minigpt")
+        self.adapter = self.spec.configure(args) if self.spec.configure else None
         self.backbone: torch.nn.Module | None = None  # built by configure_model
         self._tokenizer: Any = None
         self.n_total = self.n_trainable = 0
@@ -145,7 +150,7 @@ class FinetuneModule(L.LightningModule):
     def prepare_data(self) -> None:
         # a missing backbone, or QLoRA without CUDA, is an error before any data is prepared
         self._resolve()
-        if self.method == "qlora":
+        if self.spec.quantize:
             require_cuda_4bit()
 
     def configure_model(self) -> None:
@@ -166,7 +171,7 @@ class FinetuneModule(L.LightningModule):
             )
 
     def _build(self) -> None:
-        self.backbone = self.build(self._load_base(quantize=self.method == "qlora"))
+        self.backbone = self.build(self._load_base(quantize=self.spec.quantize))
         self.n_total = sum(p.numel() for p in self.backbone.parameters())
         self.n_trainable = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
         if self.lr is None:
@@ -180,13 +185,11 @@ class FinetuneModule(L.LightningModule):
         estimate counts the very parameters that train.
         """
         h = self.hparams
-        backbone = base
-        if self.method != "full":
-            from peft import get_peft_model, prepare_model_for_kbit_training
+        if self.spec.quantize and self.kind == "hf":  # fp32 norms and embeddings, input grads for checkpointing
+            from peft import prepare_model_for_kbit_training
 
-            if self.method == "qlora" and self.kind == "hf":
-                backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=h.gradient_checkpointing)
-            backbone = get_peft_model(backbone, self.lora)
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=h.gradient_checkpointing)
+        backbone = base if self.adapter is None else self.spec.attach(base, self.adapter)
         if h.gradient_checkpointing and self.kind == "hf":
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.kind == "hf" and hasattr(backbone, "config"):
@@ -209,8 +212,7 @@ class FinetuneModule(L.LightningModule):
     def max_length(self) -> int | None:
         """Longest sequence the built backbone accepts (the mini-GPT's block_size), None if unbounded here."""
         if self.kind == "minigpt" and self.backbone is not None:
-            core = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
-            return core.block_size
+            return unwrap(self.backbone).block_size
         return None
 
     # ------------------------------------------------------------------ training
@@ -296,7 +298,7 @@ class FinetuneModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.999))
         h = self.hparams
-        total = max(h.warmup_steps, int(self.trainer.estimated_stepping_batches))
+        total = int(self.trainer.estimated_stepping_batches)
         return {"optimizer": opt, "lr_scheduler": cosine_schedule(opt, h.warmup_steps, total, h.min_lr_ratio)}
 
     # ------------------------------------------------------------------ checkpoints

@@ -2,6 +2,9 @@
 model `FinetuneModule` itself loads and builds (pipelines/resources.py measures it), and its
 closed forms against hand computations. CPU only, no network."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 import transformers
@@ -12,7 +15,7 @@ from modules.finetune.export import save_minigpt
 from modules.finetune.model import causal_lm_loss, logits_of
 from modules.finetune.module import FinetuneModule
 from modules.gpt.model import GPT, GPTConfig
-from pipelines.resources import ActivationMeter, grad_bytes, optimizer_bytes, parameter_ledger
+from pipelines.resources import _storage_key, grad_bytes, optimizer_bytes, parameter_ledger
 
 # tiny Llama/Mistral shapes: (hidden, intermediate, layers, heads, kv heads, vocab)
 SIZES = {"s": (32, 64, 1, 4, 4, 96), "m": (64, 160, 2, 4, 2, 256), "l": (96, 256, 3, 6, 2, 320)}
@@ -36,6 +39,46 @@ def saved_backbone(arch, folder) -> str:
     return str(folder)
 
 
+class LiveActivationMeter:
+    """Bytes of the storages autograd still holds for backward when the forward ends, each once,
+    parameters excluded. `pipelines.resources.ActivationMeter` counts every storage packed during
+    the forward; that is the same number unless a graph is dropped before backward: DoRA builds
+    B A through a graph whose output it detaches, so autograd frees those saved tensors at once
+    and the allocator reuses their memory (a key of a freed storage then hides a live one)."""
+
+    class Held:  # what autograd keeps for one saved tensor: dies with the graph node that saved it
+        __slots__ = ("t", "__weakref__")
+
+        def __init__(self, t):
+            self.t = t
+
+    def __init__(self, exclude):
+        self._exclude = {_storage_key(p) for p in exclude}
+        self._held: list = []
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda held: held.t)
+
+    def _pack(self, t):
+        held = self.Held(t)
+        self._held.append(weakref.ref(held))
+        return held
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        gc.collect()
+        live = {}
+        for ref in self._held:
+            if (held := ref()) is not None and (key := _storage_key(held.t)) not in self._exclude:
+                live.setdefault(key, held.t.untyped_storage().nbytes())
+        return sum(live.values())
+
+
 def measure(module: FinetuneModule, vocab: int, batch: int, seq: int, precision: str = "32-true") -> dict:
     """One forward/backward/AdamW step of the module's own model, ledgered as ResourceMonitor does."""
     module.configure_model()  # loads the saved weights and builds, as under a Trainer
@@ -45,13 +88,14 @@ def measure(module: FinetuneModule, vocab: int, batch: int, seq: int, precision:
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
     x = torch.randint(0, vocab, (batch, seq))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-    with ActivationMeter(exclude=list(m.parameters())) as meter, autocast:
+    with LiveActivationMeter(exclude=list(m.parameters())) as meter, autocast:
         loss, _ = causal_lm_loss(logits_of(m, x, torch.ones_like(x)), x)
+    activations = meter.bytes  # what backward will read
     loss.backward()
     grads = grad_bytes(m)
     opt.step()
     return {"params": parameter_ledger(m)["mem/params_bytes"], "grads": grads,
-            "optimizer": optimizer_bytes([opt]), "activations": meter.bytes}
+            "optimizer": optimizer_bytes([opt]), "activations": activations}
 
 
 def assert_close(est: M.Estimate, measured: dict, tol: float = 0.05):
@@ -68,20 +112,31 @@ CASES = [  # (kind, size, method, precision, attention, checkpointing, batch, se
     ("mistral", "s", "lora", "32-true", "eager", False, 3, 16),
     ("mistral", "m", "full", "32-true", "sdpa", True, 2, 32),
     ("mistral", "l", "lora", "bf16-true", "sdpa", True, 2, 16),
+    # the other methods: their own parts of each layer (modules/finetune/activations.py, `lin`)
+    ("llama", "m", "dora", "32-true", "sdpa", False, 2, 16),
+    ("mistral", "l", "dora", "bf16-mixed", "eager", False, 2, 16),
+    ("llama", "m", "ia3", "bf16-mixed", "sdpa", False, 2, 16),
+    ("mistral", "s", "ia3", "32-true", "sdpa", True, 2, 24),
+    ("llama", "m", "prefix", "32-true", "sdpa", False, 2, 16),
+    ("mistral", "l", "prefix", "bf16-mixed", "eager", False, 3, 16),
+    ("llama", "l", "adapter", "bf16-mixed", "sdpa", False, 2, 16),
+    ("mistral", "m", "adapter", "32-true", "sdpa", True, 2, 16),
 ]
 
 
 @pytest.mark.parametrize("kind,size,method,precision,attn,ckpt,batch,seq", CASES)
 def test_llama_and_mistral_match_the_ledger(kind, size, method, precision, attn, ckpt, batch, seq, tmp_path):
     cfg = hf_config(kind, size)
-    module = FinetuneModule(saved_backbone(cfg, tmp_path), method, r=4, lora_dropout=0.05, attn_implementation=attn,
+    module = FinetuneModule(saved_backbone(cfg, tmp_path), method, r=4, lora_dropout=0.05, num_virtual_tokens=3,
+                            attn_implementation=attn,
                             dtype="bfloat16" if precision == "bf16-true" else "float32", gradient_checkpointing=ckpt,
                             export=False)
     est = M.estimate(module, cfg, precision, batch_size=batch, seq_len=seq, cuda=False)
     assert_close(est, measure(module, cfg.vocab_size, batch, seq, precision))
 
 
-@pytest.mark.parametrize("method,dropout", [("full", 0.0), ("lora", 0.0), ("lora", 0.1)])
+@pytest.mark.parametrize("method,dropout", [("full", 0.0), ("lora", 0.0), ("lora", 0.1), ("dora", 0.0), ("ia3", 0.0),
+                                            ("adapter", 0.0)])
 def test_minigpt_matches_the_ledger(method, dropout, tmp_path):
     cfg = GPTConfig(vocab_size=80, block_size=32, n_layer=2, n_head=4, n_embd=64)
     module = FinetuneModule(saved_backbone(cfg, tmp_path), method, r=4, lora_dropout=dropout, export=False)
@@ -157,3 +212,5 @@ def test_bad_input_is_a_clear_error():
         M.gpu_bytes("TPU-v9")
     with pytest.raises(ValueError, match="precision must be one of"):
         M.estimate(FinetuneModule(HUB_ID, "lora"), hf_config("llama", "s"), precision="fp8")
+    with pytest.raises(ValueError, match="models the activations of"):
+        M.estimate(FinetuneModule(HUB_ID, "vera"), hf_config("llama", "s"))
