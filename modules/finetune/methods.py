@@ -60,7 +60,7 @@ def _targets(a: MethodArgs) -> list[str] | str:
 
 def _rank(a: MethodArgs) -> None:
     if a.r < 1:
-        raise ValueError(f"LoRA rank r must be >= 1, got {a.r}")
+        raise ValueError(f"the rank r must be >= 1, got {a.r}")
     if not 0.0 <= a.dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {a.dropout}")
 
