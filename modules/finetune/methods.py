@@ -194,7 +194,12 @@ METHODS: dict[str, Method] = {
 }
 
 
-def lookup(name: str) -> Method:
+def lookup(name: str, use_dora: bool = False, gradient_checkpointing: bool = False) -> Method:
+    """The row of method `name`, after checking the options it does not allow."""
     if name not in METHODS:
         raise ValueError(f"FinetuneModule.method must be one of {tuple(METHODS)}, got {name!r}")
+    if gradient_checkpointing and not METHODS[name].checkpointing:
+        raise ValueError(f"FinetuneModule.method={name!r} does not train under gradient_checkpointing; set it false")
+    if use_dora and name not in ("lora", "qlora"):
+        raise ValueError(f"FinetuneModule.use_dora applies to method='lora' or 'qlora', not {name!r}")
     return METHODS[name]

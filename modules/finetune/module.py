@@ -100,16 +100,12 @@ class FinetuneModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.spec = lookup(method)  # the method's row of the table; validates the name
+        self.spec = lookup(method, use_dora, gradient_checkpointing)  # the method's row; checks what it allows
         if lr is not None and lr <= 0:
             raise ValueError(f"FinetuneModule.lr must be > 0 or None (method default), got {lr}")
         if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError("FinetuneModule.warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
         torch_dtype(dtype)  # validates the name early
-        if gradient_checkpointing and not self.spec.checkpointing:
-            raise ValueError(f"FinetuneModule.method={method!r} does not train under gradient_checkpointing; set it false")
-        if use_dora and method not in ("lora", "qlora"):
-            raise ValueError(f"FinetuneModule.use_dora applies to method='lora' or 'qlora', not {method!r}")
         self.method = method
         self.export, self.export_dir = export, export_dir
         # Only what needs neither the network nor training is settled here: a local path must be a
