@@ -91,3 +91,18 @@ def test_weights_bytes_counts_weight_files_only(tmp_path):
     (tmp_path / "README.md").write_text("hello")
     assert weights_bytes(tmp_path) == 100
 
+
+
+def test_an_architecture_folder_starts_from_random_weights():
+    """configs/finetune/arch/tiny-llama holds a config and a tokenizer, no weights: the peft-methods
+    study's `llama` stage pretrains it from the seed's random weights."""
+    from pathlib import Path
+
+    from modules.finetune.module import FinetuneModule
+
+    folder = Path(__file__).resolve().parents[3] / "configs" / "finetune" / "arch" / "tiny-llama"
+    module = FinetuneModule(str(folder), "full", export=False)
+    with pytest.warns(UserWarning, match="no weights: the model starts from random weights"):
+        module.configure_model()
+    assert module.kind == "hf" and module.n_total == module.n_trainable > 500_000
+    assert len(module.tokenizer) == module.backbone.config.vocab_size == 320
