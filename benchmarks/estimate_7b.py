@@ -11,10 +11,11 @@ with fp32 adapters under bf16-mixed; QLoRA an NF4 base (bitsandbytes layout) und
 import argparse
 from pathlib import Path
 
-from pipelines.estimate import ARCH_DIR, GiB, estimate
+from modules.finetune.memory import GiB, estimate
+from modules.finetune.module import FinetuneModule
+from pipelines.estimate import ARCH_DIR, SHIPPED_ARCH
 
-SETUPS = {"full": dict(method="full", precision="bf16-true"), "LoRA r=16": dict(method="lora", precision="bf16-mixed"),
-          "QLoRA r=16": dict(method="qlora", precision="bf16-mixed")}
+SETUPS = {"full": ("full", "bf16-true"), "LoRA r=16": ("lora", "bf16-mixed"), "QLoRA r=16": ("qlora", "bf16-mixed")}
 
 
 def main() -> None:
@@ -23,14 +24,14 @@ def main() -> None:
     out = Path(p.parse_args().out)
     rows = ["| model | method | batch | seq | ckpt | params | grads | optimizer | activations | recompute | total GiB |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for model in ("llama3-8b", "mistral-7b"):
+    for hub_id, model in SHIPPED_ARCH.items():
         arch = str(ARCH_DIR / model / "config.json")
-        for name, kw in SETUPS.items():
+        for name, (method, precision) in SETUPS.items():
             for batch in (1, 4):
                 for seq in (512, 2048):
                     for ckpt in (False, True):
-                        e = estimate(arch, r=16, dtype="bfloat16", batch_size=batch, seq_len=seq,
-                                     gradient_checkpointing=ckpt, **kw)
+                        module = FinetuneModule(hub_id, method, r=16, dtype="bfloat16", gradient_checkpointing=ckpt)
+                        e = estimate(module, arch, precision, batch_size=batch, seq_len=seq)
                         g = [f"{getattr(e, k) / GiB:.2f}" for k in ("params", "grads", "optimizer", "activations", "recompute")]
                         rows.append(f"| {model} | {name} | {batch} | {seq} | {'yes' if ckpt else 'no'} | "
                                     + " | ".join(g) + f" | **{e.total / GiB:.1f}** |")

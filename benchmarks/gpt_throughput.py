@@ -37,7 +37,7 @@ class BareLoop:
 
     def __init__(self, dm, model_kwargs: dict, total_steps: int):
         from modules.gpt.model import GPT, GPTConfig
-        from modules.gpt.module import cosine_lr
+        from modules.training import cosine_lr
 
         torch.manual_seed(1337)
         self.model = GPT(GPTConfig(vocab_size=dm.tokenizer.vocab_size, block_size=dm.block_size, **model_kwargs))

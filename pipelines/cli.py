@@ -131,8 +131,8 @@ def cmd_compare(args: list[str]) -> int:
 
 
 def cmd_estimate(args: list[str]) -> int:
-    from pipelines.config import PracticumCLI
-    from pipelines.estimate import OPTIMIZERS, STRATEGIES, arch_source, estimate, log_estimate
+    from modules.finetune.memory import OPTIMIZERS, STRATEGIES
+    from pipelines.estimate import estimate_config, log_estimate
 
     p = argparse.ArgumentParser(prog="practicum estimate")
     p.add_argument("config")
@@ -147,21 +147,7 @@ def cmd_estimate(args: list[str]) -> int:
     p.add_argument("--tracking_uri")
     p.add_argument("--no_log", action="store_true")
     ns, rest = p.parse_known_args(args)
-    # the run's own parser: the same keys, defaults and type checks as `practicum run`, nothing built
-    cfg = PracticumCLI(["--config", ns.config, *rest]).config.as_dict()
-    model, trainer = cfg["model"].get("init_args") or {}, cfg.get("trainer") or {}
-    data = (cfg.get("data") or {}).get("init_args") or {}
-    strategy = ns.strategy or str(trainer.get("strategy") or "ddp")
-    strategy = strategy if strategy in STRATEGIES else "fsdp" if "FSDP" in strategy else "ddp"
-    est = estimate(
-        arch_source(model.get("backbone"), ns.arch),
-        method=model.get("method", "lora"), r=model.get("r", 8), lora_alpha=model.get("lora_alpha"),
-        lora_dropout=model.get("lora_dropout", 0.05), target_modules=model.get("target_modules"),
-        dtype=model.get("dtype", "float32"), attn_implementation=model.get("attn_implementation"),
-        precision=str(trainer.get("precision") or "32-true"), batch_size=data.get("batch_size", 1),
-        seq_len=data.get("max_length", 256), gradient_checkpointing=model.get("gradient_checkpointing", False),
-        optimizer=ns.optimizer, strategy=strategy, devices=ns.devices, gpu=ns.gpu,
-    )
+    est = estimate_config(ns.config, rest, ns.arch, ns.gpu, ns.devices, ns.strategy, ns.optimizer)
     print(f"{ns.config}: {est.setup}\n{est.table()}")
     if not ns.no_log:
         run_id = log_estimate(est, ns.experiment, ns.tracking_uri, Path(ns.config).stem, ns.study, ns.variant)

@@ -36,9 +36,10 @@ def _needs_cuda(path: Path) -> bool:
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=_id)
 def test_experiment_config_instantiates(path, monkeypatch):
     monkeypatch.chdir(ROOT)  # configs may name files relative to the repository root
+    cli = load_experiment(path)  # QLoRA too: construction is CUDA-free (`practicum estimate` reads it anywhere)
     if _needs_cuda(path) and not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="needs a CUDA GPU"):  # the clear error, before any work
-            load_experiment(path)
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):  # the clear error, at a run's first hook
+            cli.model.prepare_data()
         return
     cli = load_experiment(path)
     assert cli.config.model.class_path.startswith("modules.")
@@ -76,8 +77,8 @@ def test_study_variants_instantiate(path, monkeypatch):
         if unmet_requirements((study.variants[name] or {}).get("requires")):
             # the study skips it here; built anyway, it must stop with a clear error naming
             # what is missing
-            with pytest.raises((ConfigError, ImportError), match="CUDA|bitsandbytes"):
-                load_experiment(config, args)
+            with pytest.raises((ConfigError, RuntimeError, ImportError), match="CUDA|bitsandbytes"):
+                load_experiment(config, args).model.prepare_data()  # before data or weights
             continue
         cli = load_experiment(config, args)
         check_built(cli)  # the variant's overrides replace the base YAML's arguments: classes and contract only

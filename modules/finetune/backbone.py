@@ -14,6 +14,7 @@ a run of its own, then fine-tunes it).
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -107,12 +108,21 @@ def load_hf(
     quantize_4bit: bool = False,
     trust_remote_code: bool = False,
 ) -> torch.nn.Module:
-    """AutoModelForCausalLM from a folder or hub id; 4-bit NF4 for QLoRA."""
-    from transformers import AutoModelForCausalLM
+    """AutoModelForCausalLM from a folder or hub id; 4-bit NF4 for QLoRA.
+
+    A folder with a config.json and no weight files is an architecture to start from random
+    weights (set by the seed): configs/finetune/arch/tiny-llama, pretrained by a study stage.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    folder = Path(source)
+    if folder.is_dir() and not any(p.suffix in (".safetensors", ".bin") for p in folder.iterdir()) and not quantize_4bit:
+        warnings.warn(f"backbone {source} holds an architecture and no weights: the model starts from random weights")
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code),
+                                                **kwargs)
     if quantize_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -123,3 +133,39 @@ def load_hf(
         )
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+
+def require_cuda_4bit() -> None:
+    """QLoRA's 4-bit NF4 base needs bitsandbytes' CUDA kernels: say so before any loading."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "FinetuneModule.method='qlora' needs a CUDA GPU (bitsandbytes 4-bit NF4 kernels), and none "
+            "is available; use method='lora' on this machine (`practicum estimate` predicts QLoRA's memory here)"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ImportError("method='qlora' needs bitsandbytes: pip install 'practicum[qlora]'") from None
+
+
+def empty_base(arch: Any, dtype: str = "float32", attn_implementation: str | None = None,
+               device: str | torch.device = "meta") -> torch.nn.Module:
+    """A backbone's architecture without its weights (on the meta device), for the memory estimate.
+
+    `arch` is a Hugging Face config (or a folder / config.json holding one) or a mini-GPT
+    `GPTConfig`; the result is what `load_hf` or `load_minigpt` would give for those weights,
+    ready for `FinetuneModule.build`.
+    """
+    from modules.finetune.model import MiniGPTForCausalLM
+    from modules.gpt.model import GPT, GPTConfig
+
+    dt = torch_dtype("float32" if dtype == "auto" else dtype)
+    with torch.device(device):
+        if isinstance(arch, GPTConfig):
+            return MiniGPTForCausalLM(GPT(arch).to(dt))
+        from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+        cfg = arch if isinstance(arch, PretrainedConfig) else AutoConfig.from_pretrained(
+            str(Path(arch).parent if str(arch).endswith(".json") else arch))
+        kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        return AutoModelForCausalLM.from_config(cfg, dtype=dt, **kw)

@@ -2,8 +2,6 @@
 
 - `MiniGPTForCausalLM`: the mini-GPT (`modules.gpt.model.GPT`) behind the call signature PEFT
   and the fine-tuning module use for Hugging Face models, `model(input_ids=..., attention_mask=...)`.
-- `lora_config`: PEFT's `LoraConfig` with "all linear projections" as the default target
-  (LoRA, Hu et al. 2021; DoRA, Liu et al. 2024, through the same config).
 - `default_lr`: the learning rates practitioners use per method and model size.
 - `causal_lm_loss`: next-token cross-entropy with Hugging Face's label convention.
 - `sample`: text generation for either backbone kind.
@@ -24,7 +22,6 @@ import torch.nn.functional as F
 from datamodules.text import IGNORE_INDEX
 from modules.gpt.model import GPT
 
-METHODS = ("full", "lora", "qlora")
 # Every nn.Linear inside the mini-GPT's blocks: attention qkv and output projections, MLP up and
 # down projections ("c_proj" matches both attn.c_proj and mlp.c_proj: PEFT matches name suffixes).
 # lm_head is left out like PEFT's "all-linear" leaves out the output layer; here it is also tied
@@ -59,10 +56,17 @@ class MiniGPTForCausalLM(nn.Module):
         return logits
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a PEFT wrapper (its adapter layers injected into it), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def logits_of(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T, V) logits of a Hugging Face causal LM, a PEFT wrapper or `MiniGPTForCausalLM`."""
     out = model(input_ids=input_ids, attention_mask=attention_mask)
-    return out if isinstance(out, torch.Tensor) else out.logits
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    # prompt tuning's PEFT wrapper returns the virtual tokens' positions first: keep the inputs'
+    return logits[:, -input_ids.size(1) :]
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -87,47 +91,13 @@ def default_lr(method: str, n_params: int) -> float:
     models (Alpaca, Llama recipes 1e-5..2e-5), ~1e-4 for GPT-2-sized ones, 3e-4 for the tiny
     mini-GPTs here; 3e-4 * sqrt(1e7 / N) reproduces that range. LoRA trains a small low-rank
     update whose scale is fixed by alpha / r, and uses larger rates that depend far less on
-    size: 2e-4 for 7B+ (QLoRA paper, most recipes), ~1e-3 for small models, up to 2e-3.
+    size: 2e-4 for 7B+ (QLoRA paper, most recipes), ~1e-3 for small models, up to 2e-3. The
+    other parameter-efficient methods start from LoRA's rate (the peft-methods study tunes each).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     n = max(int(n_params), 1)
     if method == "full":
         return float(min(3e-4, max(1e-5, 3e-4 * math.sqrt(1e7 / n))))
     return float(min(2e-3, max(2e-4, 1e-3 * (1e8 / n) ** 0.35)))
-
-
-def lora_config(
-    r: int,
-    alpha: float | None,
-    dropout: float,
-    target_modules: list[str] | str | None,
-    use_dora: bool,
-    minigpt: bool,
-    task_type: str | None = None,
-):
-    """PEFT `LoraConfig`; `target_modules=None` means all linear projections of the blocks.
-
-    alpha None means 2 r, the common choice, so the update's scale alpha / r stays at 2 when r
-    changes and one learning rate serves every rank.
-    """
-    from peft import LoraConfig
-
-    if r < 1:
-        raise ValueError(f"LoRA rank r must be >= 1, got {r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {dropout}")
-    if target_modules is None:
-        target_modules = MINIGPT_TARGETS if minigpt else "all-linear"
-    return LoraConfig(
-        r=r,
-        lora_alpha=2 * r if alpha is None else alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
-        use_dora=use_dora,
-        bias="none",
-        task_type=None if minigpt else task_type,
-    )
 
 
 def quantize_nf4_(gpt: GPT, compute_dtype: torch.dtype = torch.bfloat16) -> GPT:
@@ -171,7 +141,7 @@ def sample(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     # a PEFT wrapper injects its LoRA layers into the model it wraps, so sampling from that
     # inner model still applies the adapters
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = unwrap(model)
     if isinstance(core, MiniGPTForCausalLM):
         g = torch.Generator(device=input_ids.device).manual_seed(seed)
         out = core.gpt.generate(input_ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=g)

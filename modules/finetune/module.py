@@ -1,11 +1,12 @@
-"""Causal-LM fine-tuning: full, LoRA or QLoRA, on a Hugging Face model or the mini-GPT.
+"""Causal-LM fine-tuning, fully or by a parameter-efficient method, on a Hugging Face model or the mini-GPT.
 
-The method is chosen when the module is built: `full` trains every weight; `lora` freezes
-the base and trains PEFT's low-rank adapters (optionally DoRA); `qlora` does the same over a
-4-bit NF4 base (bitsandbytes, CUDA only). Validation runs once before the first step
+The method is chosen when the module is built, from one table (`modules.finetune.methods`):
+`full` trains every weight; the others freeze the base and train their own small part (LoRA,
+QLoRA over a 4-bit NF4 base, DoRA, IA3, VeRA, LoHa, prefix and prompt tuning through PEFT, and
+Houlsby's bottleneck adapter by hand). Validation runs once before the first step
 (`val/loss_before`, `val/ppl_before`) and as usual afterwards (`val/loss`, `val/ppl`). After
-training, the adapter alone and the merged model are exported and logged as artifacts with
-their sizes on disk.
+training, the adapter alone and, where it folds into the weights, the merged model are exported
+and logged as artifacts with their sizes on disk (`modules.finetune.export`).
 
 Construction only checks and stores the arguments, so a config instantiates offline in
 milliseconds. The work waits for Lightning's hooks: `configure_model` loads the weights and wraps
@@ -16,8 +17,6 @@ Trainer, call `configure_model()` yourself; `load_for_generation` and `load_from
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +25,26 @@ import torch
 from torchmetrics import MeanMetric
 
 from contract import CountsTokens, TextGenerator, TransformersExport
-from modules.finetune.backbone import load_hf, load_minigpt, load_tokenizer, resolve_backbone, torch_dtype
+from modules.finetune.backbone import (
+    load_hf,
+    load_minigpt,
+    load_tokenizer,
+    require_cuda_4bit,
+    resolve_backbone,
+    torch_dtype,
+)
+from modules.finetune.export import export_and_log, save_adapter, save_merged
+from modules.finetune.methods import MethodArgs, lookup
 from modules.finetune.model import (
-    METHODS,
     MiniGPTForCausalLM,
     causal_lm_loss,
     default_lr,
     logits_of,
-    lora_config,
     quantize_nf4_,
     sample,
-    weights_bytes,
+    unwrap,
 )
-
-from modules.artifacts import log_file
+from modules.training import cosine_schedule, log_mean_loss
 
 
 class FinetuneModule(L.LightningModule, TextGenerator, CountsTokens, TransformersExport):
@@ -52,6 +57,7 @@ class FinetuneModule(L.LightningModule, TextGenerator, CountsTokens, Transformer
         lora_dropout: float = 0.05,
         target_modules: list[str] | str | None = None,
         use_dora: bool = False,
+        num_virtual_tokens: int = 16,
         lr: float | None = None,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -63,20 +69,23 @@ class FinetuneModule(L.LightningModule, TextGenerator, CountsTokens, Transformer
         export: bool = True,
         export_dir: str | None = None,
     ):
-        """Fine-tune a causal LM fully, with LoRA, or with QLoRA.
+        """Fine-tune a causal LM fully or with a parameter-efficient method.
 
         Args:
             backbone: A Hugging Face hub id or model folder, or a mini-GPT checkpoint (.ckpt or a
                 folder holding one). In a config, "runs:/<run id>" names the run that trained it
                 (the pipeline fetches the checkpoint: the lora-vs-full study's `base` stage).
                 None only parses: running needs a backbone.
-            method: "full", "lora" or "qlora" (4-bit NF4 base + LoRA; needs CUDA and bitsandbytes).
-            r: LoRA rank.
-            lora_alpha: LoRA scale numerator (update = alpha / r * B A); None means 2 r.
-            lora_dropout: Dropout on the LoRA branch input.
-            target_modules: Module names LoRA wraps; None means all linear projections
-                ("all-linear" for Hugging Face models, c_attn/c_proj/c_fc for the mini-GPT).
-            use_dora: Weight-decomposed LoRA (DoRA) through PEFT.
+            method: A row of `modules.finetune.methods.METHODS`: "full", "lora", "qlora" (4-bit NF4
+                base + LoRA; CUDA and bitsandbytes), "dora", "ia3", "vera", "loha", "prefix",
+                "prompt" (Hugging Face backbones) or "adapter" (Houlsby's bottleneck).
+            r: Rank of lora/dora/vera/loha; the bottleneck adapter's width.
+            lora_alpha: LoRA/LoHa scale numerator (update = alpha / r * B A); None means 2 r.
+            lora_dropout: Dropout on the LoRA (VeRA) branch input.
+            target_modules: Module names the method wraps; None means the method's default (all
+                linear projections for the low-rank methods, the sublayers' outputs for adapter).
+            use_dora: LoRA with DoRA's magnitude (method "dora" is lora with this set).
+            num_virtual_tokens: Trained tokens that prefix and prompt tuning prepend.
             lr: AdamW learning rate; None means the practitioners' default for the method and
                 model size (`modules.finetune.model.default_lr`).
             weight_decay: AdamW weight decay on the trained parameters.
@@ -92,26 +101,12 @@ class FinetuneModule(L.LightningModule, TextGenerator, CountsTokens, Transformer
         """
         super().__init__()
         self.save_hyperparameters()
-        if method not in METHODS:
-            raise ValueError(f"FinetuneModule.method must be one of {METHODS}, got {method!r}")
-        if method == "qlora":
-            # before anything else: 4-bit NF4 kernels exist only for CUDA
-            if not torch.cuda.is_available():
-                raise RuntimeError(
-                    "FinetuneModule.method='qlora' needs a CUDA GPU (bitsandbytes 4-bit NF4 kernels), and none "
-                    "is available; use method='lora' on this machine"
-                )
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError:
-                raise ImportError("method='qlora' needs bitsandbytes: pip install 'practicum[qlora]'") from None
+        self.spec = lookup(method, use_dora, gradient_checkpointing)  # the method's row; checks what it allows
         if lr is not None and lr <= 0:
             raise ValueError(f"FinetuneModule.lr must be > 0 or None (method default), got {lr}")
         if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError("FinetuneModule.warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
         torch_dtype(dtype)  # validates the name early
-        if use_dora and method == "full":
-            raise ValueError("FinetuneModule.use_dora applies to method='lora' or 'qlora', not 'full'")
         self.method = method
         self.export, self.export_dir = export, export_dir
         # Only what needs neither the network nor training is settled here: a local path must be a
@@ -119,10 +114,9 @@ class FinetuneModule(L.LightningModule, TextGenerator, CountsTokens, Transformer
         self.kind, self.source = ("minigpt", None) if backbone is None else resolve_backbone(backbone)
         if self.kind == "minigpt" and dtype == "auto":
             raise ValueError("FinetuneModule.dtype='auto' is for Hugging Face models; use 'float32' or 'bfloat16'")
-        # PEFT's config, made (and so checked: rank, dropout) now and applied in configure_model
-        self.lora = None if method == "full" else lora_config(
-            r, lora_alpha, lora_dropout, target_modules, use_dora, minigpt=self.kind == "minigpt", task_type="CAUSAL_LM",
-        )
+        # the method's config, made (and so checked: rank, dropout, backbone kind) now, applied in configure_model
+        args = MethodArgs(r, lora_alpha, lora_dropout, target_modules, use_dora, num_virtual_tokens, self.kind == "minigpt")
+        self.adapter = self.spec.configure(args) if self.spec.configure else None
         self.backbone: torch.nn.Module | None = None  # built by configure_model
         self._tokenizer: Any = None
         self.n_total = self.n_trainable = 0
@@ -151,7 +145,10 @@ class FinetuneModule(L.LightningModule, TextGenerator, CountsTokens, Transformer
         return self._tokenizer
 
     def prepare_data(self) -> None:
-        self._resolve()  # a missing backbone is an error before any data is prepared
+        # a missing backbone, or QLoRA without CUDA, is an error before any data is prepared
+        self._resolve()
+        if self.spec.quantize:
+            require_cuda_4bit()
 
     def configure_model(self) -> None:
         """Build the backbone: load (and quantise) the base, wrap it with LoRA, count parameters.
@@ -171,28 +168,36 @@ class FinetuneModule(L.LightningModule, TextGenerator, CountsTokens, Transformer
             )
 
     def _build(self) -> None:
-        h = self.hparams
-        backbone = self._load_base(quantize=self.method == "qlora")
-        if self.method != "full":
-            from peft import get_peft_model, prepare_model_for_kbit_training
+        self.backbone = self.build(self._load_base(quantize=self.spec.quantize))
+        self.n_total = sum(p.numel() for p in self.backbone.parameters())
+        self.n_trainable = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
+        if self.lr is None:
+            self.lr = default_lr(self.method, self.n_total)
 
-            if self.method == "qlora" and self.kind == "hf":
-                backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=h.gradient_checkpointing)
-            backbone = get_peft_model(backbone, self.lora)
+    def build(self, base: torch.nn.Module) -> torch.nn.Module:
+        """The model this module trains, made from a loaded base by the method: the one builder.
+
+        `configure_model` calls it on the loaded weights; `practicum estimate` on the same
+        architecture built on the meta device (`modules.finetune.memory.estimate`), so the
+        estimate counts the very parameters that train.
+        """
+        h = self.hparams
+        if self.spec.quantize and self.kind == "hf":  # fp32 norms and embeddings, input grads for checkpointing
+            from peft import prepare_model_for_kbit_training
+
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=h.gradient_checkpointing)
+        backbone = base if self.adapter is None else self.spec.attach(base, self.adapter)
         if h.gradient_checkpointing and self.kind == "hf":
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.kind == "hf" and hasattr(backbone, "config"):
             backbone.config.use_cache = False  # no KV cache while training
-        backbone.train()  # from_pretrained hands models back in eval mode
-        self.backbone = backbone
-        self.n_total = sum(p.numel() for p in backbone.parameters())
-        self.n_trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
-        if self.lr is None:
-            self.lr = default_lr(self.method, self.n_total)
+        return backbone.train()  # from_pretrained hands models back in eval mode
 
     def _load_base(self, quantize: bool = False) -> torch.nn.Module:
         h = self.hparams
         source = self._resolve()  # also settles the kind of a run-id backbone
+        if quantize:
+            require_cuda_4bit()
         if self.kind == "hf":
             return load_hf(source, h.dtype, h.attn_implementation, quantize, h.trust_remote_code)
         gpt = load_minigpt(source).to(torch_dtype(h.dtype))
@@ -204,8 +209,7 @@ class FinetuneModule(L.LightningModule, TextGenerator, CountsTokens, Transformer
     def max_length(self) -> int | None:
         """Longest sequence the built backbone accepts (the mini-GPT's block_size), None if unbounded here."""
         if self.kind == "minigpt" and self.backbone is not None:
-            core = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
-            return core.block_size
+            return unwrap(self.backbone).block_size
         return None
 
     # ------------------------------------------------------------------ training
@@ -230,23 +234,17 @@ class FinetuneModule(L.LightningModule, TextGenerator, CountsTokens, Transformer
         loss, n = self._loss(batch)
         metric.update(loss, n)  # token-weighted: the epoch value is the mean over tokens
 
-    def _log_score(self, split: str, metric: MeanMetric) -> None:
-        loss = metric.compute()
-        metric.reset()
-        self.log(f"{split}/loss", loss, sync_dist=True)
-        self.log(f"{split}/ppl", torch.exp(loss), sync_dist=True)
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._score(batch, self.val_nll)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_score("val", self.val_nll)
+        log_mean_loss(self, "val", self.val_nll)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._score(batch, self.test_nll)
 
     def on_test_epoch_end(self) -> None:
-        self._log_score("test", self.test_nll)
+        log_mean_loss(self, "test", self.test_nll)
 
     def tokens_per_batch(self, batch: dict[str, torch.Tensor]) -> int:
         mask = batch.get("attention_mask")
@@ -296,17 +294,9 @@ class FinetuneModule(L.LightningModule, TextGenerator, CountsTokens, Transformer
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.999))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warm, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        h = self.hparams
+        total = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": opt, "lr_scheduler": cosine_schedule(opt, h.warmup_steps, total, h.min_lr_ratio)}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -338,64 +328,16 @@ class FinetuneModule(L.LightningModule, TextGenerator, CountsTokens, Transformer
     # ------------------------------------------------------------------ export and generation
 
     def on_train_end(self) -> None:
-        if not self.export or self.trainer.global_rank != 0:
-            return
-        root = Path(self.export_dir) if self.export_dir else Path(tempfile.mkdtemp(prefix="finetune-export-"))
-        try:
-            metrics = {}
-            if self.method != "full":
-                self.save_adapter(root / "adapter")
-                metrics["disk/adapter_bytes"] = float(weights_bytes(root / "adapter"))
-                log_file(self.loggers, root / "adapter", "adapter")
-            self.save_merged(root / "merged")
-            metrics["disk/full_checkpoint_bytes"] = float(weights_bytes(root / "merged"))
-            log_file(self.loggers, root / "merged", "merged")
-            self._log_now(metrics)
-        finally:
-            if not self.export_dir:
-                shutil.rmtree(root, ignore_errors=True)
+        if self.export and self.trainer.global_rank == 0:
+            export_and_log(self, self.export_dir)
 
     def save_adapter(self, folder: str | Path) -> Path:
-        """The LoRA weights alone (PEFT format: adapter_config.json names the base)."""
-        if self.method == "full":
-            raise ValueError("method='full' has no adapter; use save_merged")
-        self.configure_model()
-        folder = Path(folder)
-        self._save_lora(folder)
-        if self.kind == "hf":
-            self.tokenizer.save_pretrained(folder)
-        write_loader_marker(folder)
-        return folder
-
-    def _save_lora(self, folder: Path) -> None:
-        # the mini-GPT has no vocabulary config for PEFT to inspect; its embeddings are never adapted
-        self.backbone.save_pretrained(folder, save_embedding_layers="auto" if self.kind == "hf" else False)
+        """The trained adapter alone, in PEFT's format (`modules.finetune.export.save_adapter`)."""
+        return save_adapter(self, folder)
 
     def save_merged(self, folder: str | Path) -> Path:
-        """A standalone model with the adapters folded in (W + alpha/r B A), loadable without PEFT.
-
-        The adapter is merged into a freshly loaded full-precision base rather than into the
-        training copy, so a 4-bit QLoRA base is not merged lossily and training state is untouched.
-        """
-        self.configure_model()
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        if self.method == "full":
-            model = self.backbone
-        else:
-            from peft import PeftModel
-
-            with tempfile.TemporaryDirectory() as tmp:
-                self._save_lora(Path(tmp))
-                base = self._load_base(quantize=False)
-                model = PeftModel.from_pretrained(base, tmp).merge_and_unload()
-        if self.kind == "hf":
-            model.save_pretrained(folder)
-            self.tokenizer.save_pretrained(folder)
-        else:
-            save_minigpt(model.gpt, self.tokenizer, folder / "model.ckpt")
-        write_loader_marker(folder)
-        return folder
+        """A standalone model with the adapter folded in (`modules.finetune.export.save_merged`)."""
+        return save_merged(self, folder)
 
     def export_transformers(self, folder: str | Path) -> Path | None:
         """`contract.TransformersExport`: the merged model as a transformers folder; None for a mini-GPT."""
@@ -425,69 +367,3 @@ class FinetuneModule(L.LightningModule, TextGenerator, CountsTokens, Transformer
             return self.tokenizer.decode(all_ids, skip_special_tokens=True)
         return self.tokenizer.decode(all_ids)
 
-
-def write_loader_marker(folder: Path) -> None:
-    """practicum.json names the loader, so `practicum generate <folder>` finds it."""
-    import json
-
-    loader = f"{load_for_generation.__module__}.{load_for_generation.__name__}"
-    (Path(folder) / "practicum.json").write_text(json.dumps({"loader": loader}) + "\n")
-
-
-def save_minigpt(gpt: torch.nn.Module, tokenizer: Any, path: Path) -> None:
-    """Save a mini-GPT as a Lightning checkpoint of Project 1: `GPTModule.load_from_checkpoint` reads
-    it (and so does a fine-tune naming it as its backbone)."""
-    import dataclasses
-    import inspect
-
-    from modules.gpt.module import GPTModule
-
-    config = dataclasses.asdict(gpt.config)
-    accepted = inspect.signature(GPTModule.__init__).parameters
-    gm = GPTModule(**{k: v for k, v in config.items() if k in accepted})
-    gm.model.load_state_dict(gpt.state_dict())
-    gm.tokenizer = tokenizer
-    checkpoint = {
-        "state_dict": gm.state_dict(),
-        "hyper_parameters": dict(gm.hparams),
-        "pytorch-lightning_version": L.__version__,
-    }
-    gm.on_save_checkpoint(checkpoint)  # adds the tokenizer
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, path)
-
-
-def load_for_generation(path: str | Path, **overrides: Any) -> FinetuneModule:
-    """A FinetuneModule with `generate_text`, from anything a fine-tune exports or saves.
-
-    `path` may be an adapter folder (adapter_config.json: its base is loaded, then the
-    adapter), a merged folder (Hugging Face config.json, or a mini-GPT model.ckpt), a
-    FinetuneModule Lightning checkpoint, or any backbone spec `FinetuneModule` accepts.
-    """
-    import json
-
-    path = Path(path)
-    if (path / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base:
-            raise ValueError(f"{path}/adapter_config.json names no base_model_name_or_path; cannot rebuild the base")
-        module = FinetuneModule(backbone=base, method="full", export=False, **overrides)
-        module.configure_model()
-        module.backbone = PeftModel.from_pretrained(module.backbone, str(path))
-        module.method = "lora"
-    elif path.is_file() and path.suffix == ".ckpt" and _is_finetune_checkpoint(path):
-        # load_from_checkpoint builds the backbone (configure_model) before loading the state dict
-        module = FinetuneModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, export=False,
-                                                      **overrides)
-    else:
-        module = FinetuneModule(backbone=str(path), method="full", export=False, **overrides)
-        module.configure_model()
-    return module.eval()
-
-
-def _is_finetune_checkpoint(path: Path) -> bool:
-    """A FinetuneModule's own checkpoint (its hyper-parameters name a method), not a mini-GPT's."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # never runs code
-    return "method" in ckpt.get("hyper_parameters", {})

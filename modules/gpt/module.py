@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any
 
@@ -19,16 +18,7 @@ from datamodules.tokenizers import Tokenizer, tokenizer_from_state
 from modules.artifacts import log_figure, log_text
 from modules.gpt.model import GPT, GPTConfig
 from modules.gpt.moe import STAT_NAMES
-
-
-def cosine_lr(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
-    """nanoGPT's schedule: linear warm-up to lr, cosine decay to min_lr at decay_steps, then flat."""
-    if step < warmup_steps:
-        return lr * (step + 1) / (warmup_steps + 1)
-    if step > decay_steps:
-        return min_lr
-    ratio = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+from modules.training import cosine_schedule, log_mean_loss
 
 
 class GPTModule(L.LightningModule, TextGenerator, CountsTokens):
@@ -232,10 +222,7 @@ class GPTModule(L.LightningModule, TextGenerator, CountsTokens):
             decay_steps = self.trainer.max_steps if self._trainer is not None else -1
             if decay_steps is None or decay_steps < 0:
                 raise ValueError("set lr_decay_steps or trainer.max_steps: the cosine schedule needs an end")
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: cosine_lr(s, hp.lr, hp.min_lr, hp.warmup_steps, decay_steps) / hp.lr
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": cosine_schedule(opt, hp.warmup_steps, decay_steps, hp.min_lr / hp.lr)}
 
     # -- evaluation ------------------------------------------------------------------------
     def _score(self, batch, metric: MeanMetric) -> None:
@@ -244,17 +231,11 @@ class GPTModule(L.LightningModule, TextGenerator, CountsTokens):
         # every window holds block_size targets, so weighting by windows is weighting by tokens
         metric.update(loss, weight=x.size(0))
 
-    def _log_score(self, split: str, metric: MeanMetric) -> None:
-        loss = metric.compute()
-        metric.reset()
-        self.log(f"{split}/loss", loss, sync_dist=False)  # MeanMetric already reduced across ranks
-        self.log(f"{split}/ppl", torch.exp(loss), sync_dist=False)
-
     def validation_step(self, batch, batch_idx):
         self._score(batch, self.val_loss)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_score("val", self.val_loss)
+        log_mean_loss(self, "val", self.val_loss)
         if not self.trainer.sanity_checking:
             self._log_sample(f"samples/step_{self.global_step:06d}.txt")
 
@@ -262,7 +243,7 @@ class GPTModule(L.LightningModule, TextGenerator, CountsTokens):
         self._score(batch, self.test_loss)
 
     def on_test_epoch_end(self) -> None:
-        self._log_score("test", self.test_loss)
+        log_mean_loss(self, "test", self.test_loss)
         if self.hparams.eval_block_sizes:
             self._log_long_context()
 

@@ -12,9 +12,9 @@ from modules.finetune.model import (
     MiniGPTForCausalLM,
     causal_lm_loss,
     default_lr,
-    lora_config,
     weights_bytes,
 )
+from modules.finetune.methods import MethodArgs, lora
 from modules.gpt.model import GPT, GPTConfig
 
 
@@ -37,7 +37,7 @@ def test_lora_on_minigpt_trains_exactly_the_low_rank_factors():
     from peft import get_peft_model
 
     c = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
-    model = get_peft_model(MiniGPTForCausalLM(GPT(c)), lora_config(4, None, 0.0, None, False, minigpt=True))
+    model = get_peft_model(MiniGPTForCausalLM(GPT(c)), lora(MethodArgs(r=4, dropout=0.0, minigpt=True)))
     r, d = 4, c.n_embd
     # per block: c_attn d->3d, attn.c_proj d->d, mlp.c_fc d->4d, mlp.c_proj 4d->d; LoRA adds r(in + out)
     expected = c.n_layer * r * ((d + 3 * d) + (d + d) + (d + 4 * d) + (4 * d + d))
@@ -52,12 +52,12 @@ def test_lora_on_minigpt_trains_exactly_the_low_rank_factors():
 
 
 def test_lora_config_defaults_to_all_linear_for_hf_and_validates():
-    assert lora_config(8, 16, 0.05, None, False, minigpt=False).target_modules == "all-linear"
-    assert lora_config(8, None, 0.0, ["q_proj"], True, minigpt=False).use_dora
+    assert lora(MethodArgs(r=8, alpha=16)).target_modules == "all-linear"
+    assert lora(MethodArgs(r=8, target_modules=["q_proj"], use_dora=True)).use_dora
     with pytest.raises(ValueError, match="rank r"):
-        lora_config(0, None, 0.0, None, False, minigpt=True)
+        lora(MethodArgs(r=0, minigpt=True))
     with pytest.raises(ValueError, match="lora_dropout"):
-        lora_config(4, None, 1.5, None, False, minigpt=True)
+        lora(MethodArgs(r=4, dropout=1.5, minigpt=True))
 
 
 def test_default_lr_follows_practice():
@@ -70,8 +70,6 @@ def test_default_lr_follows_practice():
     assert 5e-5 <= full[1] <= 1.5e-4  # GPT-2 small
     assert 2e-4 <= lora[-1] <= 3e-4  # QLoRA paper: 2e-4 for 7B-13B
     assert default_lr("qlora", 10**9) == default_lr("lora", 10**9)
-    with pytest.raises(ValueError, match="method"):
-        default_lr("prefix", 10**6)
 
 
 def test_resolve_backbone(tmp_path, tiny_llama_dir, tiny_minigpt_ckpt):
@@ -93,3 +91,18 @@ def test_weights_bytes_counts_weight_files_only(tmp_path):
     (tmp_path / "README.md").write_text("hello")
     assert weights_bytes(tmp_path) == 100
 
+
+
+def test_an_architecture_folder_starts_from_random_weights():
+    """configs/finetune/arch/tiny-llama holds a config and a tokenizer, no weights: the peft-methods
+    study's `llama` stage pretrains it from the seed's random weights."""
+    from pathlib import Path
+
+    from modules.finetune.module import FinetuneModule
+
+    folder = Path(__file__).resolve().parents[3] / "configs" / "finetune" / "arch" / "tiny-llama"
+    module = FinetuneModule(str(folder), "full", export=False)
+    with pytest.warns(UserWarning, match="no weights: the model starts from random weights"):
+        module.configure_model()
+    assert module.kind == "hf" and module.n_total == module.n_trainable > 500_000
+    assert len(module.tokenizer) == module.backbone.config.vocab_size == 320

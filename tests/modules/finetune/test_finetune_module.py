@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from datamodules.instruct import InstructDataModule
-from modules.finetune.module import FinetuneModule, load_for_generation
+from modules.finetune.load import load_for_generation
+from modules.finetune.module import FinetuneModule
 from tests.helpers import quiet_trainer
 
 
@@ -135,15 +136,19 @@ def test_lora_checkpoint_keeps_only_adapters_and_round_trips(trained, tmp_path):
 
 def test_qlora_without_cuda_fails_before_any_work(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    # a backbone that does not exist: the CUDA check must come first, before any loading
+    # construction stays offline and CUDA-free (`practicum estimate` builds QLoRA configs on any
+    # machine); the first hook a Trainer calls, before data or weights, refuses
+    module = FinetuneModule(backbone="some/model", method="qlora")
     with pytest.raises(RuntimeError, match="qlora.*CUDA GPU"):
-        FinetuneModule(backbone="/does/not/exist", method="qlora")
+        module.prepare_data()
+    with pytest.raises(RuntimeError, match="qlora.*CUDA GPU"):
+        module.configure_model()
 
 
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(method="prefix"), ValueError, "method must be one of"),
+        (dict(method="lorax"), ValueError, "method must be one of"),
         (dict(method="lora", lr=-1.0), ValueError, "lr must be > 0"),
         (dict(method="lora", dtype="float8"), ValueError, "dtype must be one of"),
         (dict(method="full", use_dora=True), ValueError, "use_dora"),

@@ -34,11 +34,11 @@ def test_preset_instantiates_offline_from_a_local_architecture_and_jsonl(path, t
     data.write_text("".join(json.dumps(c) + "\n" for c in CARDS))
     args = [f"--model.init_args.backbone={folder}", f"--data.init_args.source={data}",
             f"--data.init_args.tokenizer={folder}", "--data.init_args.max_length=48", "--data.init_args.batch_size=2"]
+    cli = load_experiment(path, args)  # QLoRA too: construction is CUDA-free, so `practicum estimate` reads it
     if "qlora" in path.stem and not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="needs a CUDA GPU"):
-            load_experiment(path, args)
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            cli.model.prepare_data()  # the first hook of a run, before data and weights
         return
-    cli = load_experiment(path, args)
     assert (cli.model.kind, cli.model.source) == ("hf", str(folder)) and cli.model.backbone is None  # no weights
     dm = cli.datamodule
     dm.prepare_data()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from datamodules.shakespeare import ShakespeareDataModule
-from modules.gpt.module import GPTModule, cosine_lr
+from modules.gpt.module import GPTModule
+from modules.training import cosine_lr
 from pipelines.cli import main as practicum
 from pipelines.run import run_experiment
 from tests.data import shakespeare_text
