@@ -138,7 +138,7 @@ class PairCollator:
         return pad_rows(prompts, answers, self.pad_id)
 
 
-class PromptDataModule(BorrowedTokenizer, LightningDataModule):
+class PromptDataModule(BorrowedTokenizer, LightningDataModule, OptionalTestSplit):
     def __init__(
         self,
         n_prompts: int = 512,
@@ -202,7 +202,9 @@ class PromptDataModule(BorrowedTokenizer, LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
-    has_test_split = True
+    @property
+    def has_test_split(self) -> bool:
+        return True  # the prompts' test split is always cut
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)

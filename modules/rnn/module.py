@@ -16,10 +16,12 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from contract import CountsTokens, TextGenerator
 from datamodules.tokenizers import Tokenizer
 from modules.artifacts import log_text
 from modules.gpt.module import GPTModule
 from modules.rnn.model import CharRNN, CharRNNConfig, State
+from modules.training import log_mean_loss
 
 
 def detach_state(state: State) -> State:
@@ -27,7 +29,7 @@ def detach_state(state: State) -> State:
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
 
-class CharRNNModule(L.LightningModule):
+class CharRNNModule(L.LightningModule, TextGenerator, CountsTokens):
     def __init__(
         self,
         vocab_size: int | None = None,
@@ -113,7 +115,6 @@ class CharRNNModule(L.LightningModule):
     on_save_checkpoint = GPTModule.on_save_checkpoint
     on_load_checkpoint = GPTModule.on_load_checkpoint
     configure_optimizers = GPTModule.configure_optimizers
-    _log_score = GPTModule._log_score
     # and its sampling: CharRNN.generate takes GPT.generate's arguments
     generate_text = GPTModule.generate_text
 
@@ -142,7 +143,7 @@ class CharRNNModule(L.LightningModule):
         self._score(batch, self.val_loss)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_score("val", self.val_loss)
+        log_mean_loss(self, "val", self.val_loss)
         hp = self.hparams
         if self.trainer.sanity_checking or hp.sample_tokens <= 0 or self.tokenizer is None:
             return
@@ -155,4 +156,4 @@ class CharRNNModule(L.LightningModule):
         self._score(batch, self.test_loss)
 
     def on_test_epoch_end(self) -> None:
-        self._log_score("test", self.test_loss)
+        log_mean_loss(self, "test", self.test_loss)
