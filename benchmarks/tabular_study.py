@@ -44,13 +44,14 @@ def main() -> None:
     ap.add_argument("--study", default="configs/studies/tabular.yaml")
     ap.add_argument("--datasets", nargs="+", default=DATASETS)
     ap.add_argument("--tracking_uri")
+    ap.add_argument("--variants", nargs="+", help="run only these variants (as practicum study --variants)")
     args = ap.parse_args()
     total = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for dataset in args.datasets:
             t0 = time.perf_counter()
             parent, table = run_study(study_for(Path(args.study), dataset, Path(tmp)), (), args.tracking_uri,
-                                      system_metrics=False)
+                                      only=args.variants, system_metrics=False)
             print(f"\n## {dataset} (parent run {parent}, {time.perf_counter() - t0:.0f} s)\n\n{render(table, 'table')}"
                   f"\n\nverdict: {table.verdict_line()}", flush=True)
     print(f"\nall data sets: {time.perf_counter() - total:.0f} s")

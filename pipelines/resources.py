@@ -172,7 +172,7 @@ class ResourceMonitor(Callback):
         self._vt0 = time.perf_counter()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self._cuda:
+        if getattr(self, "_cuda", False):  # set by on_fit_start; a bare trainer.validate() has none
             torch.cuda.synchronize(trainer.strategy.root_device)
         self._val_s += time.perf_counter() - self._vt0
 
