@@ -69,3 +69,18 @@ def test_tiny_rlhf_study(tmp_path, tracking_uri):
     assert len(history) == 2 and len(client.get_metric_history(ppo, "val/kl")) == 2  # over training
     plots = {a.path for a in client.list_artifacts(parent, "plots")}
     assert "plots/test_true_reward_vs_test_kl.png" in plots
+
+
+def test_a_stage_may_name_only_an_earlier_stage(tmp_path):
+    from pipelines.study import load_study
+    from pipelines.tracking import ConfigError
+
+    real = yaml.safe_load((ROOT / "configs" / "studies" / "rlhf.yaml").read_text())
+    stages = {k: {**v, "config": str(ALIGN / Path(v["config"]).name)} for k, v in real["stages"].items()}
+    good = {**real, "base": str(ALIGN / "ppo_minigpt.yaml"), "stages": stages}
+    (tmp_path / "good.yaml").write_text(yaml.safe_dump(good, sort_keys=False))
+    load_study(tmp_path / "good.yaml")
+    swapped = {**good, "stages": {"pairs": stages["pairs"], "sft": stages["sft"]}}  # pairs names sft, run after it
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(swapped, sort_keys=False))
+    with pytest.raises(ConfigError, match="stage 'pairs'.*only the stages before it"):
+        load_study(tmp_path / "bad.yaml")
