@@ -12,6 +12,7 @@ input tensor of its ``forward``. The checkpoint travels as the model's artifact 
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from contract import ImageSampler, TextGenerator, TransformersExport
+from pipelines.tracking import TAG_STUDY, TAG_VARIANT
 
 ROOT = Path(__file__).resolve().parent.parent
 CODE = [str(ROOT / p) for p in ("contract", "modules", "datamodules", "pipelines")]
@@ -108,14 +110,24 @@ def signature_and_example(module, example_batch=None):
     return None, None
 
 
+def model_name(tags: dict[str, str]) -> str:
+    """The name a run logs its model under: ``STUDY-VARIANT-seedN`` for a study's run, so MLflow's list of
+    logged models tells them apart; ``model`` for a run of its own (``runs:/ID/model``)."""
+    study, variant, seed = tags.get(TAG_STUDY), tags.get(TAG_VARIANT), tags.get("practicum.seed")
+    if not (study and variant):
+        return "model"
+    raw = f"{study}-{variant}" + (f"-seed{seed}" if seed not in (None, "", "None") else "")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", raw)
+
+
 def log_model(client, run_id: str, uri: str, module, checkpoint: str, register: str | None = None,
-              example_batch=None) -> str | None:
-    """Log `checkpoint` as the run's MLflow Model ``model``; with `register`, also a Registry version.
+              example_batch=None, name: str = "model") -> str | None:
+    """Log `checkpoint` as the run's MLflow Model `name`; with `register`, also a Registry version.
 
     Returns the model URI, or None where the module has no interface to serve.
     """
     if isinstance(module, TransformersExport):
-        logged = _log_transformers(client, run_id, uri, type(module), checkpoint, register)
+        logged = _log_transformers(client, run_id, uri, type(module), checkpoint, register, name)
         if logged:
             return logged
     sig, example = signature_and_example(module, example_batch)
@@ -124,11 +136,11 @@ def log_model(client, run_id: str, uri: str, module, checkpoint: str, register: 
     # Leaving the run's block marks it FINISHED; the pipeline sets its true status right after.
     with fluent_store(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=CheckpointModel(), artifacts={"checkpoint": checkpoint},
+            name=name, python_model=CheckpointModel(), artifacts={"checkpoint": checkpoint},
             signature=sig, input_example=example, code_paths=CODE, pip_requirements=_requirements(),
             registered_model_name=register,
         )
-    client.set_tag(run_id, "practicum.model_uri", f"runs:/{run_id}/model")
+    client.set_tag(run_id, "practicum.model_uri", f"runs:/{run_id}/{name}")
     return info.model_uri
 
 
@@ -163,7 +175,8 @@ def _requirements() -> list[str]:
     return out
 
 
-def _log_transformers(client, run_id: str, uri: str, cls, checkpoint: str, register: str | None) -> str | None:
+def _log_transformers(client, run_id: str, uri: str, cls, checkpoint: str, register: str | None,
+                      name: str = "model") -> str | None:
     """The best checkpoint, exported by the module as a transformers folder (`contract.TransformersExport`),
     in MLflow's ``transformers`` flavour as a text-generation pipeline: servable and loadable without
     Practicum. None where the module declines (its model is no transformers model)."""
@@ -174,10 +187,10 @@ def _log_transformers(client, run_id: str, uri: str, cls, checkpoint: str, regis
         folder = best.export_transformers(Path(tmp) / "merged")
         if folder is None:
             return None
-        return _log_pipeline(client, run_id, uri, folder, register)
+        return _log_pipeline(client, run_id, uri, folder, register, name)
 
 
-def _log_pipeline(client, run_id: str, uri: str, folder: Path, register: str | None) -> str:
+def _log_pipeline(client, run_id: str, uri: str, folder: Path, register: str | None, name: str = "model") -> str:
     with fluent_store(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
         from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
@@ -185,10 +198,10 @@ def _log_pipeline(client, run_id: str, uri: str, folder: Path, register: str | N
         pipe = pipeline("text-generation", model=AutoModelForCausalLM.from_pretrained(folder),
                         tokenizer=AutoTokenizer.from_pretrained(folder))
         info = mlflow.transformers.log_model(
-            pipe, task="text-generation", name="model", registered_model_name=register,
+            pipe, task="text-generation", name=name, registered_model_name=register,
             input_example=("ROMEO:", {"max_new_tokens": 8}), pip_requirements=_requirements() + _hf_requirements(),
         )
-    client.set_tag(run_id, "practicum.model_uri", f"runs:/{run_id}/model")
+    client.set_tag(run_id, "practicum.model_uri", f"runs:/{run_id}/{name}")
     return info.model_uri
 
 

@@ -49,8 +49,8 @@ def trusted_types(estimator: Any) -> list[str]:
 
 
 def log_estimator(client, run_id: str, uri: str, estimator: Any, register: str | None = None,
-                  example: np.ndarray | None = None) -> str:
-    """Log `estimator` as the run's MLflow Model ``model`` in its flavour; returns the model URI.
+                  example: np.ndarray | None = None, name: str = "model") -> str:
+    """Log `estimator` as the run's MLflow Model `name` in its flavour; returns the model URI.
 
     Args:
         example: A few input rows (float64); they become the input example and, with the
@@ -60,7 +60,7 @@ def log_estimator(client, run_id: str, uri: str, estimator: Any, register: str |
 
     flavour = flavour_of(estimator)
     sig = None if example is None else infer_signature(example, estimator.predict(example))
-    kwargs: dict[str, Any] = dict(name="model", signature=sig, input_example=example, registered_model_name=register,
+    kwargs: dict[str, Any] = dict(name=name, signature=sig, input_example=example, registered_model_name=register,
                                   pip_requirements=_requirements(flavour))
     with fluent_store(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
         log = importlib.import_module(f"mlflow.{flavour}").log_model
@@ -68,7 +68,7 @@ def log_estimator(client, run_id: str, uri: str, estimator: Any, register: str |
             info = log(estimator, model_format="ubj", **kwargs)
         else:
             info = log(estimator, serialization_format="skops", skops_trusted_types=trusted_types(estimator), **kwargs)
-    client.set_tag(run_id, "practicum.model_uri", f"runs:/{run_id}/model")
+    client.set_tag(run_id, "practicum.model_uri", f"runs:/{run_id}/{name}")
     client.set_tag(run_id, "practicum.model_flavour", flavour)
     return info.model_uri
 

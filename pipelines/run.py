@@ -98,6 +98,8 @@ def run_experiment(
         "practicum.data": cfg.data.class_path if cfg.get("data") else "",
         "practicum.seed": str(cfg.seed_everything),
         **({"practicum.config": config_path} if config_path else {}),
+        # MLflow's Source column: the config the run came from (its commit is mlflow.source.git.commit)
+        **({"mlflow.source.name": config_path, "mlflow.source.type": "LOCAL"} if config_path else {}),
         **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
         **inputs_tag(inputs),
         **(tags or {}),
@@ -143,7 +145,7 @@ def run_experiment(
         if trainer.interrupted:
             status = "KILLED"
         elif trainer.is_global_zero:
-            _log_model(s, cfg, model, trainer)
+            _log_model(s, cfg, model, trainer, run_tags)
             _log_datasets(s, dm, lineage, fingerprint)
     except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or Lightning's SIGTERMException
         status, error = "KILLED", e
@@ -155,7 +157,7 @@ def run_experiment(
     return _result(s.run_id, status, error, trainer, metrics)
 
 
-def _log_model(s: Session, cfg, model, trainer) -> None:
+def _log_model(s: Session, cfg, model, trainer, tags: dict[str, str]) -> None:
     """The best checkpoint as the run's MLflow Model (and a Registry version with --register). A model
     that cannot be logged is a warning on the run, not a failed run: the checkpoint is there."""
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -167,6 +169,7 @@ def _log_model(s: Session, cfg, model, trainer) -> None:
     from pipelines import models
     from pipelines.models_sklearn import log_estimator
 
+    name = models.model_name(tags)
     try:
         example = None
         # After trainer.test() the trainer holds no validation loader: ask the datamodule for one then.
@@ -174,11 +177,11 @@ def _log_model(s: Session, cfg, model, trainer) -> None:
         if isinstance(model, ServesEstimator) and model.fitted_estimator() is not None:
             # a scikit-learn-API estimator: its library's own MLflow flavour, a few validation rows as example
             rows = next(iter(loader))[0][:5].numpy() if loader is not None else None
-            log_estimator(s.client, s.run_id, s.uri, model.fitted_estimator(), cfg.register, rows)
+            log_estimator(s.client, s.run_id, s.uri, model.fitted_estimator(), cfg.register, rows, name)
             return
         if models.kind_of(model) == "tensor" and loader is not None:
             example = next(iter(loader))
-        models.log_model(s.client, s.run_id, s.uri, model, best, cfg.register, example)
+        models.log_model(s.client, s.run_id, s.uri, model, best, cfg.register, example, name)
     except Exception as e:  # noqa: BLE001  (the run's results stand without their MLflow Model)
         if cfg.register:
             raise

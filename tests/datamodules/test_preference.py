@@ -25,7 +25,7 @@ def test_vader_reward_reads_sentiment():
 
 
 def test_reward_may_be_a_function_named_by_its_import_path():
-    dm = PromptDataModule(reward="tests.modules.align.conftest.count_e")
+    dm = PromptDataModule(reward="tests.helpers.count_e")
     assert dm.reward(["eee", "xyz"]) == [1.0, 0.0]
 
 

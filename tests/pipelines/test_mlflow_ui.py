@@ -141,3 +141,12 @@ def test_hugging_face_finetune_is_logged_in_the_transformers_flavour(tracking_ur
     ids = torch.tensor([[1, 5, 9, 11]])
     with torch.no_grad():
         torch.testing.assert_close(components["model"](ids).logits, expected(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_study_runs_model_is_named_after_its_study_variant_and_seed():
+    from pipelines.models import model_name
+
+    tags = {"practicum.study": "gpt-quick", "practicum.variant": "layers 2", "practicum.seed": "0"}
+    assert model_name(tags) == "gpt-quick-layers-2-seed0"
+    assert model_name({**tags, "practicum.seed": "None"}) == "gpt-quick-layers-2"
+    assert model_name({"practicum.seed": "0"}) == "model"  # a run of its own keeps runs:/ID/model

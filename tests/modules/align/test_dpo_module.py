@@ -10,7 +10,7 @@ import torch
 
 from modules.align.module import DPOModule
 from tests.helpers import quiet_trainer
-from tests.modules.align.conftest import preference_data, sample_pairs
+from tests.helpers import preference_data, sample_pairs
 
 
 def metrics_of(trainer) -> dict[str, float]:

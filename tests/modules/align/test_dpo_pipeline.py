@@ -31,12 +31,12 @@ def test_tiny_dpo_study(tmp_path, tracking_uri, monkeypatch):
             "pairs": {"config": str(ROOT / "configs" / "align" / "pairs_minigpt.yaml"), "overrides": {
                 "model.init_args.backbone": "runs:/{stages.sft}", "data.init_args.n_prompts": 32,
                 "data.init_args.n_eval_prompts": 4, "data.init_args.prompt_chars": 8,
-                "data.init_args.max_new_tokens": 16, "data.init_args.reward": "tests.modules.align.conftest.count_e"}}},
+                "data.init_args.max_new_tokens": 16, "data.init_args.reward": "tests.helpers.count_e"}}},
         "overrides": {**real["overrides"], "trainer.max_steps": 4, "trainer.val_check_interval": 4,
                       "data.init_args.n_eval_prompts": 4, "data.init_args.max_new_tokens": 16,
                       "data.init_args.batch_size": 8, "model.init_args.lr": 3.0e-3,
                       # a dense reward: a 15-step model writes few words VADER knows
-                      "data.init_args.reward": "tests.modules.align.conftest.count_e"},
+                      "data.init_args.reward": "tests.helpers.count_e"},
         "variants": {"sft": real["variants"]["sft"], "best-of-2": {"trainer.max_steps": 0, "model.init_args.best_of": 2},
                      "dpo-beta0.1": real["variants"]["dpo-beta0.1"]},
     }

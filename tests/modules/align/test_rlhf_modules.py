@@ -12,7 +12,7 @@ from modules.align.ppo import per_token_kl
 from modules.align.reward import RewardModule, load_reward_model
 from modules.align.rl import PPOModule, RLOOModule
 from tests.helpers import quiet_trainer
-from tests.modules.align.conftest import preference_data
+from tests.helpers import preference_data
 
 
 def metrics_of(trainer) -> dict[str, float]:
@@ -21,7 +21,7 @@ def metrics_of(trainer) -> dict[str, float]:
 
 def prompts(**kw) -> PromptDataModule:
     args = dict(n_prompts=16, n_eval_prompts=4, prompt_chars=8, max_new_tokens=12, batch_size=8,
-                reward="tests.modules.align.conftest.count_e")
+                reward="tests.helpers.count_e")
     return PromptDataModule(**{**args, **kw})
 
 

@@ -16,7 +16,7 @@ from pipelines.study import run_study
 ROOT = Path(__file__).resolve().parents[3]
 ALIGN = ROOT / "configs" / "align"
 TINY_DATA = {"data.init_args.n_eval_prompts": 4, "data.init_args.max_new_tokens": 16,
-             "data.init_args.reward": "tests.modules.align.conftest.count_e"}
+             "data.init_args.reward": "tests.helpers.count_e"}
 
 
 @pytest.mark.slow
