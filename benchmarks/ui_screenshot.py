@@ -19,19 +19,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 from urllib.parse import unquote
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ml_view(page) -> bool:
@@ -61,6 +54,7 @@ def main() -> int:
     from playwright.sync_api import sync_playwright
 
     from pipelines import tracking as trk
+    from server.process import free_port
     from pipelines.compare import find_parent
 
     uri = trk.resolve_tracking_uri(ns.tracking_uri)

@@ -5,13 +5,13 @@ and the small mini-GPT configs the pipeline tests run."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
+from server.process import free_port  # noqa: F401  (one copy: the team server's)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,13 +55,6 @@ def practicum_cli(*args: str, timeout: int = 600, launcher: tuple[str, ...] = ()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, *launcher, "-m", "pipelines", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Payload:
