@@ -24,11 +24,7 @@ from pathlib import Path
 
 import psutil
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from server.process import free_port
 
 
 def measure(repo: Path, store: str) -> dict:
