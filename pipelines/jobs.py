@@ -1,7 +1,8 @@
-"""A study's jobs: every (variant, seed) pair as one pipeline run under the study's parent run.
+"""A study's runs under its parent run: its stages first, then every (variant, seed) pair as a job.
 
-`plan_jobs` resolves each variant's config (tuning it first where the study tunes); `run_jobs`
-runs the jobs one after another and draws the study's progress line.
+`run_stages` runs (or reuses) the stages; `plan_jobs` resolves each variant's config (tuning it
+first where the study tunes); `run_jobs` runs the jobs one after another and draws the study's
+progress line.
 """
 
 from __future__ import annotations
@@ -17,7 +18,37 @@ from pipelines import tracking as trk
 from pipelines.compare import reported
 from pipelines.config import to_cli_args
 from pipelines.console import summary_line
-from pipelines.tracking import ConfigError
+from pipelines.tracking import ConfigError, StageFailed
+
+
+def run_stages(parent) -> dict[str, str]:
+    """Run (or reuse) every stage; returns {stage name: run id} and records it on the parent."""
+    from pipelines.run import run_experiment
+
+    study, client = parent.study, parent.client
+    runs: dict[str, str] = {}
+    for name in study.stages:
+        config, sargs, digest = study.stage_config(name, parent.args)
+        found = client.search_runs(
+            [parent.exp_id], f"tags.`{trk.TAG_ROLE}` = 'stage' and tags.`practicum.stage_digest` = '{digest}' "
+                             "and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
+        if found:
+            runs[name] = found[0].info.run_id
+            tqdm.write(f"[{study.name}] stage {name}: reusing run {runs[name]}")
+            continue
+        tags = {trk.TAG_STUDY: study.name, trk.TAG_ROLE: "stage", "practicum.stage": name,
+                "practicum.stage_digest": digest}
+        res = run_experiment(config, sargs, parent.uri, experiment=study.name, run_name=f"stage-{name}",
+                             parent_run_id=parent.run_id, tags=tags, system_metrics=parent.system_metrics)
+        tqdm.write(f"[{study.name}] stage {name}: {res.status}")
+        if res.status != "FINISHED":
+            client.set_terminated(parent.run_id, "FAILED")
+            raise StageFailed(f"study '{study.name}': stage '{name}' ended {res.status} ({res.error}); "
+                              f"its run is {res.run_id}")
+        runs[name] = res.run_id
+    if runs:
+        client.set_tag(parent.run_id, "practicum.stages", json.dumps(runs))
+    return runs
 
 
 @dataclass

@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 from pipelines import tracking as trk
 from pipelines.compare import StudyTable, render, reported, study_table
 from pipelines.config import to_cli_args
-from pipelines.tracking import ConfigError, StageFailed
+from pipelines.tracking import ConfigError
 
 STAGE_REF = re.compile(r"\{stages\.([\w-]+)\}")
 REQUIREMENTS = {"cuda": "a CUDA GPU", "bitsandbytes": "bitsandbytes (pip install 'practicum[qlora]')"}
@@ -281,7 +281,7 @@ def run_study(
     logged to the parent: comparison.csv (the summary's raw values), runs.csv, differences.csv,
     comparison.md, comparison.txt and plots.
     """
-    from pipelines.jobs import run_jobs
+    from pipelines.jobs import run_jobs, run_stages
 
     # 1. Read the study file; keep the variants this machine can run.
     study = load_study(path)
@@ -344,36 +344,6 @@ def open_parent(study: Study, names: list[str], skipped: dict[str, str], args: S
     if args:
         client.log_param(run_id, "overrides", trk.redact(" ".join(args)))
     return Parent(study, uri, client, exp_id, run_id, list(args), system_metrics)
-
-
-def run_stages(parent: Parent) -> dict[str, str]:
-    """Run (or reuse) every stage; returns {stage name: run id} and records it on the parent."""
-    from pipelines.run import run_experiment
-
-    study, client = parent.study, parent.client
-    runs: dict[str, str] = {}
-    for name in study.stages:
-        config, sargs, digest = study.stage_config(name, parent.args)
-        found = client.search_runs(
-            [parent.exp_id], f"tags.`{trk.TAG_ROLE}` = 'stage' and tags.`practicum.stage_digest` = '{digest}' "
-                             "and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
-        if found:
-            runs[name] = found[0].info.run_id
-            tqdm.write(f"[{study.name}] stage {name}: reusing run {runs[name]}")
-            continue
-        tags = {trk.TAG_STUDY: study.name, trk.TAG_ROLE: "stage", "practicum.stage": name,
-                "practicum.stage_digest": digest}
-        res = run_experiment(config, sargs, parent.uri, experiment=study.name, run_name=f"stage-{name}",
-                             parent_run_id=parent.run_id, tags=tags, system_metrics=parent.system_metrics)
-        tqdm.write(f"[{study.name}] stage {name}: {res.status}")
-        if res.status != "FINISHED":
-            client.set_terminated(parent.run_id, "FAILED")
-            raise StageFailed(f"study '{study.name}': stage '{name}' ended {res.status} ({res.error}); "
-                              f"its run is {res.run_id}")
-        runs[name] = res.run_id
-    if runs:
-        client.set_tag(parent.run_id, "practicum.stages", json.dumps(runs))
-    return runs
 
 
 def summarize(parent: Parent, results: list) -> StudyTable:
