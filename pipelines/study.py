@@ -35,6 +35,7 @@ A study is an experiment with a verdict (`pipelines.compare`, `pipelines.stats`)
     tune: {n_trials: 6, params: {model.init_args.lr: {low: 1.0e-4, high: 1.0e-2, log: true}}}
                                    # per variant, the same budget each (`pipelines.tune`); the seeded
                                    # runs then use the variant's best config
+    resources: {num_cpus: 1, num_gpus: 0}   # what each run declares as a Ray task (--ray)
 
 `requires` (a name or a list; known: cuda, bitsandbytes) keeps a variant out of a study on
 machines that cannot run it, so one study file serves a laptop and a GPU node alike; skipped
@@ -50,6 +51,7 @@ import dataclasses
 import hashlib
 import json
 import re
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -57,9 +59,9 @@ from typing import Any, Optional, Sequence
 import yaml
 from tqdm.auto import tqdm
 
-from pipelines import tracking as trk
-from pipelines.compare import StudyTable, render, reported, study_table
+from pipelines.compare import StudyTable, reported
 from pipelines.config import to_cli_args
+from pipelines.executor import Slot
 from pipelines.tracking import ConfigError
 
 STAGE_REF = re.compile(r"\{stages\.([\w-]+)\}")
@@ -131,6 +133,7 @@ class Study:
     quick: bool = False
     tune: Any = None
     scatter: list[tuple[str, str]] = field(default_factory=list)
+    resources: Slot = field(default_factory=Slot)
     path: Optional[Path] = None  # the file itself; set by load_study, not a key of the file
 
     def seed_args(self, seed: int | None) -> list[str]:
@@ -253,19 +256,6 @@ def _check(study: Study, where: str) -> None:
                           f"stages: {sorted(study.stages)}")
 
 
-@dataclass
-class Parent:
-    """The study's parent run, and what every child run needs to log under it."""
-
-    study: Study
-    uri: str
-    client: trk.MlflowClient
-    exp_id: str
-    run_id: str
-    args: list[str]
-    system_metrics: bool
-
-
 def run_study(
     path: str | Path,
     args: Sequence[str] = (),
@@ -273,28 +263,38 @@ def run_study(
     *,
     only: Sequence[str] | None = None,
     system_metrics: bool = True,
+    workers: int | None = None,
+    ray: str | bool | None = None,
+    resume: bool = False,
 ) -> tuple[str, StudyTable]:
     """Run every variant once per seed as a child of one parent run; a failing run ends FAILED and the
     study goes on.
+
+    `workers` (local processes) or `ray` (True: a local instance or $RAY_ADDRESS; or an address) run
+    the jobs in parallel (`pipelines.executor`). `resume` reopens the study's latest parent run and
+    runs only the jobs without a finished run, continuing interrupted ones from their checkpoints.
 
     Returns the parent run id and the comparison (`pipelines.compare.StudyTable`), which is also
     logged to the parent: comparison.csv (the summary's raw values), runs.csv, differences.csv,
     comparison.md, comparison.txt and plots.
     """
+    from pipelines.executor import make_executor
     from pipelines.jobs import run_jobs, run_stages
+    from pipelines.parent import open_parent, summarize
 
     # 1. Read the study file; keep the variants this machine can run.
     study = load_study(path)
     names, skipped = runnable_variants(study, only)
 
-    # 2. Open the parent run: the study's declarations as its tags, the file as its artifact.
-    parent = open_parent(study, names, skipped, args, tracking_uri, system_metrics)
+    # 2. Open the parent run (or reopen the last one): the study's declarations as its tags.
+    parent = open_parent(study, names, skipped, args, tracking_uri, system_metrics, resume)
 
-    # 3. Stages before the variants that need them; a finished matching stage is reused.
-    stage_runs = run_stages(parent)
+    with closing(make_executor(workers, ray, study.resources)) as executor:  # here, local workers or Ray
+        # 3. Stages before the variants that need them; a finished matching stage is reused.
+        stage_runs = run_stages(parent, executor)
 
-    # 4. The jobs: each variant tuned where the study tunes, then run once per seed.
-    results = run_jobs(parent, names, stage_runs)
+        # 4. The jobs: each variant tuned where the study tunes, then run once per seed.
+        results = run_jobs(parent, names, stage_runs, executor)
 
     # 5. The summary: the table, its files and plots on the parent, and the parent's status.
     return parent.run_id, summarize(parent, results)
@@ -315,58 +315,3 @@ def runnable_variants(study: Study, only: Sequence[str] | None) -> tuple[list[st
     if not names:
         raise ConfigError(f"study '{study.name}': every variant was skipped: {skipped}")
     return names, skipped
-
-
-def open_parent(study: Study, names: list[str], skipped: dict[str, str], args: Sequence[str],
-                tracking_uri: str | None, system_metrics: bool) -> Parent:
-    """Create the parent run; `pipelines.compare` reads the table's layout back from its tags."""
-    uri = trk.resolve_tracking_uri(tracking_uri)
-    client = trk.MlflowClient(uri)
-    trk.check_reachable(client, uri)
-    exp_id = trk.get_or_create_experiment(client, study.name, uri)
-    tags = {
-        **trk.environment_tags(),
-        trk.TAG_STUDY: study.name,
-        trk.TAG_ROLE: "parent",
-        "practicum.variants": json.dumps(names),
-        "practicum.columns": json.dumps(study.columns),
-        "practicum.primary_metric": study.primary_metric,
-        "practicum.seeds": json.dumps(study.seeds),
-        "practicum.report": study.report,
-        "practicum.modes": json.dumps(study.modes),
-        "practicum.equal_budget": str(study.equal_budget).lower(),
-        "practicum.quick": str(study.quick).lower(),
-        **({"practicum.baseline": study.baseline} if study.baseline else {}),
-        **({"practicum.skipped": json.dumps(skipped)} if skipped else {}),
-    }
-    run_id = client.create_run(exp_id, tags=tags, run_name=study.name).info.run_id
-    client.log_text(run_id, trk.redact(study.path.read_text()), "study.yaml")  # e.g. tune.storage's password
-    if args:
-        client.log_param(run_id, "overrides", trk.redact(" ".join(args)))
-    return Parent(study, uri, client, exp_id, run_id, list(args), system_metrics)
-
-
-def summarize(parent: Parent, results: list) -> StudyTable:
-    """The comparison from MLflow, logged to the parent with its plots; the parent closes with the
-    study's status (KILLED when a run was interrupted, FAILED when every run failed)."""
-    import matplotlib.pyplot as plt
-
-    from pipelines.plots import study_plots
-
-    client, run_id = parent.client, parent.run_id
-    table = study_table(client, client.get_run(run_id))
-    client.log_text(run_id, table.summary.to_csv(index=False), "comparison.csv")
-    client.log_text(run_id, table.runs.to_csv(index=False), "runs.csv")
-    client.log_text(run_id, table.differences.to_csv(index=False), "differences.csv")
-    client.log_text(run_id, render(table, "markdown"), "comparison.md")
-    client.log_text(run_id, render(table, "table"), "comparison.txt")
-    for fname, fig in study_plots(client, run_id, parent.study.primary_metric, parent.study.scatter).items():
-        client.log_figure(run_id, fig, f"plots/{fname}")
-        plt.close(fig)
-    status = "FINISHED"
-    if any(r.status == "KILLED" for r in results):
-        status = "KILLED"
-    elif all(r.status == "FAILED" for r in results):
-        status = "FAILED"
-    client.set_terminated(run_id, status)
-    return table
