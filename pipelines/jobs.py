@@ -227,7 +227,6 @@ def run_jobs(parent, names: list[str], stage_runs: dict[str, str], executor=None
         results.append(RunResult(None, "KILLED", error="interrupted"))
     finally:
         bar.close()
-        executor.close()
     return results
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
 
 from pipelines import tracking as trk
 from pipelines.compare import StudyTable, render, study_table
 from pipelines.plots import study_plots
-from pipelines.study import Study
 from pipelines.tracking import ConfigError
 
 
@@ -20,7 +19,7 @@ from pipelines.tracking import ConfigError
 class Parent:
     """The study's parent run, and what every child run needs to log under it (sent to workers)."""
 
-    study: Study
+    study: Any  # pipelines.study.Study (which imports this file's functions: no import back)
     uri: str
     exp_id: str
     run_id: str
@@ -33,7 +32,7 @@ class Parent:
         return trk.MlflowClient(self.uri)
 
 
-def open_parent(study: Study, names: list[str], skipped: dict[str, str], args: Sequence[str],
+def open_parent(study, names: list[str], skipped: dict[str, str], args: Sequence[str],
                 tracking_uri: str | None, system_metrics: bool, resume: bool = False) -> Parent:
     """Create the parent run (`resume`: reopen the study's latest); `pipelines.compare` reads the
     table's layout back from its tags."""

@@ -47,6 +47,7 @@ as a run config is read against a module's signature (`load_study`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -62,8 +63,10 @@ from tqdm.auto import tqdm
 from pipelines.compare import StudyTable, reported
 from pipelines.config import to_cli_args
 from pipelines.executor import Slot
+from pipelines.plots import study_plots  # noqa: F401  (the study's figures, long imported from here)
 from pipelines.tracking import ConfigError
 
+OPAQUE = ("variants", "overrides", "tune")  # Study fields whose values other parsers read
 STAGE_REF = re.compile(r"\{stages\.([\w-]+)\}")
 REQUIREMENTS = {"cuda": "a CUDA GPU", "bitsandbytes": "bitsandbytes (pip install 'practicum[qlora]')"}
 
@@ -208,9 +211,16 @@ def _parse(raw: Any, path: Path) -> Study:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(Study, skip={"path"})
     try:
-        return Study(**parser.instantiate(parser.parse_object(raw)).as_dict())
+        parsed = parser.parse_object(copy.deepcopy(raw)).as_dict()  # it would turn raw's dicts into Namespaces
     except Exception as e:  # jsonargparse's ArgumentError: the key, the expected type and the value given
         raise ConfigError(f"study {path}: {_explain(str(e))}") from None
+    # Overrides are handed to the run's own parser as written: parsing has expanded any class_path in
+    # them with its defaults, which is that parser's job, not the study's.
+    parsed.update({k: raw[k] for k in OPAQUE if k in raw})
+    parsed["stages"] = {k: Stage(v["config"], raw["stages"][k].get("overrides") or {})
+                        for k, v in parsed["stages"].items()}
+    parsed["resources"] = Slot(**parsed["resources"])
+    return Study(**parsed)
 
 
 def _explain(msg: str) -> str:

@@ -8,6 +8,15 @@ from lightning import Callback, LightningDataModule, LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+# The toy project's run config: 12 steps, validation every 4 (tests/pipelines/conftest.py writes it as toy_config).
+TOY = {
+    "seed_everything": 7,
+    "trainer": {"max_steps": 12, "log_every_n_steps": 2, "enable_progress_bar": False, "val_check_interval": 4,
+                "enable_model_summary": False},
+    "model": {"class_path": "tests.pipelines.toy.ToyModule", "init_args": {"hidden": 8}},
+    "data": {"class_path": "tests.pipelines.toy.ToyDataModule", "init_args": {"n": 64, "batch_size": 8}},
+}
+
 
 class ToyModule(LightningModule):
     """y = Wx + b regression with a two-layer MLP.
@@ -96,13 +105,19 @@ class SignalAt(Callback):
     Args:
         step: global step after which the signal is sent.
         sig: signal name, e.g. SIGKILL or SIGTERM.
+        once: a file path: only the process that creates it is signalled (a killed worker's retry lives).
     """
 
-    def __init__(self, step: int, sig: str = "SIGKILL"):
-        self.step, self.sig = step, getattr(signal, sig)
+    def __init__(self, step: int, sig: str = "SIGKILL", once: str | None = None):
+        self.step, self.sig, self.once = step, getattr(signal, sig), once
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
+            if self.once:  # a file: the first process to get here makes it and dies; the retry goes on
+                try:
+                    open(self.once, "x").close()
+                except FileExistsError:
+                    return
             os.kill(os.getpid(), self.sig)
 
 
