@@ -10,7 +10,8 @@ from pathlib import Path
 USAGE = """practicum <command> ...
 
   run CONFIG.yaml [--section.key=value ...]   fit (then test) one experiment; --print_config shows the resolved config
-  study STUDY.yaml [--section.key=value ...]  every variant as a child run, then the comparison table
+  study STUDY.yaml [--workers N | --ray [ADDRESS]] [--resume] [--section.key=value ...]
+                                              every variant as a child run, then the comparison table
   compare STUDY [--format table|csv|json|markdown]   the study's table, rebuilt from MLflow
   estimate CONFIG.yaml [--gpu H100-80GB] [--section.key=value ...]   predict the fine-tune's memory per GPU, offline
   generate CHECKPOINT_OR_RUN_ID --prompt TEXT [--max_new_tokens N]   sample from a trained model
@@ -78,13 +79,18 @@ def cmd_study(args: list[str]) -> int:
     p.add_argument("--tracking_uri")
     p.add_argument("--variants", nargs="+", help="run only these variants")
     p.add_argument("--no_system_metrics", action="store_true")
+    p.add_argument("--workers", type=int, help="run N runs at once on this machine, each with its share of the cores")
+    p.add_argument("--ray", nargs="?", const=True, metavar="ADDRESS",
+                   help="each run a Ray task: on the cluster at ADDRESS (or $RAY_ADDRESS), else a local instance")
+    p.add_argument("--resume", action="store_true", help="continue the study's last run: only what is missing")
     ns, rest = p.parse_known_args(args)
     from pipelines import tracking as trk
     from pipelines.compare import render
     from pipelines.study import run_study
 
     parent, table = run_study(ns.study, rest, ns.tracking_uri, only=ns.variants,
-                              system_metrics=not ns.no_system_metrics)
+                              system_metrics=not ns.no_system_metrics, workers=ns.workers, ray=ns.ray,
+                              resume=ns.resume)
     uri = trk.resolve_tracking_uri(ns.tracking_uri)
     exp_id = trk.MlflowClient(uri).get_run(parent).info.experiment_id
     print(f"\n{render(table, 'table')}\n\nverdict: {table.verdict_line()}")

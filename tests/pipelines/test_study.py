@@ -92,8 +92,16 @@ def check_plotted_data(client, parent_id: str, runs: dict) -> None:
 def test_study_file_errors_name_the_problem(tmp_path, study_file):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"name": "x", "base": "toy.yaml", "variantz": {}}))
-    with pytest.raises(ConfigError, match="unknown key.*variantz"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['variantz'\]; known keys: name, base, variants, "):
         load_study(bad)
+    # the schema is the Study dataclass, read by jsonargparse: types and nested stage keys are checked
+    for extra, match in [({"seeds": [1, "q"]}, "key 'seeds': expected int or None, got q"),
+                         ({"equal_budget": "maybe"}, "key 'equal_budget': expected bool, got maybe"),
+                         ({"stages": {"s": {"confg": "toy.yaml"}}},
+                          "key 'stages': unknown key 'confg'; known keys: config, overrides")]:
+        bad.write_text(yaml.safe_dump({"name": "x", "base": "toy.yaml", "variants": {"a": {}}, **extra}))
+        with pytest.raises(ConfigError, match=match):
+            load_study(bad)
     bad.write_text(yaml.safe_dump({"name": "x", "base": "missing.yaml", "variants": {"a": {}}}))
     with pytest.raises(ConfigError, match="missing.yaml does not exist"):
         load_study(bad)

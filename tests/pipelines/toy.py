@@ -105,13 +105,19 @@ class SignalAt(Callback):
     Args:
         step: global step after which the signal is sent.
         sig: signal name, e.g. SIGKILL or SIGTERM.
+        once: a file path: only the process that creates it is signalled (a killed worker's retry lives).
     """
 
-    def __init__(self, step: int, sig: str = "SIGKILL"):
-        self.step, self.sig = step, getattr(signal, sig)
+    def __init__(self, step: int, sig: str = "SIGKILL", once: str | None = None):
+        self.step, self.sig, self.once = step, getattr(signal, sig), once
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
+            if self.once:  # a file: the first process to get here makes it and dies; the retry goes on
+                try:
+                    open(self.once, "x").close()
+                except FileExistsError:
+                    return
             os.kill(os.getpid(), self.sig)
 
 
