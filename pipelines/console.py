@@ -73,26 +73,26 @@ def trainer_overrides(trainer_cfg: dict, progress_bar: bool) -> dict:
 
 class PlainProgress:
     """The study's progress as plain lines, for output that is not a terminal: a line when a run starts
-    (`set_postfix_str` with a new label), the caller's line when it ends (`write`), and during a long run
-    at most one line every `every_s` seconds. Same calls as the `tqdm` bar it stands in for."""
+    (`started`), the caller's line when it ends (`write`), and in between at most one line of progress
+    every `every_s` seconds (`set_postfix_str`, which a `tqdm` bar would redraw in place)."""
 
     def __init__(self, total: int, desc: str, stream=None, every_s: float = 60.0, clock=time.monotonic):
         self.total, self.desc, self.n = total, desc, 0
         self.stream, self.every_s, self.clock = stream, every_s, clock
-        self._label, self._last = None, clock()
+        self._last = clock()
 
     def _print(self, text: str) -> None:
         print(text, file=self.stream or sys.stdout, flush=True)
 
+    def started(self, label: str) -> None:
+        self._last = self.clock()
+        self._print(f"[{self.desc}] {label}: started ({self.n + 1} of {self.total})")
+
     def set_postfix_str(self, text: str, refresh: bool = True) -> None:
-        label = text.split(" step ")[0]
         now = self.clock()
-        if label != self._label:  # a new run (or a run's tuning) begins
-            self._label, self._last = label, now
-            self._print(f"[{self.desc}] {self.n + 1}/{self.total} {label}: started")
-        elif text and now - self._last >= self.every_s:
+        if text and now - self._last >= self.every_s:
             self._last = now
-            self._print(f"[{self.desc}] {self.n + 1}/{self.total} {text}")
+            self._print(f"[{self.desc}] {self.n}/{self.total} done; {text}")
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -102,6 +102,14 @@ class PlainProgress:
 
     def close(self) -> None:
         pass
+
+
+def started(bar, label: str) -> None:
+    """A run begins: its own line in a log, the bar's postfix on a terminal."""
+    if isinstance(bar, PlainProgress):
+        bar.started(label)
+    else:
+        bar.set_postfix_str(label)
 
 
 def progress(total: int, desc: str):

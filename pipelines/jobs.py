@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from pipelines import console
 from pipelines import tracking as trk
 from pipelines.compare import reported
 from pipelines.config import to_cli_args
@@ -37,7 +38,7 @@ def run_stages(parent, executor=None) -> dict[str, str]:
     study, client, executor = parent.study, parent.client, executor or Serial()
     runs: dict[str, str] = {}
     for name in study.stages:
-        config, sargs, digest = study.stage_config(name, parent.args)
+        config, sargs, digest = study.stage_config(name, parent.args, runs)
         found = client.search_runs(
             [parent.exp_id], f"tags.`{trk.TAG_ROLE}` = 'stage' and tags.`practicum.stage_digest` = '{digest}' "
                              "and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1)
@@ -91,7 +92,7 @@ def plan_jobs(parent, names: list[str], stage_runs: dict[str, str], executor=Non
         try:
             config, vargs = study.variant_config(name, stage_runs)
             vargs = [*vargs, *parent.args]
-            if study.tune is not None:  # the variant's search, once, before its seeds
+            if study.tune_for(name) is not None:  # the variant's search, once, before its seeds
                 best = tune(parent, name, config, vargs, executor, bar)
                 if best:
                     tags["practicum.tuned"] = json.dumps(best)
@@ -112,16 +113,16 @@ def tune(parent, name: str, config: Path, vargs: list[str], executor, bar) -> di
     from pipelines.callbacks import ProgressLine
     from pipelines.tune import tune_variant
 
-    study = parent.study
-    task = functools.partial(tune_variant, study.name, name, config, vargs, study.tune, parent.uri,
+    study, spec = parent.study, parent.study.tune_for(name)
+    task = functools.partial(tune_variant, study.name, name, config, vargs, spec, parent.uri,
                              parent_run_id=parent.run_id, experiment=study.name, system_metrics=parent.system_metrics)
     if not isinstance(executor, Serial):
-        for f in [executor.submit(task) for _ in range(min(executor.slots, study.tune.n_trials))]:
+        for f in [executor.submit(task) for _ in range(min(executor.slots, spec.n_trials))]:
             f.result()
     # here: the trials themselves (serial), or none left, and the final best over every worker's trials
-    tuned = task(progress=ProgressLine(bar, f"{name} tuning", study.tune.metric) if bar else None)
+    tuned = task(progress=ProgressLine(bar, f"{name} tuning", spec.metric) if bar else None)
     tqdm.write(f"[{study.name}] {name}: tuned {tuned['best_params']} "
-               f"({study.tune.metric} {tuned['best_value']:.4g}, {tuned['n_trials']} trials)")
+               f"({spec.metric} {tuned['best_value']:.4g}, {tuned['n_trials']} trials)")
     return tuned["best_params"]
 
 
@@ -181,8 +182,7 @@ def run_jobs(parent, names: list[str], stage_runs: dict[str, str], executor=None
     metric = reported(study.primary_metric, study.report)
     # One line for the whole study (runs done, elapsed, remaining; the runs in flight, each with its
     # worker, step or metric), and one line per finished run above it.
-    bar = tqdm(total=len(names) * len(study.seeds), desc=study.name, unit="run", position=0, leave=False,
-               dynamic_ncols=True)
+    bar = console.progress(len(names) * len(study.seeds), study.name)  # plain lines when stdout is no terminal
     jobs = plan_jobs(parent, names, stage_runs, executor, bar)
     done = {j.label for j in jobs if parent.resumed and (r := job_run(parent, j.label))
             and r.info.status in ("FINISHED", "FAILED")}
@@ -195,7 +195,7 @@ def run_jobs(parent, names: list[str], stage_runs: dict[str, str], executor=None
                 job = pending.popleft()
                 tries[job.label] += 1
                 callbacks = [ProgressLine(bar, job.label, study.primary_metric)] if serial else []
-                bar.set_postfix_str(job.label)
+                console.started(bar, job.label)
                 inflight[executor.submit(run_job, job, parent, callbacks)] = (job, time.monotonic())
             finished, _ = wait(inflight, timeout=2.0, return_when=FIRST_COMPLETED)
             if not finished:

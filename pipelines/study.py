@@ -66,7 +66,8 @@ from pipelines.executor import Slot
 from pipelines.plots import study_plots  # noqa: F401  (the study's figures, long imported from here)
 from pipelines.tracking import ConfigError
 
-OPAQUE = ("variants", "overrides", "tune")  # Study fields whose values other parsers read
+OPAQUE = ("variants", "overrides", "tune")
+DERIVED = ("path", "variant_tune")  # Study fields load_study sets, not keys of the file  # Study fields whose values other parsers read
 STAGE_REF = re.compile(r"\{stages\.([\w-]+)\}")
 REQUIREMENTS = {"cuda": "a CUDA GPU", "bitsandbytes": "bitsandbytes (pip install 'practicum[qlora]')"}
 
@@ -138,6 +139,11 @@ class Study:
     scatter: list[tuple[str, str]] = field(default_factory=list)
     resources: Slot = field(default_factory=Slot)
     path: Optional[Path] = None  # the file itself; set by load_study, not a key of the file
+    variant_tune: dict[str, Any] = field(default_factory=dict)  # set by load_study from variants' tune_params
+
+    def tune_for(self, name: str):
+        """The variant's search: its own `tune_params` under the study's budget, else the study's `tune`."""
+        return self.variant_tune.get(name, self.tune)
 
     def seed_args(self, seed: int | None) -> list[str]:
         """The overrides that put one seed everywhere the study says seeds go (none: the config's own)."""
@@ -151,14 +157,19 @@ class Study:
         """
         v = dict(self.variants[name] or {})
         v.pop("requires", None)
+        v.pop("tune_params", None)
         base = (self.path.parent / v.pop("base")).resolve() if "base" in v else self.base
         if not base.is_file():
             raise ConfigError(f"study '{self.name}', variant '{name}': base config {base} does not exist")
         merged = {k: _fill_stages(val, stage_runs) for k, val in {**self.overrides, **v}.items()}
         return base, to_cli_args(merged)
 
-    def stage_config(self, name: str, extra: Sequence[str] = ()) -> tuple[Path, list[str], str]:
+    def stage_config(self, name: str, extra: Sequence[str] = (),
+                     stage_runs: dict[str, str] | None = None) -> tuple[Path, list[str], str]:
         """(config file, CLI overrides, digest) of a stage; the digest identifies a reusable run.
+
+        ``{stages.NAME}`` names an earlier stage's run (`stage_runs`): its id enters the digest, so a
+        rerun earlier stage gives a new run of this one.
 
         `extra` are the study's command-line overrides that reach stages: every one but those of
         ``--model.`` and ``--data.``, which name the variants' classes, not the stage's.
@@ -166,7 +177,8 @@ class Study:
         stage = self.stages[name]
         config = (self.path.parent / stage.config).resolve()
         extra = [a for a in extra if not a.startswith(("--model.", "--data."))]
-        args = [*to_cli_args(stage.overrides or {}), *extra]
+        overrides = {k: _fill_stages(v, stage_runs) for k, v in (stage.overrides or {}).items()}
+        args = [*to_cli_args(overrides), *extra]
         import torch
 
         digest = hashlib.sha256("\n".join([config.read_text(), *args, torch.__version__]).encode()).hexdigest()[:16]
@@ -191,6 +203,9 @@ def load_study(path: str | Path) -> Study:
     study.base = (path.parent / study.base).resolve()
     study.variants = {k: v or {} for k, v in study.variants.items()}
     _check(study, f"study {path}")
+    study.variant_tune = _variant_tune(study, path)
+    if isinstance(study.tune, dict) and "params" not in study.tune:
+        study.tune = None  # the block only sets the budget of the variants' own searches
     if study.tune is not None:
         from pipelines.tune import TuneSpec
 
@@ -203,13 +218,13 @@ def _parse(raw: Any, path: Path) -> Study:
     """jsonargparse reads `raw` against the fields of `Study` (and of `Stage` under ``stages``)."""
     from jsonargparse import ArgumentParser
 
-    keys = [f.name for f in dataclasses.fields(Study) if f.name != "path"]
+    keys = [f.name for f in dataclasses.fields(Study) if f.name not in DERIVED]
     if not isinstance(raw, dict):
         raise ConfigError(f"study {path}: a study file is a mapping of keys ({', '.join(keys)}); got {raw!r}")
     if unknown := [k for k in raw if k not in keys]:  # the likeliest cause of any error below: say it first
         raise ConfigError(f"study {path}: unknown key(s) {unknown}; known keys: {', '.join(keys)}")
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(Study, skip={"path"})
+    parser.add_class_arguments(Study, skip=set(DERIVED))
     try:
         parsed = parser.parse_object(copy.deepcopy(raw)).as_dict()  # it would turn raw's dicts into Namespaces
     except Exception as e:  # jsonargparse's ArgumentError: the key, the expected type and the value given
@@ -221,6 +236,21 @@ def _parse(raw: Any, path: Path) -> Study:
                         for k, v in parsed["stages"].items()}
     parsed["resources"] = Slot(**parsed["resources"])
     return Study(**parsed)
+
+
+def _variant_tune(study: Study, path: Path) -> dict[str, Any]:
+    """Each variant's `tune_params` as the study's tune block with those params: the same budget."""
+    from pipelines.tune import TuneSpec
+
+    own = {n: v["tune_params"] for n, v in study.variants.items() if "tune_params" in v}
+    if own and not isinstance(study.tune, dict):
+        raise ConfigError(f"study {path}: variant(s) {sorted(own)} set tune_params but the study has no tune: block "
+                          "(n_trials, metric) to give them a budget")
+    if own and "params" not in study.tune and set(study.variants) - set(own):
+        raise ConfigError(f"study {path}: tune has no params, so every variant needs tune_params; missing for "
+                          f"{sorted(set(study.variants) - set(own))}")
+    return {n: TuneSpec.from_dict({**study.tune, "params": p}, f"study {path}, variant '{n}', tune_params")
+            for n, p in own.items()}
 
 
 def _explain(msg: str) -> str:
@@ -247,10 +277,13 @@ def _check(study: Study, where: str) -> None:
             requirement_names(v.get("requires"))  # probing waits until the study runs
         except ConfigError as e:
             raise ConfigError(f"{where}, variant '{name}': {e}") from None
-    for name, stage in study.stages.items():
+    for i, (name, stage) in enumerate(study.stages.items()):
         if not (study.path.parent / stage.config).is_file():
             raise ConfigError(f"{where}, stage '{name}': config {(study.path.parent / stage.config).resolve()} "
                               "does not exist")
+        earlier = list(study.stages)[:i]
+        if set(STAGE_REF.findall(json.dumps(stage.overrides))) - set(earlier):
+            raise ConfigError(f"{where}, stage '{name}': {{stages.X}} may name only the stages before it, {earlier}")
     seeds = study.seeds
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"{where}: seeds must be a non-empty list of distinct integers, e.g. [0, 1, 2]; got {seeds!r}")

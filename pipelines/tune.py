@@ -158,6 +158,9 @@ class TuneSpec:
                    beat, grace)
 
 
+TAG_TRIAL_OF = "practicum.trial_of"
+
+
 def _param(raw: Any, where: str) -> ParamSpec:
     fix = "give {low: L, high: H} with L < H, optionally log: true (needs L > 0) and type: int"
     if not isinstance(raw, dict) or set(raw) - {"low", "high", "log", "type"} or not {"low", "high"} <= set(raw):
@@ -216,7 +219,9 @@ def tune_variant(study_name: str, variant: str, config: Path, args: list[str], s
     PracticumCLI(["--config", str(config), *args, *to_cli_args({k: p.low for k, p in spec.params.items()})])
     study = _open_study(spec.storage or default_storage(uri), f"{study_name}/{variant}", spec)
     optuna.storages.fail_stale_trials(study)  # dead workers' trials: FAIL, their params queued again
-    tags = {trk.TAG_STUDY: study_name, trk.TAG_ROLE: "trial", trk.TAG_VARIANT: variant}
+    # Not the variant tag: the runs table groups by it, and trials at other learning rates would be
+    # averaged in with the seeded runs. `practicum.trial_of` finds a variant's trials.
+    tags = {trk.TAG_STUDY: study_name, trk.TAG_ROLE: "trial", TAG_TRIAL_OF: variant}
     ran = []
 
     def objective(trial: optuna.Trial) -> float:

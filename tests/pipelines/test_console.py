@@ -17,7 +17,7 @@ class Clock:
 def test_plain_progress_prints_a_line_per_run_start_and_at_most_one_a_minute_during_it():
     out, clock = io.StringIO(), Clock()
     bar = PlainProgress(2, "toy", stream=out, clock=clock)
-    bar.set_postfix_str("narrow seed=0")
+    console.started(bar, "narrow seed=0")
     for t in (1, 10, 59):  # a run's step updates inside the first minute: silent
         clock.t = t
         bar.set_postfix_str(f"narrow seed=0 step {t}/100 train/loss 0.5")
@@ -27,13 +27,31 @@ def test_plain_progress_prints_a_line_per_run_start_and_at_most_one_a_minute_dur
     bar.set_postfix_str("narrow seed=0 step 62/100 train/loss 0.4")
     bar.update(1)
     bar.write("[toy] narrow seed=0: FINISHED")
-    bar.set_postfix_str("wide seed=0")
+    console.started(bar, "wide seed=0")
     lines = out.getvalue().splitlines()
-    assert lines == ["[toy] 1/2 narrow seed=0: started",
-                     "[toy] 1/2 narrow seed=0 step 61/100 train/loss 0.4",
+    assert lines == ["[toy] narrow seed=0: started (1 of 2)",
+                     "[toy] 0/2 done; narrow seed=0 step 61/100 train/loss 0.4",
                      "[toy] narrow seed=0: FINISHED",
-                     "[toy] 2/2 wide seed=0: started"]
+                     "[toy] wide seed=0: started (2 of 2)"]
     assert "\r" not in out.getvalue()
+
+
+def test_a_study_written_to_a_file_has_no_carriage_return(tmp_path, tracking_uri, practicum_cli):
+    """The real path: `practicum study FILE > log`, as CI and tee see it."""
+    import yaml
+
+    from tests.pipelines.toy import TOY
+
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(TOY))
+    study = {"name": "toy-log", "base": "toy.yaml", "primary_metric": "train/loss", "seeds": [0, 1],
+             "overrides": {"trainer.max_steps": 4}, "variants": {"narrow": {"model.init_args.hidden": 4}}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    out = practicum_cli("study", str(tmp_path / "study.yaml"), "--tracking_uri", tracking_uri)
+    assert out.returncode == 0, out.stderr
+    assert "\r" not in out.stdout and "\r" not in out.stderr
+    lines = out.stdout.splitlines()
+    assert "[toy-log] narrow seed=0: started (1 of 2)" in lines and "[toy-log] narrow seed=1: started (2 of 2)" in lines
+    assert sum(": FINISHED" in ln for ln in lines) == 2
 
 
 def test_a_file_gets_plain_lines_and_no_lightning_bar(monkeypatch):
