@@ -14,7 +14,7 @@ that T = 4096 fits a shared machine: every figure is linear in the batch) at cau
   `ActivationMeter` (exact, device-independent), beside the closed forms `reference_saved_bytes`
   (4 B nh T^2 + T^2 + 12 B nh T hs: quadratic) and `flash_saved_bytes` (16 B nh T hs + 4 B nh T: linear);
 - peak memory of one forward + backward above what the inputs already hold: on CPU the peak RSS of a
-  fresh process (`ru_maxrss`) for each (kind, T), on CUDA `torch.cuda.max_memory_allocated`;
+  forked child (`ru_maxrss`) for each (kind, T), on CUDA `torch.cuda.max_memory_allocated`;
 - time per forward + backward step: the median of `--reps` steps after one warm-up;
 - the kernel that ran: the name of the output's autograd node (on CPU the fused path is
   `ScaledDotProductFlashAttentionForCpuBackward0`, PyTorch's CPU FlashAttention).

@@ -18,6 +18,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from pipelines import tracking as trk
+from pipelines.compare import StudyNotFound, children, find_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,13 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "representations_tsne.png")
     args = p.parse_args(argv)
     client = MlflowClient(trk.resolve_tracking_uri(args.tracking_uri))
-    exps = [e.experiment_id for e in client.search_experiments()]
-    parents = client.search_runs(exps, f"tags.`{trk.TAG_STUDY}` = '{args.study}' and tags.`{trk.TAG_ROLE}` = 'parent'",
-                                 order_by=["attributes.start_time DESC"], max_results=1)
-    if not parents:
-        raise SystemExit(f"no study run named {args.study!r} in {client.tracking_uri}")
-    parent = parents[0]
-    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    try:
+        runs = children(client, find_parent(client, args.study))
+    except StudyNotFound as e:
+        raise SystemExit(str(e)) from None
     panels = []
     for r in sorted(runs, key=lambda r: r.data.tags.get(trk.TAG_VARIANT, "")):
         if r.data.tags.get("practicum.seed") != str(args.seed) or r.info.status != "FINISHED":

@@ -20,6 +20,7 @@ import numpy as np
 from mlflow import MlflowClient
 
 from pipelines import tracking as trk
+from pipelines.compare import StudyNotFound, children, find_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 CTX = re.compile(r"^test/loss_ctx(\d+)to(\d+)$")
@@ -34,13 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="default docs/images/<study>_probes.png")
     args = p.parse_args(argv)
     client = MlflowClient(trk.resolve_tracking_uri(args.tracking_uri))
-    exps = [e.experiment_id for e in client.search_experiments()]
-    parents = client.search_runs(exps, f"tags.`{trk.TAG_STUDY}` = '{args.study}' and tags.`{trk.TAG_ROLE}` = 'parent'",
-                                 order_by=["attributes.start_time DESC"], max_results=1)
-    if not parents:
-        raise SystemExit(f"no study run named {args.study!r} in {client.tracking_uri}")
-    parent = parents[0]
-    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    try:
+        runs = children(client, find_parent(client, args.study))
+    except StudyNotFound as e:
+        raise SystemExit(str(e)) from None
     ctx: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     grad: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:

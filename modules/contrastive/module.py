@@ -135,11 +135,10 @@ class RepresentationModule(L.LightningModule):
         if split == "test" and self.hparams.embedding_plot and self.trainer.is_global_zero:
             self._log_embedding(x, y)
 
-    def _hold(self, batch) -> None:
+    def _hold(self, batch) -> torch.Tensor | None:
         x, y = batch
         self._held.append((self(x).cpu(), y.cpu()))
-        loss = self.objective_loss(x, y)
-        return loss
+        return self.objective_loss(x, y)
 
     def validation_step(self, batch, batch_idx):
         loss = self._hold(batch)
