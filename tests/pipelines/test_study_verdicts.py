@@ -1,6 +1,6 @@
-"""A study's verdict from seeds and intervals: pure seed noise gets "no difference", a learning rate
-100x too small gets "worse", both from the real pipeline; a re-run reproduces the table; the
-statistics and the table's units against hand computations."""
+"""A study's verdict from seeds and intervals: pure seed noise gets "inconclusive" (no margin
+declared), a learning rate 100x too small gets "worse", both from the real pipeline; a re-run
+reproduces the table; the statistics and the table's units against hand computations."""
 
 import math
 from pathlib import Path
@@ -35,11 +35,11 @@ def seeded_study(tmp_path):
     return p
 
 
-def test_seed_noise_is_no_difference_and_a_bad_learning_rate_is_worse(seeded_study, tracking_uri):
+def test_seed_noise_is_inconclusive_and_a_bad_learning_rate_is_worse(seeded_study, tracking_uri):
     _, table = run_study(seeded_study, ["--system_metrics=false", "--log_checkpoint=false"], tracking_uri)
     s = table.summary.set_index("variant")
     assert list(s["n"]) == [5, 5, 5] and set(table.runs["seed"]) == {"0", "1", "2", "3", "4"}
-    assert s.loc["reseeded", "verdict"] == "no difference"
+    assert s.loc["reseeded", "verdict"] == "inconclusive"  # no margin: never "equivalent"
     assert s.loc["lr-100x-small", "verdict"] == "worse"
     assert s.loc["lr-100x-small", "Δ vs base"] > s.loc["lr-100x-small", "Δ vs base ±"] > 0
     # the paired difference is the mean of the per-seed differences, its interval scipy's paired t
@@ -50,7 +50,8 @@ def test_seed_noise_is_no_difference_and_a_bad_learning_rate_is_worse(seeded_stu
     assert s.loc["lr-100x-small", "Δ vs base ±"] == pytest.approx((hi - lo) / 2)
     assert table.warnings == []  # equal steps and samples
     shown = render(table, "table")
-    assert "QUICK study" in shown and "no difference" in shown and "worse" in shown
+    assert "QUICK study" in shown and "inconclusive" in shown and "worse" in shown
+    assert "no difference" not in shown and "Holm across the 2 comparison(s)" in shown
 
     # the same seeds reproduce the table (CPU): every metric within 1e-4
     _, again = run_study(seeded_study, ["--system_metrics=false", "--log_checkpoint=false"], tracking_uri)
@@ -86,11 +87,18 @@ def test_mean_ci_and_paired_difference_by_hand():
 
 @pytest.mark.parametrize("diff, half, mode, want", [
     (-0.3, 0.1, "min", "better"), (0.3, 0.1, "min", "worse"), (0.3, 0.1, "max", "better"),
-    (0.05, 0.1, "min", "no difference"), (0.0, 0.0, "min", "no difference"), (0.2, 0.0, "max", "better"),
-    (0.2, float("nan"), "min", "n<2"), (0.2, 0.1, None, ""),
+    (0.05, 0.1, "min", "inconclusive"), (0.0, 0.0, "min", "inconclusive"), (0.2, 0.0, "max", "better"),
+    (0.2, float("nan"), "min", "inconclusive"), (0.2, 0.1, None, ""),
 ])
 def test_verdict(diff, half, mode, want):
     assert st.verdict(diff, half, mode) == want
+
+
+def test_equivalent_needs_a_margin_and_the_90_percent_interval_inside_it():
+    assert st.verdict(0.01, 0.05, "min", margin=0.1, half90=0.04) == "equivalent"  # 0.01 + 0.04 < 0.1
+    assert st.verdict(0.01, 0.05, "min", margin=0.05, half90=0.04) == "inconclusive"  # 0.05 is not inside
+    assert st.verdict(0.01, 0.05, "min", margin=None, half90=0.04) == "inconclusive"
+    assert st.verdict(0.2, 0.05, "min", margin=1.0, half90=0.04) == "worse"  # excludes zero: the direction first
 
 
 def test_metric_directions():
