@@ -107,17 +107,29 @@ def cmd_summary(args: list[str]) -> int:
     for name in ns.studies:
         name = load_study(name).name if name.endswith((".yaml", ".yml")) else name
         parent = find_parent(client, name)
-        print(f"{name}: {study_table(client, parent).verdict_line()}\n"
-              f"    {trk.runs_url(trk.ui_base(uri), parent.info.experiment_id)}")
+        table = study_table(client, parent)
+        print(f"{name}: {table.verdict_line()}")
+        for line in table.claim_lines():
+            print(f"    {line}")
+        print(f"    {trk.runs_url(trk.ui_base(uri), parent.info.experiment_id)}")
+    print(_words_legend())
     if not uri.startswith("http"):
         print("(the links open once the UI runs: practicum ui)")
     return 0
 
 
+def _words_legend() -> str:
+    from pipelines.stats import WORDS
+
+    return "verdicts:\n" + "\n".join(f"  {w:<12} {why}" for w, why in WORDS.items()) + \
+        "\nclaims: holds / fails / inconclusive (the study's `claims:`, Holm across them)"
+
+
 def cmd_compare(args: list[str]) -> int:
     from pipelines.compare import FORMATS, compare
 
-    p = argparse.ArgumentParser(prog="practicum compare")
+    p = argparse.ArgumentParser(prog="practicum compare", epilog=_words_legend(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", help="the study's name (its `name:`), or a study YAML file")
     p.add_argument("--format", default="table", choices=FORMATS)
     p.add_argument("--tracking_uri")

@@ -103,49 +103,6 @@ class StudyTable:
     def claim_lines(self) -> list[str]:
         return [f"claim {c.line()}" for c in self.claims]
 
-    def record(self) -> tuple[dict[str, float], dict[str, str]]:
-        """What the parent run logs so the MLflow UI shows the result: per variant, for the report metric
-        and each claim's metric, ``<metric>/<variant>/mean`` and ``<metric>/<variant>/ci_half`` (the
-        95% half-width over seeds); per claim a tag ``claim/<variant>/<metric>/<expect>`` = holds,
-        fails or inconclusive, and ``verdict/<variant>`` = the report metric's word."""
-        keys = list(dict.fromkeys([self.report_metric, *(c.claim.metric for c in self.claims)]))
-        metrics = {}
-        for _, row in self.summary.iterrows():
-            if str(row["variant"]).endswith("(estimate)"):
-                continue
-            for k in keys:
-                for stat, col in (("mean", k), ("ci_half", f"{k} ±")):
-                    v = row.get(col, math.nan)
-                    if v == v and v is not None and math.isfinite(v):
-                        metrics[f"{k}/{row['variant']}/{stat}"] = float(v)
-        tags = {c.claim.key: c.outcome for c in self.claims}
-        if "verdict" in self.summary:
-            tags |= {f"verdict/{v}": w for v, w in zip(self.summary["variant"], self.summary["verdict"])
-                     if isinstance(w, str) and w}
-        return metrics, tags
-
-    def plan_lines(self) -> list[str]:
-        """Per comparison on the report metric and per claim: the seeds a decision needs and, at the mean
-        wall time of one run of each side, how long the missing seeds would take."""
-        wall_s = self.wall_s
-        def eta(variant: str, n: int, needed: float) -> str:
-            if not math.isfinite(needed):
-                return "more than 200 seeds: no plan" if needed == math.inf else "no spread yet"
-            more = max(0, int(needed) - n)
-            secs = more * (wall_s.get(variant, math.nan) + wall_s.get(self.baseline, math.nan))
-            return f"{int(needed)} seeds (+{more}, about {human(secs, 'time_s')} on this machine)" if more else \
-                f"{int(needed)} seeds: decided or about to be with the {n} run"
-
-        out = []
-        d = self.differences[self.differences["metric"] == self.report_metric]
-        for _, r in d.iterrows():
-            out.append(f"{r['variant']} vs {self.baseline} on {self.report_metric}: {r['verdict']} at n={r['n_pairs']}; "
-                       + eta(r["variant"], r["n_pairs"], r["seeds needed"]))
-        for c in self.claims:
-            out.append(f"claim {c.claim}: {c.outcome} at n={c.n}; "
-                       + ("decided" if c.decided else eta(c.claim.variant, c.n, c.needed)))
-        return out
-
 
 def _meta(parent) -> dict:
     t = parent.data.tags

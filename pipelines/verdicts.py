@@ -7,10 +7,11 @@ A study declares margins (what difference matters, per metric) and claims (what 
       - {variant: lora-r8, metric: test/loss, expect: equivalent}           # within margins[test/loss]
       - {variant: lora-r8, metric: mem/optimizer_bytes, expect: "<= 0.1x"}  # a ratio against the baseline
       - {variant: layers-2, metric: test/loss, expect: worse}
+      - {variant: batch-b4, metric: test/acc, expect: worse, against: batch-b64}   # another variant
 
 A claim holds, fails or is inconclusive:
   better / worse   holds when the comparison earns that word; fails when it earns the other one or
-                   "equivalent" (a margin shows no difference that matters);
+                   "equivalent" (the margin rules out a difference that matters);
   equivalent       holds when the 1 - 2a interval lies inside ±margin; fails when it lies beyond;
   "<= Rx", ">= Rx" the ratio variant / baseline (geometric mean over seeds: a paired t-interval on
                    the log ratio) holds when the one-sided bound clears R; fails when it is on the
@@ -128,6 +129,7 @@ class Claim:
     variant: str
     metric: str
     expect: str  # better | worse | equivalent | "<= 0.1x" ...
+    against: str | None = None  # the variant it is compared with (default: the study's baseline)
 
     @property
     def ratio(self) -> tuple[str, float] | None:
@@ -139,16 +141,15 @@ class Claim:
         """MLflow-safe name: claim/<variant>/<metric>/<expect>, "<= 0.1x" as le0.1x."""
         r = self.ratio
         tail = self.expect if r is None else f"{'le' if r[0] == '<' else 'ge'}{r[1]:g}x"
-        return f"claim/{self.variant}/{self.metric}/{tail}"
+        return f"claim/{self.variant}/{self.metric}/{tail}" + (f"/vs/{self.against}" if self.against else "")
 
     def __str__(self) -> str:
-        return f"{self.variant} {self.metric} {self.expect}"
+        return f"{self.variant} {self.metric} {self.expect}" + (f" against {self.against}" if self.against else "")
 
 
 def parse_claims(raw: Any, variants: list[str], baseline: str, margins: dict[str, float],
                  modes: dict[str, str] | None = None) -> list[Claim]:
-    """The study's `claims:` list, checked: known variants (not the baseline), a known expectation, and
-    a margin for every "equivalent". Metric keys are as the table shows them (after `report: test`)."""
+    """The study's `claims:` list as written (dicts), read and checked (`check_claims`)."""
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -156,13 +157,24 @@ def parse_claims(raw: Any, variants: list[str], baseline: str, margins: dict[str
                          "[{variant: lora-r8, metric: test/loss, expect: equivalent}]")
     out = []
     for i, c in enumerate(raw):
-        if not isinstance(c, dict) or set(c) != {"variant", "metric", "expect"}:
-            raise ClaimError(f"claims[{i}]: give exactly {{variant, metric, expect}}, got {c!r}")
-        claim = Claim(str(c["variant"]), str(c["metric"]), str(c["expect"]).strip())
-        if claim.variant not in variants:
-            raise ClaimError(f"claims[{i}]: variant '{claim.variant}' is not one of {variants}")
-        if claim.variant == baseline:
-            raise ClaimError(f"claims[{i}]: '{claim.variant}' is the baseline; a claim compares another variant with it")
+        if not isinstance(c, dict) or not {"variant", "metric", "expect"} <= set(c) <= {"variant", "metric", "expect",
+                                                                                       "against"}:
+            raise ClaimError(f"claims[{i}]: give {{variant, metric, expect}} (optional: against), got {c!r}")
+        out.append(Claim(str(c["variant"]), str(c["metric"]), str(c["expect"]).strip(), c.get("against")))
+    return check_claims(out, variants, baseline, margins, modes)
+
+
+def check_claims(claims: list[Claim], variants: list[str], baseline: str, margins: dict[str, float],
+                 modes: dict[str, str] | None = None) -> list[Claim]:
+    """Known variants (not the one compared with), a known expectation, a margin for every
+    "equivalent" and a direction for better/worse. Metric keys are as the table shows them (after
+    `report: test`)."""
+    for i, claim in enumerate(claims):
+        for v in (claim.variant, claim.against):
+            if v is not None and v not in variants:
+                raise ClaimError(f"claims[{i}]: variant '{v}' is not one of {variants}")
+        if claim.variant == (claim.against or baseline):
+            raise ClaimError(f"claims[{i}]: '{claim.variant}' is the variant it is compared with; name another")
         if claim.expect not in EXPECT and claim.ratio is None:
             raise ClaimError(f"claims[{i}]: expect '{claim.expect}' is unknown; use one of {', '.join(EXPECT)} "
                              "or a ratio against the baseline such as \"<= 0.1x\" or \">= 2x\"")
@@ -172,8 +184,7 @@ def parse_claims(raw: Any, variants: list[str], baseline: str, margins: dict[str
         if claim.expect in ("better", "worse") and st.mode_of(claim.metric, modes) is None:
             raise ClaimError(f"claims[{i}]: {claim.metric} has no better direction; say which in "
                              f"modes: {{{claim.metric}: min}} (or max)")
-        out.append(claim)
-    return out
+    return claims
 
 
 @dataclass
@@ -216,8 +227,8 @@ def evaluate_claims(claims: list[Claim], by_seed: dict[str, dict[str, dict]], ba
                     alpha: float = st.ALPHA, planning: bool = True) -> list[ClaimResult]:
     """Each claim's outcome, Holm across the claims. `by_seed[variant][metric]` maps seed -> value of
     the finished runs. `planning`: work out the seeds an undecided claim would need."""
-    diffs = [st.paired(by_seed.get(c.variant, {}).get(c.metric, {}), by_seed.get(baseline, {}).get(c.metric, {}),
-                       log=c.ratio is not None) for c in claims]
+    diffs = [st.paired(by_seed.get(c.variant, {}).get(c.metric, {}),
+                       by_seed.get(c.against or baseline, {}).get(c.metric, {}), log=c.ratio is not None) for c in claims]
     levels = st.step_down([lambda a, c=c, d=d: _outcome(c, d, modes, margins, plan, a) != "inconclusive"
                            for c, d in zip(claims, diffs)], alpha)
     out = []

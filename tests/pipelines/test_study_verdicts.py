@@ -171,3 +171,40 @@ def test_tuned_study_is_one_parent_with_trials_and_seeded_runs_and_a_rerun_repea
     kids2 = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{again}'")
     assert [r for r in kids2 if r.data.tags["practicum.role"] == "trial"] == []  # the storage already holds them
     assert list(table2.summary["tuned"]) == list(table.summary["tuned"])
+
+
+def test_a_pair_far_inside_its_margin_comes_out_equivalent_with_seeds_added_in_rounds(seeded_study, tracking_uri):
+    """The real pipeline, seeds in rounds: "reseeded" differs from "base" only by its random numbers
+    (paired seed-noise sd ~1 nat on a loss of ~11, a true difference of zero), far inside a margin of
+    3; the 100x-too-small learning rate is worse. Both claims are decided before the cap, and the
+    parent run carries the verdict for the MLflow UI."""
+    import json
+
+    from mlflow import MlflowClient
+
+    raw = yaml.safe_load(seeded_study.read_text())
+    raw.update(seeds={"pilot": 3, "max": 9, "step": 3}, margins={"val/loss": 3.0},
+               claims=[{"variant": "reseeded", "metric": "val/loss", "expect": "equivalent"},
+                       {"variant": "lr-100x-small", "metric": "val/loss", "expect": "worse"}])
+    seeded_study.write_text(yaml.safe_dump(raw))
+    parent, table = run_study(seeded_study, ["--system_metrics=false", "--log_checkpoint=false"], tracking_uri)
+    assert {str(c.claim): c.outcome for c in table.claims} == {
+        "reseeded val/loss equivalent": "holds", "lr-100x-small val/loss worse": "holds"}
+    s = table.summary.set_index("variant")
+    assert s.loc["reseeded", "verdict"] == "equivalent" and s.loc["lr-100x-small", "verdict"] == "worse"
+    run = MlflowClient(tracking_uri).get_run(parent)
+    looks = json.loads(run.data.tags["practicum.looks"])
+    assert looks[0] == 3 and looks == sorted(looks) and looks[-1] <= 9
+    assert set(s["n"]) <= set(looks) and s["n"].max() == looks[-1]  # no seed beyond the last look
+    # the equivalence by hand: the mean paired difference, its interval inside ±3
+    runs = table.runs.pivot(index="seed", columns="variant", values="val/loss").dropna(subset=["reseeded"])
+    eq = table.claims[0]
+    assert eq.estimate == pytest.approx((runs["reseeded"] - runs["base"]).mean())
+    assert -3.0 < eq.low < eq.estimate < eq.high < 3.0 and eq.n == len(runs)
+    # what the MLflow UI shows on the parent: means, half-widths and each claim's verdict
+    assert run.data.tags["claim/reseeded/val/loss/equivalent"] == "holds"
+    assert run.data.tags["verdict/reseeded"] == "equivalent"
+    assert run.data.metrics["val/loss/reseeded/mean"] == pytest.approx(s.loc["reseeded", "val/loss"])
+    assert run.data.metrics["val/loss/base/ci_half"] == pytest.approx(s.loc["base", "val/loss ±"])
+    shown = render(table, "table")
+    assert "group-sequential" in shown and "reseeded val/loss equivalent (±3): holds" in shown

@@ -62,7 +62,8 @@ def test_claims_are_checked():
                          {"variant": "lora", "metric": "mem/optimizer_bytes", "expect": "<= 0.1x"}], **ok)
     for bad, match in [
         ([{"variant": "nope", "metric": "test/loss", "expect": "better"}], "not one of"),
-        ([{"variant": "full", "metric": "test/loss", "expect": "better"}], "is the baseline"),
+        ([{"variant": "full", "metric": "test/loss", "expect": "better"}], "is the variant it is compared with"),
+        ([{"variant": "lora", "metric": "test/loss", "expect": "better", "against": "qlora"}], "'qlora' is not one of"),
         ([{"variant": "lora", "metric": "test/acc", "expect": "equivalent"}], "needs a margin for test/acc"),
         ([{"variant": "lora", "metric": "test/loss", "expect": "same"}], "unknown"),
         ([{"variant": "lora", "metric": "params/total", "expect": "better"}], "no better direction"),
@@ -91,6 +92,9 @@ def test_ratio_and_word_claims_on_deterministic_and_noisy_metrics():
     assert res[2].high - res[2].low == pytest.approx(2 * stats.t.isf(0.05, 2) * d.std(ddof=1) / math.sqrt(3))
     assert res[2].needed == st.seeds_needed(d.std(ddof=1), 0.3, 0.05 / 1) and 3 < res[2].needed < 200
     assert f"about {res[2].needed:.0f} seeds would decide" in res[2].line()
+    against = evaluate_claims([Claim("full", "mem/optimizer_bytes", ">= 50x", against="lora")], by_seed, "full", {},
+                              {}, Plan())[0]
+    assert against.outcome == "holds" and against.estimate == pytest.approx(1000 / 12)
     tight = evaluate_claims(claims[2:], by_seed, "full", {}, {"test/loss": 0.02}, Plan())[0]
     assert tight.needed == math.inf and "more than 200 seeds" in tight.line()
     assert claims[0].key == "claim/lora/mem/optimizer_bytes/le0.1x"
