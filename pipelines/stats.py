@@ -161,7 +161,16 @@ def power_difference(delta: float, sd: float, n: int, c: float) -> float:
 
 
 def _power_ncp(ncp: float, n: int, c: float) -> float:
-    return float(stats.nct.sf(c, n - 1, ncp) + stats.nct.cdf(-c, n - 1, ncp))
+    return 1.0 - _nct_cdf(c, n - 1, ncp) + _nct_cdf(-c, n - 1, ncp)
+
+
+def _nct_cdf(x: float, df: int, ncp: float) -> float:
+    """scipy's noncentral t cdf, whose far tails come back NaN at some arguments: then its sf, then the
+    limit (0 left of the noncentrality, 1 right of it)."""
+    v = float(stats.nct.cdf(x, df, ncp))
+    if math.isnan(v):
+        v = 1.0 - float(stats.nct.sf(x, df, ncp))
+    return (0.0 if x < ncp else 1.0) if math.isnan(v) else v
 
 
 def power_equivalence(margin: float, sd: float, n: int, c: float) -> float:
@@ -169,7 +178,7 @@ def power_equivalence(margin: float, sd: float, n: int, c: float) -> float:
     1 - 2 P(T_margin < c), each one-sided statistic noncentral t with ncp margin sqrt(n) / sd."""
     if n < 2:
         return 0.0
-    return max(0.0, 1.0 - 2.0 * float(stats.nct.cdf(c, n - 1, margin * math.sqrt(n) / sd)))
+    return max(0.0, 1.0 - 2.0 * _nct_cdf(c, n - 1, margin * math.sqrt(n) / sd))
 
 
 def detectable(sd: float, n: int, c: float | None = None, power: float = POWER) -> float:
@@ -181,8 +190,8 @@ def detectable(sd: float, n: int, c: float | None = None, power: float = POWER) 
         return 0.0
     c = t_bound(ALPHA, [n], n) if c is None else c
     hi = 8.0
-    while not _power_ncp(hi, n, c) >= power:  # widen the bracket; NaN (nct's numerics give out) stops it
-        if hi > 1e3 or math.isnan(_power_ncp(hi, n, c)):
+    while _power_ncp(hi, n, c) < power:  # widen the bracket
+        if hi > 1e3:
             return math.inf
         hi *= 2
     return optimize.brentq(lambda k: _power_ncp(k, n, c) - power, 0.0, hi) * sd / math.sqrt(n)

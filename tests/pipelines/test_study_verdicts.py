@@ -173,7 +173,7 @@ def test_tuned_study_is_one_parent_with_trials_and_seeded_runs_and_a_rerun_repea
     assert list(table2.summary["tuned"]) == list(table.summary["tuned"])
 
 
-def test_a_pair_far_inside_its_margin_comes_out_equivalent_with_seeds_added_in_rounds(seeded_study, tracking_uri):
+def test_a_pair_far_inside_its_margin_comes_out_equivalent_with_seeds_added_in_rounds(seeded_study, tracking_uri, capsys):
     """The real pipeline, seeds in rounds: "reseeded" differs from "base" only by its random numbers
     (paired seed-noise sd ~1 nat on a loss of ~11, a true difference of zero), far inside a margin of
     3; the 100x-too-small learning rate is worse. Both claims are decided before the cap, and the
@@ -208,3 +208,11 @@ def test_a_pair_far_inside_its_margin_comes_out_equivalent_with_seeds_added_in_r
     assert run.data.metrics["val/loss/base/ci_half"] == pytest.approx(s.loc["base", "val/loss ±"])
     shown = render(table, "table")
     assert "group-sequential" in shown and "reseeded val/loss equivalent (±3): holds" in shown
+
+    # --plan reads the finished runs and runs nothing more
+    from pipelines.cli import main
+
+    before = len(MlflowClient(tracking_uri).search_runs([run.info.experiment_id]))
+    assert main(["study", str(seeded_study), "--plan", "--tracking_uri", tracking_uri]) == 0
+    assert "claim reseeded val/loss equivalent: holds at n=" in capsys.readouterr().out
+    assert len(MlflowClient(tracking_uri).search_runs([run.info.experiment_id])) == before

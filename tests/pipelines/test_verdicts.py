@@ -99,3 +99,14 @@ def test_ratio_and_word_claims_on_deterministic_and_noisy_metrics():
     assert tight.needed == math.inf and "more than 200 seeds" in tight.line()
     assert claims[0].key == "claim/lora/mem/optimizer_bytes/le0.1x"
     assert "holds" in res[0].line() and "ratio 0.012" in res[0].line()
+
+
+def test_compare_help_explains_the_four_words(capsys):
+    from pipelines.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    out = capsys.readouterr().out
+    for word in ("better", "worse", "equivalent", "inconclusive"):
+        assert any(line.split()[:1] == [word] for line in out.splitlines()), word
+    assert "no difference" not in out
