@@ -9,6 +9,7 @@ A study file declares it (`TuneSpec.from_dict` reads the ``tune:`` block)::
       pruner: median              # median | successive_halving | none
       pruner_args: {n_startup_trials: 3}   # optional, the pruner class's own arguments
       storage: null               # default: sqlite beside the tracking store (mlruns/optuna.db)
+      heartbeat_interval: 60      # seconds; a trial silent for grace_period (default 2x) is FAIL, retried once
       params:
         model.init_args.lr: {low: 1.0e-4, high: 3.0e-2, log: true}
         model.init_args.r: {low: 4, high: 64, log: true, type: int}
@@ -17,14 +18,15 @@ Every trial is one real `run_experiment`: an MLflow child run of the study's par
 ``practicum.role=trial`` and ``practicum.trial_state`` (COMPLETE, PRUNED or FAIL). A Lightning
 callback reports the metric at each validation and stops a trial the pruner gives up on.
 
-The budget lives in the Optuna storage, not in a process: `tune_variant` starts a trial only while
-the study holds fewer than ``n_trials`` finished or running ones, so re-running a finished study runs
-nothing, and an interrupted one runs only what is missing. A trial that crashed or that the model
-refused (FAIL) has spent its slot; one stopped by Ctrl-C or SIGTERM has not, and tuning stops there.
-A worker killed outright (SIGKILL, the OOM killer) leaves its trial RUNNING: the next call on the
-same machine closes it as FAIL; a lost machine's trial keeps its slot until closed by hand
-(``study.tell(NUMBER, state=TrialState.FAIL)``). The sampler is TPE, which draws at random for its
-first 10 trials (Optuna's default), so a budget of 10 or fewer is a seeded random search.
+The budget lives in the Optuna storage, not in a process: Optuna's `MaxTrialsCallback` stops a
+worker once the study holds ``n_trials`` finished or running trials, so re-running a finished study
+runs nothing, and an interrupted one runs only what is missing. A trial that crashed or that the
+model refused (FAIL) has spent its slot; one stopped by Ctrl-C or SIGTERM has not, and tuning stops
+there. A worker killed outright (SIGKILL, the OOM killer, a lost machine) stops sending the storage's
+heartbeat (``heartbeat_interval``, default 60 s); after ``grace_period`` (default twice that) the
+next worker to start a trial closes it as FAIL and Optuna's `RetryHeartbeatStaleTrialCallback` queues its
+params once more, in the dead trial's slot. The sampler is TPE, which draws at random for its first
+10 trials (Optuna's default), so a budget of 10 or fewer is a seeded random search.
 
 Several machines share one search by sharing its storage. Give the study file an RDB URL that every
 machine can reach and start the same command on each::
@@ -32,8 +34,9 @@ machine can reach and start the same command on each::
     tune: {storage: "postgresql://user:pass@db-host/optuna", ...}   # psycopg2, which Practicum installs
     practicum study configs/studies/STUDY.yaml        # on every worker, same file
 
-Each worker asks the storage for the next trial; together they run exactly ``n_trials`` per variant
-(a trial created in a race for the last slot is closed at once and not counted). The default SQLite
+Each worker asks the storage for the next trial, and stops when the storage holds ``n_trials``:
+together they run ``n_trials`` per variant, or one more per extra worker where several finish a trial
+at the same instant (the count and the next trial are not one transaction). The default SQLite
 file serves several processes on one machine, not several machines. Point every worker at one
 MLflow server too (``MLFLOW_TRACKING_URI``), so all the trial runs land in one place. A worker returns
 when no slot is left, so its best is over the trials finished by then; a later run reads the final one.
@@ -44,9 +47,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
 import re
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ from typing import Any
 
 import optuna
 from lightning import Callback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from pipelines import tracking as trk
@@ -65,6 +67,9 @@ PRUNERS = {
     "none": optuna.pruners.NopPruner,
 }
 SPENT = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+# Several workers write one SQLite file: a writer waits up to a minute for the lock (Python's default is
+# 5 s, which a loaded machine exceeds) instead of failing with "database is locked".
+SQLITE_WAIT = {"connect_args": {"timeout": 60}}
 UNCOUNTED = "practicum.uncounted"  # user attr of a closed trial that says nothing about its params
 
 
@@ -94,6 +99,9 @@ class TuneSpec:
         direction: minimize or maximize.
         pruner: median, successive_halving or none; `pruner_args` go to its Optuna class.
         storage: An Optuna RDB URL; None: `default_storage` of the tracking URI.
+        heartbeat_interval: Seconds between a running trial's heartbeats in the storage.
+        grace_period: Seconds without a heartbeat after which a trial's worker counts as dead
+            (None: Optuna's default, twice the interval); its trial is then FAIL, and run again once.
     """
 
     params: dict[str, ParamSpec]
@@ -103,6 +111,8 @@ class TuneSpec:
     pruner: str = "median"
     pruner_args: dict[str, Any] = field(default_factory=dict)
     storage: str | None = None
+    heartbeat_interval: int = 60
+    grace_period: int | None = None
 
     @classmethod
     def from_dict(cls, raw: Any, where: str) -> TuneSpec:
@@ -140,8 +150,12 @@ class TuneSpec:
         if not isinstance(params, dict) or not params:
             raise bad("tune.params must map dotted config keys to ranges, e.g. "
                       "{model.init_args.lr: {low: 1.0e-4, high: 1.0e-2, log: true}}")
+        beat, grace = raw.get("heartbeat_interval", cls.heartbeat_interval), raw.get("grace_period")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in (beat, grace or 1)):
+            raise bad(f"tune.heartbeat_interval and tune.grace_period are whole seconds >= 1, got {beat!r}, {grace!r}")
         return cls({k: _param(v, f"{where}: tune.params.{k}") for k, v in params.items()}, n,
-                   raw.get("metric", cls.metric), raw.get("direction", cls.direction), pruner, pruner_args, storage)
+                   raw.get("metric", cls.metric), raw.get("direction", cls.direction), pruner, pruner_args, storage,
+                   beat, grace)
 
 
 def _param(raw: Any, where: str) -> ParamSpec:
@@ -201,68 +215,71 @@ def tune_variant(study_name: str, variant: str, config: Path, args: list[str], s
     # Keys and types are checked once, before any trial: a typo must not spend the budget on FAILs.
     PracticumCLI(["--config", str(config), *args, *to_cli_args({k: p.low for k, p in spec.params.items()})])
     study = _open_study(spec.storage or default_storage(uri), f"{study_name}/{variant}", spec)
-    _fail_orphans(study)
+    optuna.storages.fail_stale_trials(study)  # dead workers' trials: FAIL, their params queued again
     tags = {trk.TAG_STUDY: study_name, trk.TAG_ROLE: "trial", trk.TAG_VARIANT: variant}
+    ran = []
 
-    def run_trial(trial: optuna.Trial) -> bool:
-        """One trial as one pipeline run; tells the study how it ended. True when it was interrupted."""
+    def objective(trial: optuna.Trial) -> float:
+        """One trial as one pipeline run: its value, or TrialPruned / TrialFailed for Optuna to record."""
         from pipelines.run import run_experiment
 
-        # Who runs it, so a later call on this machine can close it should this process die (`_fail_orphans`).
-        trial.set_user_attr("practicum.host", socket.gethostname())
-        trial.set_user_attr("practicum.pid", os.getpid())
+        ran.append(trial.number)
+        # Seeded by trial number, not once per process: a resumed study, or a second worker, draws new
+        # points instead of replaying the first trials' ones, and one worker's search stays reproducible.
+        study.sampler = optuna.samplers.TPESampler(seed=seed + trial.number)
         params = {k: p.suggest(trial, k) for k, p in spec.params.items()}
         pruning = TrialPruning(trial, spec.metric)
-        state, value, res, interrupted = TrialState.FAIL, None, None, False
         try:
             res = run_experiment(config, [*args, *to_cli_args(params)], uri, experiment=experiment,
                                  run_name=f"{variant}/trial-{trial.number}", parent_run_id=parent_run_id,
                                  tags={**tags, "practicum.trial": str(trial.number)},
                                  system_metrics=system_metrics, callbacks=[pruning, *([progress] if progress else [])],
                                  progress_bar=progress is None)
-            value = res.metrics.get(spec.metric)
-            interrupted = res.status == "KILLED"
-            if pruning.pruned and not interrupted:
-                state = TrialState.PRUNED
-            elif res.status == "FINISHED" and value is not None and math.isfinite(value):
-                state = TrialState.COMPLETE
         except ConfigError as e:  # a point of the space the model refuses (keys were checked up front): a FAIL
             trial.set_user_attr("practicum.error", str(e)[:1000])
-        except BaseException:  # the tracking store went away, or Ctrl-C between runs: close the trial, stop
-            interrupted = True
+            raise TrialFailed(str(e)) from None
+        except BaseException:  # the tracking store went away, or Ctrl-C between runs: not the params' doing
+            trial.set_user_attr(UNCOUNTED, "interrupted")
             raise
-        finally:
-            if interrupted:  # not the params' doing: the slot goes back to the budget
-                trial.set_user_attr(UNCOUNTED, "interrupted")
-            study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
-            if res is not None and res.run_id:
-                trk.MlflowClient(uri).set_tag(res.run_id, "practicum.trial_state", state.name)
-        return interrupted
+        value = res.metrics.get(spec.metric)
+        state = TrialState.FAIL
+        if res.status == "KILLED":  # Ctrl-C or SIGTERM: the slot goes back to the budget, tuning stops
+            trial.set_user_attr(UNCOUNTED, "interrupted")
+            study.stop()
+        elif pruning.pruned:
+            state = TrialState.PRUNED
+        elif res.status == "FINISHED" and value is not None and math.isfinite(value):
+            state = TrialState.COMPLETE
+        if res.run_id:
+            trk.MlflowClient(uri).set_tag(res.run_id, "practicum.trial_state", state.name)
+        if state == TrialState.PRUNED:
+            raise optuna.TrialPruned()
+        if state == TrialState.FAIL:
+            raise TrialFailed(f"run {res.run_id} ended {res.status} with {spec.metric}={value}")
+        return value
 
-    ran = 0
-    while _spent(study) < spec.n_trials:
-        trial = study.ask()
-        if _spent(study, before=trial.number) >= spec.n_trials:  # another worker took the last slot meanwhile
-            trial.set_user_attr(UNCOUNTED, "surplus")
-            study.tell(trial, state=TrialState.FAIL)
-            break
-        # Seeded by trial number, not once per process: a resumed study, or a second worker, draws new
-        # points instead of replaying the first trials' ones, and one worker's search stays reproducible.
-        study.sampler = optuna.samplers.TPESampler(seed=seed + trial.number)
-        ran += 1
-        if run_trial(trial):
-            break  # Ctrl-C or SIGTERM: stop tuning, as a study stops at a killed variant
+    # Trials given back (interrupted, or failed stale and queued again) do not spend the budget.
+    budget = spec.n_trials + len(_given_back(study))
+    if _spent(study) < budget:
+        study.optimize(objective, catch=(TrialFailed,),
+                       callbacks=[optuna.study.MaxTrialsCallback(budget, states=SPENT)])
 
-    finished = [t for t in study.get_trials(deepcopy=False, states=SPENT[:3]) if UNCOUNTED not in t.user_attrs]
+    given_back = _given_back(study)
+    finished = [t for t in study.get_trials(deepcopy=False, states=SPENT[:3]) if t.number not in given_back]
     try:
         best_params, best_value = study.best_trial.params, study.best_trial.value
     except ValueError:  # no COMPLETE trial yet
         best_params, best_value = {}, float("nan")
-    result = {"best_params": best_params, "best_value": best_value, "n_trials": len(finished), "trials_run_now": ran}
+    result = {"best_params": best_params, "best_value": best_value, "n_trials": len(finished),
+              "trials_run_now": len(ran)}
     client = trk.MlflowClient(uri)
     client.log_text(parent_run_id, json.dumps(result, indent=2), f"tune/{variant}.json")
     trk.log_params(client, parent_run_id, {f"tune.{variant}.{k}": v for k, v in best_params.items()})
     return result
+
+
+class TrialFailed(Exception):
+    """A trial whose run crashed, diverged or was refused: Optuna records it FAIL and tuning goes on."""
 
 
 def _open_study(storage: str, name: str, spec: TuneSpec, attempts: int = 3) -> optuna.Study:
@@ -273,7 +290,13 @@ def _open_study(storage: str, name: str, spec: TuneSpec, attempts: int = 3) -> o
     storage = re.sub(r"^postgresql://", "postgresql+psycopg2://", storage)
     for attempt in range(attempts):
         try:
-            return optuna.create_study(storage=storage, study_name=name, direction=spec.direction,
+            # A worker that dies (SIGKILL, the OOM killer, a lost machine) stops beating; after the grace
+            # period its trial is FAIL and its params are queued once more.
+            rdb = optuna.storages.RDBStorage(
+                storage, engine_kwargs=SQLITE_WAIT if storage.startswith("sqlite") else None,
+                heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+            return optuna.create_study(storage=rdb, study_name=name, direction=spec.direction,
                                        pruner=PRUNERS[spec.pruner](**spec.pruner_args), load_if_exists=True)
         except sqlalchemy.exc.SQLAlchemyError as e:
             # Workers starting at once on a fresh storage race to create its tables; the loser finds them next time.
@@ -284,28 +307,13 @@ def _open_study(storage: str, name: str, spec: TuneSpec, attempts: int = 3) -> o
             time.sleep(1.0 + attempt)
 
 
-def _spent(study: optuna.Study, before: int | None = None) -> int:
-    """Trials that use up the budget (finished or running), optionally only those numbered below `before`."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=SPENT)
-               if UNCOUNTED not in t.user_attrs and (before is None or t.number < before))
+def _spent(study: optuna.Study) -> int:
+    """Trials that use up the budget (finished or running), before the given-back ones are added to it."""
+    return len(study.get_trials(deepcopy=False, states=SPENT))
 
 
-def _fail_orphans(study: optuna.Study) -> None:
-    """Close as FAIL the RUNNING trials of dead processes on this machine (SIGKILL, the OOM killer).
-
-    They would otherwise hold their budget slots forever. A trial of another machine is left alone:
-    from here a slow trial and a dead one look the same.
-    """
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("practicum.host") == socket.gethostname() and not _alive(t.user_attrs["practicum.pid"]):
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+def _given_back(study: optuna.Study) -> set[int]:
+    """Numbers of the trials that do not count: interrupted ones, and stale ones queued again (their retry counts)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
+    return {t.number for t in trials if UNCOUNTED in t.user_attrs or t.number in retried}

@@ -3,6 +3,7 @@
 import io
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -10,6 +11,7 @@ from mlflow import MlflowClient
 
 from pipelines.cli import main
 from pipelines.compare import compare
+from pipelines.plots import study_plots
 from pipelines.study import load_study, run_study
 from pipelines.tracking import ConfigError
 from tests.pipelines.test_run import TOY
@@ -56,6 +58,16 @@ def test_study_runs_children_and_compare_matches(study_file, tracking_uri, capsy
     assert all(r.data.params["trainer.max_steps"] == "6" for r in kids)
     arts = {a.path for a in client.list_artifacts(parent_id)} | {a.path for a in client.list_artifacts(parent_id, "plots")}
     assert {"comparison.csv", "comparison.md", "plots/train_loss.png", "plots/memory_throughput.png"} <= arts
+    # the curves plot draws what each variant logged (one seed: the mean is the run's own history)
+    figs = study_plots(client, parent_id, "train/loss")
+    lines = {ln.get_label(): ln for ln in figs["train_loss.png"].axes[0].lines}
+    narrow = next(r for r in kids if r.data.tags["practicum.variant"] == "narrow")
+    history = client.get_metric_history(narrow.info.run_id, "train/loss")
+    assert list(lines["narrow (n=1)"].get_xdata()) == [m.step for m in history]
+    np.testing.assert_allclose(lines["narrow (n=1)"].get_ydata(), [m.value for m in history])
+    ledger = figs["memory_throughput.png"].axes[0]  # params bytes of narrow and wide, as logged
+    heights = [b.get_height() for b in ledger.containers[0]]
+    assert heights[:2] == [df.set_index("variant").loc[v, "mem/params_bytes"] for v in ("narrow", "wide")]
 
     # compare reads MLflow only and gives the same table
     again = pd.read_csv(io.StringIO(compare("toy-study", tracking_uri, "csv")))
@@ -69,8 +81,16 @@ def test_study_runs_children_and_compare_matches(study_file, tracking_uri, capsy
 def test_study_file_errors_name_the_problem(tmp_path, study_file):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"name": "x", "base": "toy.yaml", "variantz": {}}))
-    with pytest.raises(ConfigError, match="unknown key.*variantz"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['variantz'\]; known keys: name, base, variants, "):
         load_study(bad)
+    # the schema is the Study dataclass, read by jsonargparse: types and nested stage keys are checked
+    for extra, match in [({"seeds": [1, "q"]}, "key 'seeds': expected int or None, got q"),
+                         ({"equal_budget": "maybe"}, "key 'equal_budget': expected bool, got maybe"),
+                         ({"stages": {"s": {"confg": "toy.yaml"}}},
+                          "key 'stages': unknown key 'confg'; known keys: config, overrides")]:
+        bad.write_text(yaml.safe_dump({"name": "x", "base": "toy.yaml", "variants": {"a": {}}, **extra}))
+        with pytest.raises(ConfigError, match=match):
+            load_study(bad)
     bad.write_text(yaml.safe_dump({"name": "x", "base": "missing.yaml", "variants": {"a": {}}}))
     with pytest.raises(ConfigError, match="missing.yaml does not exist"):
         load_study(bad)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -166,37 +167,26 @@ def test_unreachable_storage_is_named_without_its_password(toy_config, tracking_
     assert "s3cret" not in str(e.value)
 
 
-def test_orphaned_trial_of_a_dead_process_is_failed(toy_config, tracking_uri, parent):
-    """A worker killed outright leaves its trial RUNNING; the next call here closes it, a live one's stays."""
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    study = optuna.create_study(study_name="toy-study/v", storage=default_storage(tracking_uri))
-    host = __import__("socket").gethostname()
-    for pid in (int(dead.stdout), os.getpid()):
-        t = study.ask()
-        t.set_user_attr("practicum.host", host)
-        t.set_user_attr("practicum.pid", pid)
-    res = tune_variant("toy-study", "v", toy_config, QUICK, spec(n_trials=2), tracking_uri, parent_run_id=parent,
-                       experiment="toy-study", system_metrics=False)
-    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.RUNNING]
-    assert res["trials_run_now"] == 0 and res["n_trials"] == 1  # the live trial holds the second slot
+def test_trial_of_a_dead_worker_is_failed_and_its_params_run_again(toy_config, tracking_uri, parent):
+    """A worker killed outright stops beating: after the grace period its trial is FAIL, and the next worker
+    runs the same params again in its slot (Optuna's heartbeat and RetryFailedTrialCallback)."""
+    storage = optuna.storages.RDBStorage(default_storage(tracking_uri), heartbeat_interval=1)
+    study = optuna.create_study(study_name="toy-study/v", storage=storage)
+    dead = study.ask()
+    lr = dead.suggest_float("model.init_args.lr", LR["low"], LR["high"], log=True)
+    storage.record_heartbeat(dead._trial_id)  # its last beat; then the process is gone
+    time.sleep(2.5)
+    res = tune_variant("toy-study", "v", toy_config, QUICK, spec(n_trials=2, heartbeat_interval=1, grace_period=2),
+                       tracking_uri, parent_run_id=parent, experiment="toy-study", system_metrics=False)
+    trials = optuna.load_study(study_name="toy-study/v", storage=default_storage(tracking_uri)).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[1].params["model.init_args.lr"] == lr  # the retry: the dead trial's point, not a new draw
+    assert (res["trials_run_now"], res["n_trials"]) == (2, 2)  # the dead trial gave its slot to its retry
 
 
-def test_trial_that_lost_the_race_for_the_last_slot_is_not_run(toy_config, tracking_uri, parent, monkeypatch):
-    """Between our budget check and our ask, another worker takes the last slot: ours closes uncounted."""
-    real_ask = optuna.Study.ask
-
-    def raced_ask(study, *args, **kwargs):
-        monkeypatch.setattr(optuna.Study, "ask", real_ask)
-        real_ask(study)  # the other worker's trial, RUNNING
-        return real_ask(study, *args, **kwargs)
-
-    monkeypatch.setattr(optuna.Study, "ask", raced_ask)
-    res = tune_variant("toy-study", "v", toy_config, QUICK, spec(n_trials=1), tracking_uri, parent_run_id=parent,
-                       experiment="toy-study", system_metrics=False)
-    study = optuna.load_study(study_name="toy-study/v", storage=default_storage(tracking_uri))
-    assert [(t.state, t.user_attrs) for t in study.trials] == [(TrialState.RUNNING, {}), (
-        TrialState.FAIL, {"practicum.uncounted": "surplus"})]
-    assert res["trials_run_now"] == 0 and trial_runs(tracking_uri) == []
+def test_a_heartbeat_must_be_whole_seconds():
+    with pytest.raises(ConfigError, match="heartbeat_interval and tune.grace_period are whole seconds"):
+        spec(heartbeat_interval=0.5)
 
 
 WORKER = """
@@ -230,7 +220,7 @@ def test_two_workers_share_one_budget(toy_config, tracking_uri, parent, tmp_path
     workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                for _ in range(2)]
     outs = [w.communicate(timeout=240) for w in workers]
-    assert all(w.returncode == 0 for w in workers), [err[-2000:] for _, err in outs]
+    assert all(w.returncode == 0 for w in workers), [err[-6000:].replace('^', '') for _, err in outs]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
 
     study = optuna.load_study(study_name="toy-study/v", storage=default_storage(tracking_uri))
@@ -240,4 +230,4 @@ def test_two_workers_share_one_budget(toy_config, tracking_uri, parent, tmp_path
     assert len(runs) == len({r.data.tags["practicum.trial"] for r in runs}) == 4
     counted = [t for t in study.trials if "practicum.uncounted" not in t.user_attrs]
     assert len(counted) == 4 and all(t.state == TrialState.COMPLETE for t in counted), states
-    assert len({t.user_attrs["practicum.pid"] for t in counted}) == 2, states  # both workers really ran trials
+    assert all(r["trials_run_now"] >= 1 for r in results), results  # both workers really ran trials
