@@ -79,12 +79,25 @@ def cmd_study(args: list[str]) -> int:
     p.add_argument("--tracking_uri")
     p.add_argument("--variants", nargs="+", help="run only these variants")
     p.add_argument("--no_system_metrics", action="store_true")
+    p.add_argument("--seeds", choices=["auto"], help="seeds in rounds until every claim is decided "
+                   "(as seeds: {pilot: 3, max: 20} in the file)")
+    p.add_argument("--plan", action="store_true", help="read the study's finished runs (or run its pilot only) "
+                   "and print the seeds each comparison and claim needs, with their wall time")
     ns, rest = p.parse_known_args(args)
     from pipelines import tracking as trk
     from pipelines.compare import render
-    from pipelines.study import run_study
+    from pipelines.study import load_study, run_study
 
-    parent, table = run_study(ns.study, rest, ns.tracking_uri, only=ns.variants,
+    if ns.plan:
+        from pipelines.rounds import finished_table, plan_lines
+
+        table = finished_table(load_study(ns.study).name, ns.tracking_uri)
+        if table is None:
+            _, table = run_study(ns.study, rest, ns.tracking_uri, only=ns.variants, seeds=ns.seeds,
+                                 system_metrics=not ns.no_system_metrics, pilot_only=True)
+        print("\n".join(["plan (80% power; nothing more is run):", *plan_lines(table)]))
+        return 0
+    parent, table = run_study(ns.study, rest, ns.tracking_uri, only=ns.variants, seeds=ns.seeds,
                               system_metrics=not ns.no_system_metrics)
     uri = trk.resolve_tracking_uri(ns.tracking_uri)
     exp_id = trk.MlflowClient(uri).get_run(parent).info.experiment_id

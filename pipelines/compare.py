@@ -101,7 +101,7 @@ class StudyTable:
                 + (" [quick: a smoke test, not a verdict]" if self.quick else ""))
 
     def claim_lines(self) -> list[str]:
-        return [f"claim {c.line()}" for c in self.claims]
+        return [f"claim {c.line(human)}" for c in self.claims]
 
 
 def _meta(parent) -> dict:
@@ -291,7 +291,7 @@ def notes(t: StudyTable) -> list[str]:
            "spread); seeds needed: to decide ±margin either way with 80% power (without a margin: the observed Δ)",
            *(f"  {w:<12} {why}" for w, why in st.WORDS.items())]
     if t.claims:
-        out += ["claims (Holm across them):", *(f"  {c.line()}" for c in t.claims)]
+        out += ["claims (Holm across them):", *(f"  {c.line(human)}" for c in t.claims)]
     return out
 
 

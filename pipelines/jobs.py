@@ -68,9 +68,9 @@ class Job:
     error: str | None = None
 
 
-def plan_jobs(parent, names: list[str], stage_runs: dict[str, str], bar=None) -> list[Job]:
-    """The study's jobs in order (variant by variant, seed by seed); tunes each variant first where
-    the study has a ``tune:`` block, so its seeded runs carry the best params."""
+def plan_jobs(parent, names: list[str], stage_runs: dict[str, str], bar=None, seeds=None) -> list[Job]:
+    """The study's jobs in order (variant by variant, seed by seed: `seeds`, default the study's); tunes
+    each variant first where the study has a ``tune:`` block, so its seeded runs carry the best params."""
     from pipelines.callbacks import ProgressLine
     from pipelines.tune import tune_variant
 
@@ -94,7 +94,7 @@ def plan_jobs(parent, names: list[str], stage_runs: dict[str, str], bar=None) ->
             error = None
         except (ConfigError, trk.TrackingError) as e:
             config, vargs, error = None, [], str(e)
-        for seed in study.seeds:
+        for seed in study.seeds if seeds is None else seeds:
             label = name if seed is None else f"{name} seed={seed}"
             jobs.append(Job(name, seed, label, config, [*vargs, *study.seed_args(seed)], tags, error))
     return jobs
@@ -119,18 +119,20 @@ def run_job(job: Job, parent, callbacks=()):
         return RunResult(run.info.run_id, "FAILED", error=str(e))
 
 
-def run_jobs(parent, names: list[str], stage_runs: dict[str, str]) -> list:
-    """Run the study's jobs one after another; stops at an interrupted (KILLED) run."""
+def run_jobs(parent, names: list[str], stage_runs: dict[str, str], seeds=None) -> list:
+    """Run the study's jobs (`seeds`: these seeds only) one after another; stops at an interrupted
+    (KILLED) run."""
     from pipelines.callbacks import ProgressLine
 
     study = parent.study
     metric = reported(study.primary_metric, study.report)
     # One line for the whole study (runs done, elapsed, remaining; the running variant, its step and
     # metric), and one line per finished run above it.
-    bar = tqdm(total=len(names) * len(study.seeds), desc=study.name, unit="run", position=0, leave=False,
+    seeds = study.seeds if seeds is None else seeds
+    bar = tqdm(total=len(names) * len(seeds), desc=study.name, unit="run", position=0, leave=False,
                dynamic_ncols=True)
     results = []
-    for job in plan_jobs(parent, names, stage_runs, bar):
+    for job in plan_jobs(parent, names, stage_runs, bar, seeds):
         bar.set_postfix_str(job.label)
         started = time.monotonic()
         res = run_job(job, parent, [ProgressLine(bar, job.label, study.primary_metric)])

@@ -35,6 +35,9 @@ A study is an experiment with a verdict (`pipelines.compare`, `pipelines.stats`)
     tune: {n_trials: 6, params: {model.init_args.lr: {low: 1.0e-4, high: 1.0e-2, log: true}}}
                                    # per variant, the same budget each (`pipelines.tune`); the seeded
                                    # runs then use the variant's best config
+    margins: {val/loss: 0.02}      # the difference that matters: within it, "equivalent"
+    claims: [{variant: moe, metric: val/loss, expect: better}]   # what the study exists to show
+    seeds: {pilot: 3, max: 20}     # instead of a list: rounds until every claim is decided (`pipelines.rounds`)
 
 `requires` (a name or a list; known: cuda, bitsandbytes) keeps a variant out of a study on
 machines that cannot run it, so one study file serves a laptop and a GPU node alike; skipped
@@ -52,15 +55,18 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import yaml
 from tqdm.auto import tqdm
 
+from pipelines import rounds
 from pipelines import tracking as trk
 from pipelines.compare import StudyTable, render, reported, study_table
 from pipelines.config import to_cli_args
+from pipelines.sequential import Design
 from pipelines.tracking import ConfigError
+from pipelines.verdicts import Claim
 
 STAGE_REF = re.compile(r"\{stages\.([\w-]+)\}")
 REQUIREMENTS = {"cuda": "a CUDA GPU", "bitsandbytes": "bitsandbytes (pip install 'practicum[qlora]')"}
@@ -122,7 +128,7 @@ class Study:
     columns: Optional[list[str]] = None
     overrides: dict[str, Any] = field(default_factory=dict)
     stages: dict[str, Stage] = field(default_factory=dict)
-    seeds: list[Optional[int]] = field(default_factory=lambda: [None])
+    seeds: Union[list[Optional[int]], Design] = field(default_factory=lambda: [None])
     seed_keys: list[str] = field(default_factory=lambda: ["seed_everything"])
     baseline: Optional[str] = None
     report: str = "val"
@@ -131,7 +137,10 @@ class Study:
     quick: bool = False
     tune: Any = None
     scatter: list[tuple[str, str]] = field(default_factory=list)
+    margins: dict[str, float] = field(default_factory=dict)
+    claims: list[Claim] = field(default_factory=list)
     path: Optional[Path] = None  # the file itself; set by load_study, not a key of the file
+    design: Optional[Design] = None  # `seeds: {pilot, max}`, set by load_study (seeds: 0 .. max-1)
 
     def seed_args(self, seed: int | None) -> list[str]:
         """The overrides that put one seed everywhere the study says seeds go (none: the config's own)."""
@@ -173,9 +182,10 @@ def _fill_stages(value: Any, stage_runs: dict[str, str] | None) -> Any:
     return STAGE_REF.sub(lambda m: stage_runs[m.group(1)], value)
 
 
-def load_study(path: str | Path) -> Study:
+def load_study(path: str | Path, seeds: str | None = None) -> Study:
     """Read a study file against the `Study` schema, then check what types cannot say (files exist,
-    names refer to something); every error names the file, the key and the fix."""
+    names refer to something); every error names the file, the key and the fix. `seeds`: "auto"
+    (``--seeds auto``) runs the seeds in rounds."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist")
@@ -184,6 +194,7 @@ def load_study(path: str | Path) -> Study:
     study.path = path.resolve()
     study.base = (path.parent / study.base).resolve()
     study.variants = {k: v or {} for k, v in study.variants.items()}
+    rounds.settle(study, f"study {path}", seeds)  # margins, claims; seeds: {pilot, max} -> design
     _check(study, f"study {path}")
     if study.tune is not None:
         from pipelines.tune import TuneSpec
@@ -197,13 +208,13 @@ def _parse(raw: Any, path: Path) -> Study:
     """jsonargparse reads `raw` against the fields of `Study` (and of `Stage` under ``stages``)."""
     from jsonargparse import ArgumentParser
 
-    keys = [f.name for f in dataclasses.fields(Study) if f.name != "path"]
+    keys = [f.name for f in dataclasses.fields(Study) if f.name not in ("path", "design")]
     if not isinstance(raw, dict):
         raise ConfigError(f"study {path}: a study file is a mapping of keys ({', '.join(keys)}); got {raw!r}")
     if unknown := [k for k in raw if k not in keys]:  # the likeliest cause of any error below: say it first
         raise ConfigError(f"study {path}: unknown key(s) {unknown}; known keys: {', '.join(keys)}")
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(Study, skip={"path"})
+    parser.add_class_arguments(Study, skip={"path", "design"})
     try:
         return Study(**parser.instantiate(parser.parse_object(raw)).as_dict())
     except Exception as e:  # jsonargparse's ArgumentError: the key, the expected type and the value given
@@ -273,9 +284,12 @@ def run_study(
     *,
     only: Sequence[str] | None = None,
     system_metrics: bool = True,
+    seeds: str | None = None,
+    pilot_only: bool = False,
 ) -> tuple[str, StudyTable]:
     """Run every variant once per seed as a child of one parent run; a failing run ends FAILED and the
-    study goes on.
+    study goes on. `seeds` = "auto": in rounds until every claim is decided; `pilot_only`: the first
+    round only (`practicum study --plan`).
 
     Returns the parent run id and the comparison (`pipelines.compare.StudyTable`), which is also
     logged to the parent: comparison.csv (the summary's raw values), runs.csv, differences.csv,
@@ -284,7 +298,7 @@ def run_study(
     from pipelines.jobs import run_jobs, run_stages
 
     # 1. Read the study file; keep the variants this machine can run.
-    study = load_study(path)
+    study = load_study(path, seeds)
     names, skipped = runnable_variants(study, only)
 
     # 2. Open the parent run: the study's declarations as its tags, the file as its artifact.
@@ -293,8 +307,9 @@ def run_study(
     # 3. Stages before the variants that need them; a finished matching stage is reused.
     stage_runs = run_stages(parent)
 
-    # 4. The jobs: each variant tuned where the study tunes, then run once per seed.
-    results = run_jobs(parent, names, stage_runs)
+    # 4. The jobs: each variant tuned where the study tunes, then run once per seed; with
+    #    `seeds: {pilot, max}` in rounds until every claim is decided (`pipelines.rounds`).
+    results = rounds.run_rounds(parent, names, stage_runs, run_jobs, pilot_only)
 
     # 5. The summary: the table, its files and plots on the parent, and the parent's status.
     return parent.run_id, summarize(parent, results)
@@ -338,6 +353,7 @@ def open_parent(study: Study, names: list[str], skipped: dict[str, str], args: S
         "practicum.quick": str(study.quick).lower(),
         **({"practicum.baseline": study.baseline} if study.baseline else {}),
         **({"practicum.skipped": json.dumps(skipped)} if skipped else {}),
+        **rounds.parent_tags(study),
     }
     run_id = client.create_run(exp_id, tags=tags, run_name=study.name).info.run_id
     client.log_text(run_id, trk.redact(study.path.read_text()), "study.yaml")  # e.g. tune.storage's password
@@ -360,6 +376,7 @@ def summarize(parent: Parent, results: list) -> StudyTable:
     client.log_text(run_id, table.differences.to_csv(index=False), "differences.csv")
     client.log_text(run_id, render(table, "markdown"), "comparison.md")
     client.log_text(run_id, render(table, "table"), "comparison.txt")
+    rounds.log_verdicts(client, run_id, table)  # means, half-widths, claims: the MLflow UI's view
     for fname, fig in study_plots(client, run_id, parent.study.primary_metric, parent.study.scatter).items():
         client.log_figure(run_id, fig, f"plots/{fname}")
         plt.close(fig)

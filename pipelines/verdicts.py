@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from pipelines import stats as st
 from pipelines.sequential import Design, t_bound
@@ -203,10 +203,9 @@ class ClaimResult:
     def decided(self) -> bool:
         return self.outcome != "inconclusive"
 
-    def line(self) -> str:
-        """``lora-r8 test/loss equivalent (±0.02): inconclusive  Δ +0.34, 90% interval -0.22..0.90, n=2; ~37 seeds would decide``"""
-        from pipelines.compare import human
-
+    def line(self, human: Callable[[float, str], str] = lambda v, key: f"{v:.4g}") -> str:
+        """``lora-r8 test/loss equivalent (±0.02): inconclusive  [Δ +0.34, 90% interval -0.22..0.90, n=2;
+        about 37 seeds would decide it]``; `human(value, metric key)` writes the numbers (units)."""
         c = self.claim
         m = c.metric
         what = f"{c} (±{human(self.margin, m)})" if c.expect == "equivalent" else str(c)
