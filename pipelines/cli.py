@@ -12,6 +12,7 @@ USAGE = """practicum <command> ...
 
   run CONFIG.yaml [--section.key=value ...]   fit (then test) one experiment; --print_config shows the resolved config
   study STUDY.yaml [--section.key=value ...]  every variant as a child run, then the comparison table
+        [--plan] [--seeds auto]               --plan: the seeds each verdict needs (from the pilot or finished runs); auto: rounds until decided
   compare STUDY [--format table|csv|json|markdown]   the study's table, rebuilt from MLflow
   estimate CONFIG.yaml [--gpu H100-80GB] [--section.key=value ...]   predict the fine-tune's memory per GPU, offline
   generate CHECKPOINT_OR_RUN_ID --prompt TEXT [--max_new_tokens N]   sample from a trained model
