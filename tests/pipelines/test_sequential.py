@@ -60,7 +60,9 @@ def test_planned_seeds_decide_a_true_effect_of_the_margin_and_never_call_1_5x_ma
     mean, se, looks = simulate(design, 0.0, sd, seed=3)
     c90 = bounds_from_plan(design, looks, 2 * st.ALPHA)
     assert (np.abs(mean) + c90 * se < margin).any(1).mean() >= 0.8  # no true difference: shown equivalent
-    for delta, most in ((1.5 * margin, 0.05), (margin, 0.05)):  # "equivalent" when it is not
+    # "equivalent" when it is not: at 1.5x the margin (the must-show), and at the margin itself, where the
+    # rate is 5% by construction, so the simulation may land within two standard errors above it
+    for delta, most in ((1.5 * margin, 0.05), (margin, 0.05 + 2 * math.sqrt(0.05 * 0.95 / SIMS))):
         mean, se, looks = simulate(design, delta, sd, seed=4)
         assert (np.abs(mean) + c90 * se < margin).any(1).mean() <= most
 
