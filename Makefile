@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	@for s in $(DEMO_STUDIES); do echo "== practicum study $$s"; $(BIN)/practicum study $$s || exit 1; done
-	@echo; echo "== What to look at next: each study's verdict, and the page of its runs"
+	@echo; echo "== What to look at next: each study's verdict, its claims (holds / fails / inconclusive), and the page of its runs"
 	@$(BIN)/practicum summary $(DEMO_STUDIES)
 	@echo "Tables again: $(BIN)/practicum compare STUDY_NAME    The UI: $(BIN)/practicum ui --open"
 

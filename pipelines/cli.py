@@ -12,6 +12,7 @@ USAGE = """practicum <command> ...
   run CONFIG.yaml [--section.key=value ...]   fit (then test) one experiment; --print_config shows the resolved config
   study STUDY.yaml [--workers N | --ray [ADDRESS]] [--resume] [--section.key=value ...]
                                               every variant as a child run, then the comparison table
+        [--plan] [--seeds auto]               --plan: the seeds each verdict needs (from the pilot or finished runs); auto: rounds until decided
   compare STUDY [--format table|csv|json|markdown]   the study's table, rebuilt from MLflow
   estimate CONFIG.yaml [--gpu H100-80GB] [--section.key=value ...]   predict the fine-tune's memory per GPU, offline
   generate CHECKPOINT_OR_RUN_ID --prompt TEXT [--max_new_tokens N]   sample from a trained model
@@ -83,12 +84,26 @@ def cmd_study(args: list[str]) -> int:
     p.add_argument("--ray", nargs="?", const=True, metavar="ADDRESS",
                    help="each run a Ray task: on the cluster at ADDRESS (or $RAY_ADDRESS), else a local instance")
     p.add_argument("--resume", action="store_true", help="continue the study's last run: only what is missing")
+    p.add_argument("--seeds", choices=["auto"], help="seeds in rounds until every claim is decided "
+                   "(as seeds: {pilot: 3, max: 20} in the file)")
+    p.add_argument("--plan", action="store_true", help="read the study's finished runs (or run its pilot only) "
+                   "and print the seeds each comparison and claim needs, with their wall time")
     ns, rest = p.parse_known_args(args)
     from pipelines import tracking as trk
     from pipelines.compare import render
-    from pipelines.study import run_study
+    from pipelines.study import load_study, run_study
 
-    parent, table = run_study(ns.study, rest, ns.tracking_uri, only=ns.variants,
+    if ns.plan:
+        from pipelines.rounds import finished_table, plan_lines
+
+        table = finished_table(load_study(ns.study).name, ns.tracking_uri)
+        if table is None:
+            _, table = run_study(ns.study, rest, ns.tracking_uri, only=ns.variants, seeds=ns.seeds,
+                                 system_metrics=not ns.no_system_metrics, workers=ns.workers, ray=ns.ray,
+                                 pilot_only=True)
+        print("\n".join(["plan (80% power; nothing more is run):", *plan_lines(table)]))
+        return 0
+    parent, table = run_study(ns.study, rest, ns.tracking_uri, only=ns.variants, seeds=ns.seeds,
                               system_metrics=not ns.no_system_metrics, workers=ns.workers, ray=ns.ray,
                               resume=ns.resume)
     uri = trk.resolve_tracking_uri(ns.tracking_uri)
@@ -112,17 +127,29 @@ def cmd_summary(args: list[str]) -> int:
     for name in ns.studies:
         name = load_study(name).name if name.endswith((".yaml", ".yml")) else name
         parent = find_parent(client, name)
-        print(f"{name}: {study_table(client, parent).verdict_line()}\n"
-              f"    {trk.runs_url(trk.ui_base(uri), parent.info.experiment_id)}")
+        table = study_table(client, parent)
+        print(f"{name}: {table.verdict_line()}")
+        for line in table.claim_lines():
+            print(f"    {line}")
+        print(f"    {trk.runs_url(trk.ui_base(uri), parent.info.experiment_id)}")
+    print(_words_legend())
     if not uri.startswith("http"):
         print("(the links open once the UI runs: practicum ui)")
     return 0
 
 
+def _words_legend() -> str:
+    from pipelines.stats import WORDS
+
+    return "verdicts:\n" + "\n".join(f"  {w:<12} {why}" for w, why in WORDS.items()) + \
+        "\nclaims: holds / fails / inconclusive (the study's `claims:`, Holm across them)"
+
+
 def cmd_compare(args: list[str]) -> int:
     from pipelines.compare import FORMATS, compare
 
-    p = argparse.ArgumentParser(prog="practicum compare")
+    p = argparse.ArgumentParser(prog="practicum compare", epilog=_words_legend(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", help="the study's name (its `name:`), or a study YAML file")
     p.add_argument("--format", default="table", choices=FORMATS)
     p.add_argument("--tracking_uri")

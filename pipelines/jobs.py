@@ -82,9 +82,9 @@ class Job:
 MAX_TRIES = 3  # a job whose worker died is resubmitted, resuming its run, up to this many starts
 
 
-def plan_jobs(parent, names: list[str], stage_runs: dict[str, str], executor=None, bar=None) -> list[Job]:
-    """The study's jobs in order (variant by variant, seed by seed); tunes each variant first where
-    the study has a ``tune:`` block, so its seeded runs carry the best params."""
+def plan_jobs(parent, names: list[str], stage_runs: dict[str, str], executor=None, bar=None, seeds=None) -> list[Job]:
+    """The study's jobs in order (variant by variant, seed by seed: `seeds`, default the study's); tunes
+    each variant first where the study has a ``tune:`` block, so its seeded runs carry the best params."""
     study, executor = parent.study, executor or Serial()
     jobs = []
     for name in names:
@@ -100,7 +100,7 @@ def plan_jobs(parent, names: list[str], stage_runs: dict[str, str], executor=Non
             error = None
         except (ConfigError, trk.TrackingError) as e:
             config, vargs, error = None, [], str(e)
-        for seed in study.seeds:
+        for seed in study.seeds if seeds is None else seeds:
             label = name if seed is None else f"{name} seed={seed}"
             jobs.append(Job(name, seed, label, config, [*vargs, *study.seed_args(seed)],
                             {**tags, "practicum.job": label}, error))
@@ -169,8 +169,9 @@ def run_job(job: Job, parent, callbacks=()):
         return RunResult(run.info.run_id, "FAILED", error=str(e))
 
 
-def run_jobs(parent, names: list[str], stage_runs: dict[str, str], executor=None) -> list:
-    """Run the study's jobs on `executor` (default: here, one after another); returns their results.
+def run_jobs(parent, names: list[str], stage_runs: dict[str, str], executor=None, seeds=None) -> list:
+    """Run the study's jobs (`seeds`: these seeds only) on `executor` (default: here, one after
+    another); returns their results.
 
     A Ctrl-C stops the study (its runs end KILLED); a job whose worker died is resubmitted (`run_job`
     resumes it) up to MAX_TRIES starts, then recorded FAILED with the reason.
@@ -182,8 +183,9 @@ def run_jobs(parent, names: list[str], stage_runs: dict[str, str], executor=None
     metric = reported(study.primary_metric, study.report)
     # One line for the whole study (runs done, elapsed, remaining; the runs in flight, each with its
     # worker, step or metric), and one line per finished run above it.
-    bar = console.progress(len(names) * len(study.seeds), study.name)  # plain lines when stdout is no terminal
-    jobs = plan_jobs(parent, names, stage_runs, executor, bar)
+    seeds = study.seeds if seeds is None else seeds
+    bar = console.progress(len(names) * len(seeds), study.name)  # plain lines when stdout is no terminal
+    jobs = plan_jobs(parent, names, stage_runs, executor, bar, seeds)
     done = {j.label for j in jobs if parent.resumed and (r := job_run(parent, j.label))
             and r.info.status in ("FINISHED", "FAILED")}
     bar.update(len(done))

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
 
+from pipelines import rounds
 from pipelines import tracking as trk
 from pipelines.compare import StudyTable, render, study_table
 from pipelines.plots import study_plots
@@ -61,6 +62,7 @@ def open_parent(study, names: list[str], skipped: dict[str, str], args: Sequence
         "practicum.quick": str(study.quick).lower(),
         **({"practicum.baseline": study.baseline} if study.baseline else {}),
         **({"practicum.skipped": json.dumps(skipped)} if skipped else {}),
+        **rounds.parent_tags(study),  # margins, claims, the sequential design: the verdicts from MLflow alone
     }
     run_id = client.create_run(exp_id, tags=tags, run_name=study.name).info.run_id
     client.log_text(run_id, trk.redact(study.path.read_text()), "study.yaml")  # e.g. tune.storage's password
@@ -79,6 +81,7 @@ def summarize(parent: Parent, results: list) -> StudyTable:
     client.log_text(run_id, table.differences.to_csv(index=False), "differences.csv")
     client.log_text(run_id, render(table, "markdown"), "comparison.md")
     client.log_text(run_id, render(table, "table"), "comparison.txt")
+    rounds.log_verdicts(client, run_id, table)  # means, half-widths, claims: the MLflow UI's view
     for fname, fig in study_plots(client, run_id, parent.study.primary_metric, parent.study.scatter).items():
         client.log_figure(run_id, fig, f"plots/{fname}")
         plt.close(fig)

@@ -36,6 +36,9 @@ A study is an experiment with a verdict (`pipelines.compare`, `pipelines.stats`)
                                    # per variant, the same budget each (`pipelines.tune`); the seeded
                                    # runs then use the variant's best config
     resources: {num_cpus: 1, num_gpus: 0}   # what each run declares as a Ray task (--ray)
+    margins: {val/loss: 0.02}      # the difference that matters: within it, "equivalent"
+    claims: [{variant: moe, metric: val/loss, expect: better}]   # what the study exists to show
+    seeds: {pilot: 3, max: 20}     # instead of a list: rounds until every claim is decided (`pipelines.rounds`)
 
 `requires` (a name or a list; known: cuda, bitsandbytes) keeps a variant out of a study on
 machines that cannot run it, so one study file serves a laptop and a GPU node alike; skipped
@@ -49,25 +52,29 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import re
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import yaml
 from tqdm.auto import tqdm
 
+from pipelines import rounds
 from pipelines.compare import StudyTable, reported
 from pipelines.config import to_cli_args
 from pipelines.executor import Slot
 from pipelines.plots import study_plots  # noqa: F401  (the study's figures, long imported from here)
+from pipelines.sequential import Design
 from pipelines.tracking import ConfigError
+from pipelines.verdicts import Claim
 
 OPAQUE = ("variants", "overrides", "tune")
-DERIVED = ("path", "variant_tune")  # Study fields load_study sets, not keys of the file  # Study fields whose values other parsers read
+DERIVED = ("path", "variant_tune", "design")  # Study fields load_study sets, not keys of the file  # Study fields whose values other parsers read
 STAGE_REF = re.compile(r"\{stages\.([\w-]+)\}")
 REQUIREMENTS = {"cuda": "a CUDA GPU", "bitsandbytes": "bitsandbytes (pip install 'practicum[qlora]')"}
 
@@ -128,7 +135,7 @@ class Study:
     columns: Optional[list[str]] = None
     overrides: dict[str, Any] = field(default_factory=dict)
     stages: dict[str, Stage] = field(default_factory=dict)
-    seeds: list[Optional[int]] = field(default_factory=lambda: [None])
+    seeds: Union[list[Optional[int]], Design] = field(default_factory=lambda: [None])
     seed_keys: list[str] = field(default_factory=lambda: ["seed_everything"])
     baseline: Optional[str] = None
     report: str = "val"
@@ -138,7 +145,10 @@ class Study:
     tune: Any = None
     scatter: list[tuple[str, str]] = field(default_factory=list)
     resources: Slot = field(default_factory=Slot)
+    margins: dict[str, float] = field(default_factory=dict)
+    claims: list[Claim] = field(default_factory=list)
     path: Optional[Path] = None  # the file itself; set by load_study, not a key of the file
+    design: Optional[Design] = None  # `seeds: {pilot, max}`, set by load_study (seeds: 0 .. max-1)
     variant_tune: dict[str, Any] = field(default_factory=dict)  # set by load_study from variants' tune_params
 
     def tune_for(self, name: str):
@@ -191,9 +201,10 @@ def _fill_stages(value: Any, stage_runs: dict[str, str] | None) -> Any:
     return STAGE_REF.sub(lambda m: stage_runs[m.group(1)], value)
 
 
-def load_study(path: str | Path) -> Study:
+def load_study(path: str | Path, seeds: str | None = None) -> Study:
     """Read a study file against the `Study` schema, then check what types cannot say (files exist,
-    names refer to something); every error names the file, the key and the fix."""
+    names refer to something); every error names the file, the key and the fix. `seeds`: "auto"
+    (``--seeds auto``) runs the seeds in rounds."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist")
@@ -202,6 +213,7 @@ def load_study(path: str | Path) -> Study:
     study.path = path.resolve()
     study.base = (path.parent / study.base).resolve()
     study.variants = {k: v or {} for k, v in study.variants.items()}
+    rounds.settle(study, f"study {path}", seeds)  # margins, claims; seeds: {pilot, max} -> design
     _check(study, f"study {path}")
     study.variant_tune = _variant_tune(study, path)
     if isinstance(study.tune, dict) and "params" not in study.tune:
@@ -235,6 +247,9 @@ def _parse(raw: Any, path: Path) -> Study:
     parsed["stages"] = {k: Stage(v["config"], raw["stages"][k].get("overrides") or {})
                         for k, v in parsed["stages"].items()}
     parsed["resources"] = Slot(**parsed["resources"])
+    parsed["claims"] = [Claim(**c) for c in parsed["claims"]]
+    if isinstance(parsed["seeds"], dict):  # seeds: {pilot, max}
+        parsed["seeds"] = Design(**parsed["seeds"])
     return Study(**parsed)
 
 
@@ -309,9 +324,12 @@ def run_study(
     workers: int | None = None,
     ray: str | bool | None = None,
     resume: bool = False,
+    seeds: str | None = None,
+    pilot_only: bool = False,
 ) -> tuple[str, StudyTable]:
     """Run every variant once per seed as a child of one parent run; a failing run ends FAILED and the
-    study goes on.
+    study goes on. `seeds` = "auto": in rounds until every claim is decided; `pilot_only`: the first
+    round only (`practicum study --plan`).
 
     `workers` (local processes) or `ray` (True: a local instance or $RAY_ADDRESS; or an address) run
     the jobs in parallel (`pipelines.executor`). `resume` reopens the study's latest parent run and
@@ -326,7 +344,7 @@ def run_study(
     from pipelines.parent import open_parent, summarize
 
     # 1. Read the study file; keep the variants this machine can run.
-    study = load_study(path)
+    study = load_study(path, seeds)
     names, skipped = runnable_variants(study, only)
 
     # 2. Open the parent run (or reopen the last one): the study's declarations as its tags.
@@ -336,8 +354,10 @@ def run_study(
         # 3. Stages before the variants that need them; a finished matching stage is reused.
         stage_runs = run_stages(parent, executor)
 
-        # 4. The jobs: each variant tuned where the study tunes, then run once per seed.
-        results = run_jobs(parent, names, stage_runs, executor)
+        # 4. The jobs: each variant tuned where the study tunes, then run once per seed; with
+        #    `seeds: {pilot, max}` in rounds until every claim is decided (`pipelines.rounds`).
+        results = rounds.run_rounds(parent, names, stage_runs, functools.partial(run_jobs, executor=executor),
+                                    pilot_only)
 
     # 5. The summary: the table, its files and plots on the parent, and the parent's status.
     return parent.run_id, summarize(parent, results)

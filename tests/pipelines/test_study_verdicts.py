@@ -1,6 +1,6 @@
-"""A study's verdict from seeds and intervals: pure seed noise gets "no difference", a learning rate
-100x too small gets "worse", both from the real pipeline; a re-run reproduces the table; the
-statistics and the table's units against hand computations."""
+"""A study's verdict from seeds and intervals: pure seed noise gets "inconclusive" (no margin
+declared), a learning rate 100x too small gets "worse", both from the real pipeline; a re-run
+reproduces the table; the statistics and the table's units against hand computations."""
 
 import math
 from pathlib import Path
@@ -35,11 +35,11 @@ def seeded_study(tmp_path):
     return p
 
 
-def test_seed_noise_is_no_difference_and_a_bad_learning_rate_is_worse(seeded_study, tracking_uri):
+def test_seed_noise_is_inconclusive_and_a_bad_learning_rate_is_worse(seeded_study, tracking_uri):
     _, table = run_study(seeded_study, ["--system_metrics=false", "--log_checkpoint=false"], tracking_uri)
     s = table.summary.set_index("variant")
     assert list(s["n"]) == [5, 5, 5] and set(table.runs["seed"]) == {"0", "1", "2", "3", "4"}
-    assert s.loc["reseeded", "verdict"] == "no difference"
+    assert s.loc["reseeded", "verdict"] == "inconclusive"  # no margin: never "equivalent"
     assert s.loc["lr-100x-small", "verdict"] == "worse"
     assert s.loc["lr-100x-small", "Δ vs base"] > s.loc["lr-100x-small", "Δ vs base ±"] > 0
     # the paired difference is the mean of the per-seed differences, its interval scipy's paired t
@@ -50,7 +50,8 @@ def test_seed_noise_is_no_difference_and_a_bad_learning_rate_is_worse(seeded_stu
     assert s.loc["lr-100x-small", "Δ vs base ±"] == pytest.approx((hi - lo) / 2)
     assert table.warnings == []  # equal steps and samples
     shown = render(table, "table")
-    assert "QUICK study" in shown and "no difference" in shown and "worse" in shown
+    assert "QUICK study" in shown and "inconclusive" in shown and "worse" in shown
+    assert "no difference" not in shown and "Holm across the 2 comparison(s)" in shown
 
     # the same seeds reproduce the table (CPU): every metric within 1e-4
     _, again = run_study(seeded_study, ["--system_metrics=false", "--log_checkpoint=false"], tracking_uri)
@@ -86,11 +87,18 @@ def test_mean_ci_and_paired_difference_by_hand():
 
 @pytest.mark.parametrize("diff, half, mode, want", [
     (-0.3, 0.1, "min", "better"), (0.3, 0.1, "min", "worse"), (0.3, 0.1, "max", "better"),
-    (0.05, 0.1, "min", "no difference"), (0.0, 0.0, "min", "no difference"), (0.2, 0.0, "max", "better"),
-    (0.2, float("nan"), "min", "n<2"), (0.2, 0.1, None, ""),
+    (0.05, 0.1, "min", "inconclusive"), (0.0, 0.0, "min", "inconclusive"), (0.2, 0.0, "max", "better"),
+    (0.2, float("nan"), "min", "inconclusive"), (0.2, 0.1, None, ""),
 ])
 def test_verdict(diff, half, mode, want):
     assert st.verdict(diff, half, mode) == want
+
+
+def test_equivalent_needs_a_margin_and_the_90_percent_interval_inside_it():
+    assert st.verdict(0.01, 0.05, "min", margin=0.1, half90=0.04) == "equivalent"  # 0.01 + 0.04 < 0.1
+    assert st.verdict(0.01, 0.05, "min", margin=0.05, half90=0.04) == "inconclusive"  # 0.05 is not inside
+    assert st.verdict(0.01, 0.05, "min", margin=None, half90=0.04) == "inconclusive"
+    assert st.verdict(0.2, 0.05, "min", margin=1.0, half90=0.04) == "worse"  # excludes zero: the direction first
 
 
 def test_metric_directions():
@@ -163,3 +171,48 @@ def test_tuned_study_is_one_parent_with_trials_and_seeded_runs_and_a_rerun_repea
     kids2 = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{again}'")
     assert [r for r in kids2 if r.data.tags["practicum.role"] == "trial"] == []  # the storage already holds them
     assert list(table2.summary["tuned"]) == list(table.summary["tuned"])
+
+
+def test_a_pair_far_inside_its_margin_comes_out_equivalent_with_seeds_added_in_rounds(seeded_study, tracking_uri, capsys):
+    """The real pipeline, seeds in rounds: "reseeded" differs from "base" only by its random numbers
+    (paired seed-noise sd ~1 nat on a loss of ~11, a true difference of zero), far inside a margin of
+    3; the 100x-too-small learning rate is worse. Both claims are decided before the cap, and the
+    parent run carries the verdict for the MLflow UI."""
+    import json
+
+    from mlflow import MlflowClient
+
+    raw = yaml.safe_load(seeded_study.read_text())
+    raw.update(seeds={"pilot": 3, "max": 9, "step": 3}, margins={"val/loss": 3.0},
+               claims=[{"variant": "reseeded", "metric": "val/loss", "expect": "equivalent"},
+                       {"variant": "lr-100x-small", "metric": "val/loss", "expect": "worse"}])
+    seeded_study.write_text(yaml.safe_dump(raw))
+    parent, table = run_study(seeded_study, ["--system_metrics=false", "--log_checkpoint=false"], tracking_uri)
+    assert {str(c.claim): c.outcome for c in table.claims} == {
+        "reseeded val/loss equivalent": "holds", "lr-100x-small val/loss worse": "holds"}
+    s = table.summary.set_index("variant")
+    assert s.loc["reseeded", "verdict"] == "equivalent" and s.loc["lr-100x-small", "verdict"] == "worse"
+    run = MlflowClient(tracking_uri).get_run(parent)
+    looks = json.loads(run.data.tags["practicum.looks"])
+    assert looks[0] == 3 and looks == sorted(looks) and looks[-1] <= 9
+    assert set(s["n"]) <= set(looks) and s["n"].max() == looks[-1]  # no seed beyond the last look
+    # the equivalence by hand: the mean paired difference, its interval inside ±3
+    runs = table.runs.pivot(index="seed", columns="variant", values="val/loss").dropna(subset=["reseeded"])
+    eq = table.claims[0]
+    assert eq.estimate == pytest.approx((runs["reseeded"] - runs["base"]).mean())
+    assert -3.0 < eq.low < eq.estimate < eq.high < 3.0 and eq.n == len(runs)
+    # what the MLflow UI shows on the parent: means, half-widths and each claim's verdict
+    assert run.data.tags["claim/reseeded/val/loss/equivalent"] == "holds"
+    assert run.data.tags["verdict/reseeded"] == "equivalent"
+    assert run.data.metrics["val/loss/reseeded/mean"] == pytest.approx(s.loc["reseeded", "val/loss"])
+    assert run.data.metrics["val/loss/base/ci_half"] == pytest.approx(s.loc["base", "val/loss ±"])
+    shown = render(table, "table")
+    assert "group-sequential" in shown and "reseeded val/loss equivalent (±3): holds" in shown
+
+    # --plan reads the finished runs and runs nothing more
+    from pipelines.cli import main
+
+    before = len(MlflowClient(tracking_uri).search_runs([run.info.experiment_id]))
+    assert main(["study", str(seeded_study), "--plan", "--tracking_uri", tracking_uri]) == 0
+    assert "claim reseeded val/loss equivalent: holds at n=" in capsys.readouterr().out
+    assert len(MlflowClient(tracking_uri).search_runs([run.info.experiment_id])) == before

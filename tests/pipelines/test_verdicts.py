@@ -1,0 +1,112 @@
+"""The four words, Holm, power and claims against hand computations and scipy (no training)."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from pipelines import stats as st
+from pipelines.sequential import Design
+from pipelines.verdicts import Claim, ClaimError, Plan, evaluate_claims, family_words, parse_claims, parse_seeds
+
+
+def test_holm_by_hand():
+    # p = 0.01, 0.04, 0.03 with m = 3: 0.01*3 = 0.03; 0.03*2 = 0.06; max(0.06, 0.04*1) = 0.06
+    np.testing.assert_allclose(st.holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+    # the step-down over "decided at level a?" tests is the same procedure
+    p = [0.01, 0.04, 0.03, 0.2]
+    levels = st.step_down([lambda a, x=x: x <= a for x in p], 0.05)
+    assert [lv is not None for lv in levels] == list(st.holm(p) <= 0.05)
+    levels = st.step_down([lambda a, x=x: x <= a for x in [0.012, 0.02, 0.04]], 0.05)
+    assert levels == [0.05 / 3, 0.05 / 2, 0.05]  # each decision frees its share for the rest
+
+
+def test_family_words_are_holm_adjusted():
+    plan = Plan()
+    t = stats.t.isf(0.025, 4)
+    sd = 1.0
+    se = sd / math.sqrt(5)
+    # |t| = 2.9: beyond 2.776 (alone, 5%) but short of the 2-test Holm first step (2.5%: 3.495)
+    alone = st.Diff(2.9 * se, sd, 5)
+    assert family_words([alone], "min", None, plan) == ["worse"]
+    assert family_words([alone, st.Diff(0.0, sd, 5)], "min", None, plan) == ["inconclusive", "inconclusive"]
+    # a clear one frees the full level for the other: 4.0 > 3.495 first, then 2.9 > 2.776
+    assert family_words([alone, st.Diff(-4.0 * se, sd, 5)], "min", None, plan) == ["worse", "better"]
+    assert t < 2.9
+    # equivalence: 90% interval inside ±margin
+    tiny = st.Diff(0.01, 0.02, 5)
+    half90 = stats.t.isf(0.05, 4) * 0.02 / math.sqrt(5)
+    assert family_words([tiny], "min", 0.01 + half90 * 1.01, plan) == ["equivalent"]
+    assert family_words([tiny], "min", 0.01 + half90 * 0.99, plan) == ["inconclusive"]
+
+
+def test_power_against_the_noncentral_t_and_a_simulation():
+    n, sd = 10, 1.0
+    mdd = st.detectable(sd, n)
+    c = stats.t.isf(0.025, n - 1)
+    rng = np.random.default_rng(0)
+    d = rng.normal(mdd, sd, (20000, n))
+    t = d.mean(1) / (d.std(1, ddof=1) / math.sqrt(n))
+    assert (np.abs(t) > c).mean() == pytest.approx(0.8, abs=0.015)
+    n_need = st.seeds_needed(sd, 0.5)
+    assert st.power_difference(0.5, sd, n_need, stats.t.isf(0.025, n_need - 1)) >= 0.8
+    assert st.power_difference(0.5, sd, n_need - 1, stats.t.isf(0.025, n_need - 2)) < 0.8 or \
+        st.power_equivalence(0.5, sd, n_need - 1, stats.t.isf(0.05, n_need - 2)) < 0.8
+    assert st.seeds_needed(0.0, 0.5) == 2 and math.isnan(st.seeds_needed(math.nan, 0.5))
+
+
+def test_claims_are_checked():
+    ok = dict(variants=["full", "lora"], baseline="full", margins={"test/loss": 0.02})
+    assert parse_claims([{"variant": "lora", "metric": "test/loss", "expect": "equivalent"},
+                         {"variant": "lora", "metric": "mem/optimizer_bytes", "expect": "<= 0.1x"}], **ok)
+    for bad, match in [
+        ([{"variant": "nope", "metric": "test/loss", "expect": "better"}], "not one of"),
+        ([{"variant": "full", "metric": "test/loss", "expect": "better"}], "is the variant it is compared with"),
+        ([{"variant": "lora", "metric": "test/loss", "expect": "better", "against": "qlora"}], "'qlora' is not one of"),
+        ([{"variant": "lora", "metric": "test/acc", "expect": "equivalent"}], "needs a margin for test/acc"),
+        ([{"variant": "lora", "metric": "test/loss", "expect": "same"}], "unknown"),
+        ([{"variant": "lora", "metric": "params/total", "expect": "better"}], "no better direction"),
+        ({"variant": "lora"}, "is a list"),
+    ]:
+        with pytest.raises(ClaimError, match=match):
+            parse_claims(bad, **ok)
+    assert parse_seeds([0, 1]) == ([0, 1], None)
+    assert parse_seeds("auto") == (list(range(20)), Design(3, 20))
+    with pytest.raises(ClaimError, match="pilot"):
+        parse_seeds({"max": 5})
+    with pytest.raises(ValueError, match="pilot <= max"):
+        parse_seeds({"pilot": 6, "max": 5})
+
+
+def test_ratio_and_word_claims_on_deterministic_and_noisy_metrics():
+    by_seed = {"full": {"mem/optimizer_bytes": {0: 1000.0, 1: 1000.0}, "test/loss": {0: 2.0, 1: 2.1, 2: 2.0}},
+               "lora": {"mem/optimizer_bytes": {0: 12.0, 1: 12.0}, "test/loss": {0: 2.3, 1: 1.6, 2: 2.4}}}
+    claims = [Claim("lora", "mem/optimizer_bytes", "<= 0.1x"), Claim("lora", "mem/optimizer_bytes", ">= 0.5x"),
+              Claim("lora", "test/loss", "equivalent")]
+    res = evaluate_claims(claims, by_seed, "full", {}, {"test/loss": 0.3}, Plan())
+    assert [r.outcome for r in res] == ["holds", "fails", "inconclusive"]
+    assert res[0].estimate == pytest.approx(0.012) and res[0].n == 2
+    d = np.array([0.3, -0.5, 0.4])  # lora - full at each seed
+    assert res[2].estimate == pytest.approx(d.mean())
+    assert res[2].high - res[2].low == pytest.approx(2 * stats.t.isf(0.05, 2) * d.std(ddof=1) / math.sqrt(3))
+    assert res[2].needed == st.seeds_needed(d.std(ddof=1), 0.3, 0.05 / 1) and 3 < res[2].needed < 200
+    assert f"about {res[2].needed:.0f} seeds would decide" in res[2].line()
+    against = evaluate_claims([Claim("full", "mem/optimizer_bytes", ">= 50x", against="lora")], by_seed, "full", {},
+                              {}, Plan())[0]
+    assert against.outcome == "holds" and against.estimate == pytest.approx(1000 / 12)
+    tight = evaluate_claims(claims[2:], by_seed, "full", {}, {"test/loss": 0.02}, Plan())[0]
+    assert tight.needed == math.inf and "more than 200 seeds" in tight.line()
+    assert claims[0].key == "claim/lora/mem/optimizer_bytes/le0.1x"
+    assert "holds" in res[0].line() and "ratio 0.012" in res[0].line()
+
+
+def test_compare_help_explains_the_four_words(capsys):
+    from pipelines.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    out = capsys.readouterr().out
+    for word in ("better", "worse", "equivalent", "inconclusive"):
+        assert any(line.split()[:1] == [word] for line in out.splitlines()), word
+    assert "no difference" not in out
