@@ -57,8 +57,7 @@ def _implements(obj, proto) -> bool:
     """isinstance(obj, proto) without running a property: on Python 3.11 a runtime protocol's isinstance
     calls each getter, and a datamodule's `has_test_split` may read its data, which a config check has not."""
     attrs = getattr(proto, "__protocol_attrs__", None) or typing._get_protocol_attrs(proto)
-    missing = object()
-    return all(inspect.getattr_static(obj, a, missing) is not missing for a in attrs)
+    return all(isinstance(inspect.getattr_static(type(obj), a, None), property) or hasattr(obj, a) for a in attrs)
 
 
 def check_built(cli, raw: dict | None = None) -> None:
