@@ -155,12 +155,12 @@ def test_tuned_study_is_one_parent_with_trials_and_seeded_runs_and_a_rerun_repea
     kids = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
     trials = [r for r in kids if r.data.tags["practicum.role"] == "trial"]
     seeded = [r for r in kids if r.data.tags["practicum.role"] == "variant"]
-    assert sorted(r.data.tags["practicum.variant"] for r in trials) == ["base"] * 3 + ["wide"] * 3  # same budget
+    assert sorted(r.data.tags["practicum.trial_of"] for r in trials) == ["base"] * 3 + ["wide"] * 3  # same budget
     assert len(seeded) == 4
     for v in ("base", "wide"):
         best = json.loads(Path(client.download_artifacts(parent, f"tune/{v}.json")).read_text())["best_params"]
         trial_values = {float(r.data.params["model.init_args.lr"]): r.data.metrics["val/loss"]
-                        for r in trials if r.data.tags["practicum.variant"] == v}
+                        for r in trials if r.data.tags["practicum.trial_of"] == v}
         assert best["model.init_args.lr"] == pytest.approx(min(trial_values, key=trial_values.get))
         for r in seeded:  # the seeded runs use the variant's best config
             if r.data.tags["practicum.variant"] == v:
