@@ -233,7 +233,7 @@ class ResourceMonitor(Callback):
 
     @staticmethod
     def _reduce(trainer: Trainer, m: dict[str, float]) -> dict[str, float]:
-        """Under several processes: the max of memory and step time, the sum of throughput and of the
+        """Under several processes: the max of memory and of times, the sum of throughput and of the
         samples and tokens seen."""
         if trainer.world_size <= 1:
             return m
@@ -243,7 +243,8 @@ class ResourceMonitor(Callback):
         summed, peak = gathered.sum(dim=0), gathered.max(dim=0).values
         out = {}
         for i, k in enumerate(keys):
-            summed_key = k.startswith("perf/") and k != "perf/step_time_s" or k in ("budget/samples", "budget/tokens")
+            # throughputs add up over ranks; times (a step, a validation pass) are the slowest rank's
+            summed_key = k.startswith("perf/") and not k.endswith("_time_s") or k in ("budget/samples", "budget/tokens")
             out[k] = float(summed[i] if summed_key else peak[i])
         return out
 

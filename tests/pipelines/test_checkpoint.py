@@ -79,7 +79,7 @@ def _finetune_on_backbone(path):
 
 
 def _finetune_module(path):
-    from modules.finetune.module import load_for_generation
+    from modules.finetune.load import load_for_generation
 
     return load_for_generation(path)
 
