@@ -457,14 +457,7 @@ class GPT(nn.Module):
         row past block_size, and with RoPE or ALiBi a longer cache would give the deeper layers
         context the uncached path does not see. temperature 0 means greedy.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k <= 0:
-            raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
-        if idx.dim() != 2 or idx.size(1) == 0:
-            raise ValueError(f"idx must be a non-empty (B, T) tensor of token ids, got shape {tuple(idx.shape)}")
+        check_sampling(idx, max_new_tokens, temperature, top_k)
         bs = self.config.block_size
         past = None
         for _ in range(max_new_tokens):
@@ -472,17 +465,34 @@ class GPT(nn.Module):
                 logits, past = self._forward(idx[:, -1:], past)
             else:
                 logits, past = self._forward(idx[:, -bs:])
-            logits = logits[:, -1, :].float()  # (B, V)
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                probs = F.softmax(logits, dim=-1)
-                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx_next = sample_next(logits[:, -1, :], temperature, top_k, generator)
             idx = torch.cat((idx, idx_next), dim=1)
             if not use_cache:
                 past = None
         return idx
+
+
+def check_sampling(idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: int | None) -> None:
+    """The arguments of a `generate`, each refused with what it must be."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+    if idx.dim() != 2 or idx.size(1) == 0:
+        raise ValueError(f"idx must be a non-empty (B, T) tensor of token ids, got shape {tuple(idx.shape)}")
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token (B, 1) from the last position's logits (B, V): greedy at temperature 0, else
+    sampled from the softmax at `temperature`, restricted to the `top_k` likeliest."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)

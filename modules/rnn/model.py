@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from modules.gpt.model import check_sampling, sample_next
+
 CELLS = ("lstm", "gru", "rnn", "hand-lstm")
 # The recurrent state: (h, c) for LSTMs, each (L, B, H); h alone for the GRU and the plain RNN.
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -176,25 +178,10 @@ class CharRNN(nn.Module):
         step costs the same at any length (the state is the whole memory: no cache, no window).
         temperature 0 means greedy.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k <= 0:
-            raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
-        if idx.dim() != 2 or idx.size(1) == 0:
-            raise ValueError(f"idx must be a non-empty (B, T) tensor of token ids, got shape {tuple(idx.shape)}")
+        check_sampling(idx, max_new_tokens, temperature, top_k)
         logits, _, state = self(idx)
         for _ in range(max_new_tokens):
-            last = logits[:, -1, :].float()  # (B, V)
-            if temperature == 0:
-                nxt = last.argmax(dim=-1, keepdim=True)
-            else:
-                last = last / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(last, min(top_k, last.size(-1)))
-                    last[last < v[:, [-1]]] = -float("inf")
-                nxt = torch.multinomial(F.softmax(last, dim=-1), num_samples=1, generator=generator)
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, generator)  # (B, 1)
             idx = torch.cat((idx, nxt), dim=1)
             logits, _, state = self(nxt, state=state)
         return idx
