@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import socket
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -134,9 +135,12 @@ class RayPool:
 
         self.ray, self.slot = ray, slot
         address = address or os.environ.get("RAY_ADDRESS") or None
+        env = {"PRACTICUM_LOG_MODEL": os.environ.get("PRACTICUM_LOG_MODEL", "1")}
+        if not address:  # a local instance: its workers import what this process imports, as spawned ones do
+            env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
         ray.init(address=address, num_cpus=None if address else (num_cpus or cores()), include_dashboard=False,
                  ignore_reinit_error=True, log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": {"PRACTICUM_LOG_MODEL": os.environ.get("PRACTICUM_LOG_MODEL", "1")}})
+                 runtime_env={"env_vars": env})
         total = ray.cluster_resources()
         self.slots = max(1, int(total.get("CPU", 1) // max(slot.num_cpus, 1)))
         if slot.num_gpus:

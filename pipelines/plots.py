@@ -72,15 +72,17 @@ def memory_throughput_plot(groups: dict[str, list]):
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))
     # The ledger's components side by side on a log axis, each bar labelled: a LoRA run's optimizer
     # state is a few percent of full fine-tuning's, and a logistic regression's KiB sit beside a k-NN's MiB.
-    width = 0.8 / len(MEMORY_KEYS)
+    width, logged = 0.8 / len(MEMORY_KEYS), False
     for i, key in enumerate(MEMORY_KEYS):
         mean, _ = stat(key)
+        logged |= bool((mean > 0).any())
         x = np.arange(len(names)) + (i - (len(MEMORY_KEYS) - 1) / 2) * width
         bars = ax1.bar(x, np.where(mean > 0, mean, np.nan), width, label=key.split("/")[1].replace("_bytes", ""))
         ax1.bar_label(bars, labels=[human(v, key) if v > 0 else "" for v in mean], fontsize=6, rotation=90,
                       padding=2)
     ax1.set_xticks(np.arange(len(names)), names)
-    ax1.set_yscale("log")
+    if logged:  # a log axis needs a positive bar (runs killed before their ledger have none)
+        ax1.set_yscale("log")
     ax1.margins(y=0.25)
     ax1.set(ylabel="bytes (log)", title="memory ledger per component (exact bytes)")
     ax1.legend(fontsize=7)

@@ -19,7 +19,7 @@ COLUMNS = ["variant", "seed", "status", "val/loss", "test/loss", "train/loss"]
 @pytest.fixture
 def study_file(tmp_path):
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(TOY))
-    study = {"name": "toy-workers", "base": "toy.yaml", "seeds": [0, 1], "columns": ["val/loss", "test/loss"],
+    study = {"name": "toy-workers", "base": "toy.yaml", "seeds": [0, 1], "columns": ["val/loss", "test/loss", "train/loss"],
              "variants": {"narrow": {"model.init_args.hidden": 4}, "wide": {"model.init_args.hidden": 16}}}
     p = tmp_path / "study.yaml"
     p.write_text(yaml.safe_dump(study, sort_keys=False))

@@ -151,6 +151,7 @@ def test_study_artifacts_go_to_s3_and_mlflows_key_reaches_only_its_bucket(tmp_pa
                 module = ServedToy.load_from_checkpoint(local, map_location="cpu", weights_only=True).eval()
                 assert module.hparams.hidden == int(kid.data.params["model.init_args.hidden"])
                 modules[kid.info.run_id] = module
+            mlflow.set_tracking_uri(server.uri)  # runs:/ URIs resolve in the fluent store, as a user's would
             served = mlflow.pyfunc.load_model(wide.data.tags["practicum.model_uri"]).predict(x.numpy())
             with torch.no_grad():
                 assert torch.allclose(torch.as_tensor(served), modules[wide.info.run_id](x), atol=1e-6)
