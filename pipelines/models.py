@@ -38,7 +38,9 @@ def kind_of(module) -> str | None:
         return "text"
     if isinstance(module, ImageSampler):
         return "images"
-    if type(module).forward is not torch.nn.Module.forward:
+    from lightning import LightningModule
+
+    if type(module).forward not in (torch.nn.Module.forward, LightningModule.forward):  # a forward of its own
         return "tensor"
     return None
 

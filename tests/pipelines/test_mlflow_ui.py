@@ -150,3 +150,17 @@ def test_a_study_runs_model_is_named_after_its_study_variant_and_seed():
     assert model_name(tags) == "gpt-quick-layers-2-seed0"
     assert model_name({**tags, "practicum.seed": "None"}) == "gpt-quick-layers-2"
     assert model_name({"practicum.seed": "0"}) == "model"  # a run of its own keeps runs:/ID/model
+
+
+def test_a_module_without_a_forward_of_its_own_serves_nothing():
+    """The NumPy classics inherit LightningModule.forward (which only raises): no tensor pyfunc for them."""
+    from modules.classics.module import KNNModule
+    from pipelines.models import kind_of
+    from tests.pipelines.toy import ToyModule
+
+    class Served(ToyModule):
+        def forward(self, x):
+            return self.net(x)
+
+    assert kind_of(KNNModule(k=3)) is None and kind_of(ToyModule()) is None
+    assert kind_of(Served()) == "tensor"
