@@ -25,8 +25,11 @@ demo: $(STAMP)
 	@$(BIN)/practicum summary $(DEMO_STUDIES)
 	@echo "Tables again: $(BIN)/practicum compare STUDY_NAME    The UI: $(BIN)/practicum ui --open"
 
+# The suite on TEST_WORKERS processes (pytest-xdist), a file's tests together in one worker (they
+# share its fixtures), one thread each (tests/conftest.py): TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 server: $(STAMP)
 	$(BIN)/python -m server

@@ -6,6 +6,18 @@ import pytest
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 # Logging each run's MLflow Model costs seconds a run; the tests of that feature turn it on (--log_model=true).
 os.environ.setdefault("PRACTICUM_LOG_MODEL", "0")
+# Under pytest-xdist (make test) each worker takes one core: torch's threads default to every core,
+# and two workers with two threads each would share two cores four ways.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+def pytest_configure(config):
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        import torch
+
+        torch.set_num_threads(1)  # in case torch was imported before this file set OMP_NUM_THREADS
 
 
 def pytest_collection_modifyitems(config, items):
