@@ -185,3 +185,45 @@ def test_bad_streaming_options_are_named():
         CachePolicy("window")
     with pytest.raises(ValueError, match="pos_emb='rope' or 'alibi'"):
         stream_score(tiny_gpt("learned"), torch.zeros(5, dtype=torch.long), CachePolicy("dense"))
+
+
+@pytest.mark.slow  # the one end-to-end run: ~7 s on a busy machine
+def test_a_recurrence_run_streams_its_test_split_through_the_pipeline(tracking_uri):
+    """The real entry point: Transformer-XL trained on contiguous segments, then the test split streamed with the
+    'segments' cache; the logged bucket loss is recomputed from the tested checkpoint."""
+    import mlflow
+
+    from datamodules.shakespeare import ShakespeareDataModule
+    from pipelines.run import run_experiment
+    from tests.data import shakespeare_text
+    from tests.helpers import GPT_CONFIG, gpt_small
+
+    args = gpt_small() + ["--model.class_path=modules.gpt.streaming_module.StreamingGPTModule",
+                          "--model.init_args.pos_emb=rope", "--model.init_args.xl_memory=8",
+                          "--model.init_args.stream_cache=segments", "--model.init_args.stream_tokens=64",
+                          "--model.init_args.stream_buckets=[16, 64]", "--model.init_args.sample_tokens=0",
+                          "--data.init_args.train_stream=contiguous", "--data.init_args.test_fraction=0.05"]
+    res = run_experiment(GPT_CONFIG, args, tracking_uri=tracking_uri)
+    assert res.status == "FINISHED", res.error
+    m = mlflow.MlflowClient(tracking_uri).get_run(res.run_id).data.metrics
+    per_position = 2 * 1 * 16 * 4  # k and v, 1 layer, 16 channels, fp32
+    assert m["stream/cache_bytes_peak"] == (16 + 8) * per_position  # a segment of 16 and a memory of 8
+    assert m["stream/cache_bytes_per_token"] == 0 and m["stream/tokens_per_s"] > 0
+    module = StreamingGPTModule.load_from_checkpoint(res.checkpoint, map_location="cpu")
+    dm = ShakespeareDataModule(corpus="tinyshakespeare", path=str(shakespeare_text()), max_chars=20000, block_size=16,
+                               test_fraction=0.05)
+    dm.setup()
+    again = stream_score(module.model.eval(), dm.test_data[:65], module.policy())
+    assert m["stream/loss_0_16"] == pytest.approx(again.bucket_loss(0, 16), rel=1e-5)
+    assert m["stream/loss_16_64"] == pytest.approx(again.bucket_loss(16, 64), rel=1e-5)
+
+
+def test_recurrence_refuses_a_random_window_stream():
+    from datamodules.shakespeare import ShakespeareDataModule
+    from tests.data import shakespeare_text
+    from tests.helpers import quiet_trainer
+
+    dm = ShakespeareDataModule(corpus="tinyshakespeare", path=str(shakespeare_text()), max_chars=5000, block_size=8)
+    module = StreamingGPTModule(xl_memory=8, pos_emb="rope", n_layer=1, n_head=2, n_embd=8, sample_tokens=0)
+    with pytest.raises(ValueError, match="train_stream=contiguous"):
+        quiet_trainer(max_steps=1, limit_val_batches=0).fit(module, datamodule=dm)
