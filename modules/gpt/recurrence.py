@@ -24,17 +24,14 @@ import torch
 
 from modules.gpt.attention import apply_rope, rope_cos_sin
 from modules.gpt.model import GPT
+from modules.gpt.streaming import project_qkv
 
 Memory = list[torch.Tensor]  # per layer, (B, M', C) the input states of the previous segment, M' <= M
 
 
 def memory_kv(block, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None):
     """Keys (rotated by slots 0..M'-1) and values a block computes from memory states h (B, M', C)."""
-    attn = block.attn
-    B, M, _ = h.shape
-    _, k, v = attn.c_attn(block.ln_1(h)).split([attn.n_embd, attn.kv_width, attn.kv_width], dim=2)
-    k = k.view(B, M, attn.n_kv_head, attn.head_size).transpose(1, 2)  # (B, nkv, M', hs)
-    v = v.view(B, M, attn.n_kv_head, attn.head_size).transpose(1, 2)
+    _, k, v = project_qkv(block.attn, block.ln_1(h))  # (B, nkv, M', hs)
     if rope is not None:
         k = apply_rope(k, *rope)
     return k, v

@@ -96,6 +96,14 @@ def policy_mask(policy: CachePolicy, t: int, device: torch.device | None = None)
 # -- attention with a learned sink ------------------------------------------------------------------
 
 
+def project_qkv(attn: CausalSelfAttention, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, nh, T, hs), k and v (B, nkv, T, hs), un-rotated, from a block's normed input h (B, T, C)."""
+    B, T, _ = h.shape
+    q, k, v = attn.c_attn(h).split([attn.n_embd, attn.kv_width, attn.kv_width], dim=2)
+    heads = (attn.n_head, attn.n_kv_head, attn.n_kv_head)
+    return tuple(t.view(B, T, nh, attn.head_size).transpose(1, 2) for t, nh in zip((q, k, v), heads))
+
+
 def sink_softmax(scores: torch.Tensor, sink_logit: torch.Tensor | None) -> torch.Tensor:
     """softmax over the last axis of scores (B, nh, Tq, Tk) with one extra logit s_h per head whose
     column is dropped: rows then sum to 1 - exp(s_h) / (exp(s_h) + sum_j exp(score_j)) < 1."""
@@ -115,10 +123,7 @@ class SinkAttention(CausalSelfAttention):
 
     def forward(self, x, past=None, rope=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split([self.n_embd, self.kv_width, self.kv_width], dim=2)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
+        q, k, v = project_qkv(self, x)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if past is not None:
@@ -251,9 +256,8 @@ def stream_score(model: GPT, tokens: torch.Tensor, policy: CachePolicy, share_sl
         count_now = (policy.capacity is not None and t >= policy.capacity) or (policy.capacity is None and t >= n_steps // 2)
         for i, block in enumerate(model.transformer.h):
             attn = block.attn
-            q, k, v = attn.c_attn(block.ln_1(x)).split([attn.n_embd, attn.kv_width, attn.kv_width], dim=2)
-            q = q.view(1, 1, nh, hs).transpose(1, 2)  # (1, nh, 1, hs)
-            caches[i].append(k.view(1, 1, nkv, hs).transpose(1, 2), v.view(1, 1, nkv, hs).transpose(1, 2), t)
+            q, k, v = project_qkv(attn, block.ln_1(x))  # (1, nh, 1, hs), (1, nkv, 1, hs) x 2
+            caches[i].append(k, v, t)
             kc, vc = caches[i].k, caches[i].v  # (1, nkv, n, hs)
             n = kc.size(2)
             if cos is not None:  # rotate by slot: keys 0..n-1, the query n-1
@@ -293,10 +297,8 @@ def masked_forward(model: GPT, idx: torch.Tensor, mask: torch.Tensor) -> torch.T
     x = model.transformer.wte(idx)
     for block in model.transformer.h:
         attn = block.attn
-        q, k, v = attn.c_attn(block.ln_1(x)).split([attn.n_embd, attn.kv_width, attn.kv_width], dim=2)
-        q = q.view(B, T, c.n_head, c.head_size).transpose(1, 2)
-        k = k.view(B, T, c.kv_heads, c.head_size).transpose(1, 2).repeat_interleave(c.n_head // c.kv_heads, dim=1)
-        v = v.view(B, T, c.kv_heads, c.head_size).transpose(1, 2).repeat_interleave(c.n_head // c.kv_heads, dim=1)
+        q, k, v = project_qkv(attn, block.ln_1(x))
+        k, v = (t.repeat_interleave(c.n_head // c.kv_heads, dim=1) for t in (k, v))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         att = (q @ k.transpose(-2, -1)) / math.sqrt(c.head_size)
