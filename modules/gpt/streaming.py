@@ -189,6 +189,8 @@ class BoundedKVCache:
         return 0 if self.pos is None else self.pos.numel()
 
     def nbytes(self) -> int:
+        """Bytes of the keys and values: what a deployment must hold (the rotated copy can be rebuilt
+        from them, and the positions are bookkeeping of this scorer)."""
         return 0 if self.k is None else self.k.nbytes + self.v.nbytes
 
 

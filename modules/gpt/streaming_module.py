@@ -64,7 +64,7 @@ class StreamingGPTModule(GPTModule):
             raise ValueError(f"xl_memory must be >= 0 (0: no recurrence), got {xl_memory}")
         if stream_cache == "segments" and xl_memory == 0:
             raise ValueError("stream_cache='segments' streams a Transformer-XL model: set xl_memory (e.g. the block size)")
-        if kwargs.get("pos_emb", "learned") not in ("rope", "alibi") and (stream_cache is not None or xl_memory):
+        if self.hparams.pos_emb not in ("rope", "alibi") and (stream_cache is not None or xl_memory):
             raise ValueError("streaming and recurrence assign positions inside the cache: set pos_emb='rope' or 'alibi'")
         self._mems = None
 
