@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(images / name)
     if not curves:
         raise SystemExit(f"study {args.study!r}: no finished run")
+    for variant, c in sorted(curves.items()):  # the means the figure plots, every length
+        for key in ("em", "tok"):
+            print(f"{variant} {key} by length: " + " ".join(f"{v:.2f}" for v in np.mean(c[key], axis=0)))
     from matplotlib.figure import Figure
 
     tasks = sorted({v.split("-")[-1] for v in curves})
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             for variant in sorted(v for v in curves if v.endswith(task)):
                 vals = np.array(curves[variant][key])  # (seeds, lengths)
                 mean = vals.mean(0)
-                err = np.stack([mean - vals.min(0), vals.max(0) - mean])
+                err = np.stack([mean - vals.min(0), vals.max(0) - mean]).clip(min=0)
                 ax.errorbar(lengths, mean, yerr=err, marker="o", ms=3, capsize=2,
                             label=f"{variant.removesuffix('-' + task)} (n={len(vals)})")
             ax.axvspan(0.5, 16.5, color="0.9", zorder=0)
