@@ -40,7 +40,8 @@ def by_length(module: Seq2SeqModule, task: str, lengths: list[int], per_length: 
     em, tok = [], []
     model = module.model.eval()
     for n in lengths:
-        data = TaskSet(task, torch.full((per_length,), n), model.vocab.n_symbols, torch.Generator().manual_seed(seed + n))
+        g = torch.Generator().manual_seed(seed + n)
+        data = TaskSet(task, torch.full((per_length,), n), model.vocab.n_symbols, g)
         b = collate([data[i] for i in range(len(data))], model.vocab.pad)
         logits, targets = model(b["src"], b["src_len"], b["tgt"], b["tgt_len"])
         scored = targets >= 0

@@ -122,7 +122,7 @@ class Seq2SeqTaskDataModule(L.LightningDataModule, Fingerprinted):
         self.batch_size, self.seed = batch_size, seed
         self.splits: dict[str, TaskSet] = {}
 
-    def _split(self, name: str, lengths: torch.Tensor, offset: int) -> TaskSet:
+    def _split(self, lengths: torch.Tensor, offset: int) -> TaskSet:
         g = torch.Generator().manual_seed(self.seed * 1000 + offset)
         return TaskSet(self.task, lengths, self.vocab.n_symbols, g)
 
@@ -131,10 +131,10 @@ class Seq2SeqTaskDataModule(L.LightningDataModule, Fingerprinted):
             return
         lo, hi = self.train_lengths
         g = torch.Generator().manual_seed(self.seed * 1000 + 999)
-        self.splits["train"] = self._split("train", torch.randint(lo, hi + 1, (self.n_train,), generator=g), 0)
-        self.splits["val"] = self._split("val", torch.randint(lo, hi + 1, (self.n_val,), generator=g), 1)
+        self.splits["train"] = self._split(torch.randint(lo, hi + 1, (self.n_train,), generator=g), 0)
+        self.splits["val"] = self._split(torch.randint(lo, hi + 1, (self.n_val,), generator=g), 1)
         test = torch.arange(self.test_lengths[0], self.test_lengths[1] + 1).repeat_interleave(self.n_test_per_length)
-        self.splits["test"] = self._split("test", test, 2)
+        self.splits["test"] = self._split(test, 2)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()

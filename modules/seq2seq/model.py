@@ -9,12 +9,15 @@
 - "decoder-only": one causal stack (the mini-GPT itself) over [source; BOS; target; EOS], where the
   target reads the source through self-attention alone.
 
-Every attention here goes through `modules.gpt.attention.cross_attention`: the encoder's is
-`self_attention` (memory = x) without a causal mask, the decoder's cross-attention has memory = the
-encoder's output. Positions are the GPT's sinusoidal table (Vaswani et al. section 3.5, at the
-token embeddings' scale), added to the embeddings in every arm: defined at any length, so the test
-can run strings twice as long as any seen in training (no learned row is missing; whether the model
-extrapolates is what the test measures). Parameters are matched across arms by the MLP widths:
+The encoder's attention and the decoder's cross-attention go through
+`modules.gpt.attention.cross_attention`: the encoder's as `self_attention` (memory = x) with no causal
+mask, the cross-attention with memory = the encoder's output. The decoders' causal self-attention is
+the mini-GPT's own `CausalSelfAttention` (SDPA), and the decoder-only arm is the mini-GPT's `GPT`.
+
+Positions are the GPT's sinusoidal table (Vaswani et al. section 3.5, at the token embeddings'
+scale), added to the embeddings in every arm: defined at any length, so the test can run strings
+twice as long as any seen in training (no learned row is missing; whether the model extrapolates is
+what the test measures). Parameters are matched across arms by the MLP widths:
 with n_layer L per stack and width C, "cross" has L encoder blocks (12C^2) and L decoder blocks
 (16C^2: self, cross and MLP); "pooled" drops cross-attention's 4C^2 and widens the decoder MLP to 6C
 (plus the C^2 summary projection); "decoder-only" runs 2L blocks with a 5C MLP (14C^2 each).
@@ -118,7 +121,9 @@ class DecoderBlock(Block):
         self.ln_x = build_norm(config) if cross else None
         self.cross = CrossAttention(config) if cross else None
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_pad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, memory: torch.Tensor, memory_pad: torch.Tensor
+    ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))[0]
         if self.cross is not None:
             x = x + self.cross(self.ln_x(x), memory, memory_pad)

@@ -88,7 +88,8 @@ class Seq2SeqModule(L.LightningModule, CountsTokens):
         opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         decay = hp.lr_decay_steps if hp.lr_decay_steps is not None else self.trainer.max_steps
         if decay is None or decay < 0:
-            raise ValueError("set model.init_args.lr_decay_steps or trainer.max_steps: the cosine schedule needs an end")
+            raise ValueError("set model.init_args.lr_decay_steps or trainer.max_steps: "
+                             "the cosine schedule needs an end")
         return {"optimizer": opt, "lr_scheduler": cosine_schedule(opt, hp.warmup_steps, decay, hp.min_lr / hp.lr)}
 
     def _step(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
