@@ -176,3 +176,73 @@ def sinusoidal_embedding(pos: torch.Tensor, n_embd: int, dtype: torch.dtype = to
     angles = pos.float()[:, None] * inv_freq[None, :]  # (T, C/2)
     out = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)  # (T, C): sin, cos interleaved
     return out.to(dtype)
+
+
+# -- cross-attention ---------------------------------------------------------------------------
+
+
+def cross_attention(
+    x: torch.Tensor,
+    memory: torch.Tensor,
+    w_q: torch.Tensor,
+    w_kv: torch.Tensor,
+    w_o: torch.Tensor,
+    n_head: int,
+    b_q: torch.Tensor | None = None,
+    b_kv: torch.Tensor | None = None,
+    b_o: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    dropout: nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head attention whose queries come from `x` and whose keys and values come from `memory`
+    (Vaswani et al. 2017, section 3.2.3: the decoder's queries read the encoder's output), written out.
+
+    x: (B, Tq, C); memory: (B, Tk, Cm), Cm may differ from C (torch's kdim = vdim = Cm);
+    w_q: (C, C), w_kv: (2C, Cm) (k's rows, then v's), w_o: (C, C), biases of those widths or None;
+    key_padding_mask: (B, Tk), True where a key is padding (nn.MultiheadAttention's convention);
+    causal: query i sees keys j <= i (only meaningful when both are the same positions).
+    Returns y (B, Tq, C) and the attention weights (B, nh, Tq, Tk) that mixed the values.
+
+    Self-attention is the special case memory = x (`self_attention`): nothing else differs, which is
+    why the one function serves the encoder, the decoder and the decoder's cross-attention.
+    """
+    B, Tq, C = x.shape
+    Tk = memory.size(1)
+    if C % n_head:
+        raise ValueError(f"cross_attention: width {C} must be divisible by n_head {n_head}")
+    if memory.size(0) != B:
+        raise ValueError(f"cross_attention: x has batch {B} but memory has {memory.size(0)}")
+    hs = C // n_head
+    q = F.linear(x, w_q, b_q).view(B, Tq, n_head, hs).transpose(1, 2)  # (B, nh, Tq, hs)
+    k, v = F.linear(memory, w_kv, b_kv).split(C, dim=2)
+    k = k.view(B, Tk, n_head, hs).transpose(1, 2)  # (B, nh, Tk, hs)
+    v = v.view(B, Tk, n_head, hs).transpose(1, 2)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, Tq, Tk)
+    if causal:
+        att = att.masked_fill(~causal_mask(Tq, Tk, x.device), float("-inf"))
+    if key_padding_mask is not None:
+        att = att.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    weights = F.softmax(att, dim=-1)
+    y = (dropout(weights) if dropout is not None else weights) @ v  # (B, nh, Tq, hs)
+    y = y.transpose(1, 2).reshape(B, Tq, C)
+    return F.linear(y, w_o, b_o), weights
+
+
+def self_attention(
+    x: torch.Tensor,
+    w_qkv: torch.Tensor,
+    w_o: torch.Tensor,
+    n_head: int,
+    b_qkv: torch.Tensor | None = None,
+    b_o: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    dropout: nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention as `cross_attention(x, x)`: w_qkv (3C, C) is the mini-GPT's fused `c_attn`
+    weight (q's rows, then k's, then v's), split into the query and the key/value projections."""
+    C = x.size(-1)
+    b_q, b_kv = (None, None) if b_qkv is None else (b_qkv[:C], b_qkv[C:])
+    return cross_attention(x, x, w_qkv[:C], w_qkv[C:], w_o, n_head, b_q, b_kv, b_o, key_padding_mask, causal,
+                           dropout)
