@@ -144,6 +144,12 @@ def built_gpt(config: Path, args: list[str], vocab_size: int = 80):
 
 
 # --- preference pairs for the alignment tests ---------------------------------------------------
+def claims_about(claims: list[dict], variants) -> list[dict]:
+    """A shipped study's claims that name only `variants`: a tiny copy of the study that drops or renames
+    variants keeps the claims about what it runs (the others would be refused as unknown variants)."""
+    return [c for c in claims if {c["variant"], c.get("against")} <= {*variants, None}]
+
+
 def count_e(texts: list[str]) -> list[float]:
     """A dense reward for models too young to write words VADER knows: the share of letters 'e'."""
     return [t.count("e") / max(len(t), 1) for t in texts]

@@ -14,6 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.study import run_study
+from tests.helpers import claims_about
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -40,8 +41,7 @@ def test_tiny_dpo_study(tmp_path, tracking_uri, monkeypatch):
         "variants": {"sft": real["variants"]["sft"], "best-of-2": {"trainer.max_steps": 0, "model.init_args.best_of": 2},
                      "dpo-beta0.1": real["variants"]["dpo-beta0.1"]},
     }
-    # the shipped claims name variants this tiny study drops: keep the ones about what it runs
-    study["claims"] = [c for c in real.get("claims", []) if {c["variant"], c.get("against")} <= {*study["variants"], None}]
+    study["claims"] = claims_about(real.get("claims", []), study["variants"])
     path = tmp_path / "dpo-tiny.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))  # stage order matters
     parent, table = run_study(path, tracking_uri=tracking_uri, system_metrics=False)

@@ -12,6 +12,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.study import run_study
+from tests.helpers import claims_about
 
 ROOT = Path(__file__).resolve().parents[3]
 ALIGN = ROOT / "configs" / "align"
@@ -46,6 +47,7 @@ def test_tiny_rlhf_study(tmp_path, tracking_uri):
                     "trainer.log_every_n_steps": 1},  # manual optimisation: counted in batches of prompts
         },
     }
+    study["claims"] = claims_about(real.get("claims", []), study["variants"])
     for v in study["variants"].values():  # variant bases are relative to the study file: make them absolute
         if "base" in v:
             v["base"] = str(ALIGN / Path(v["base"]).name)
