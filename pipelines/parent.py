@@ -11,8 +11,9 @@ import matplotlib.pyplot as plt
 
 from pipelines import rounds
 from pipelines import tracking as trk
-from pipelines.compare import StudyTable, render, study_table
+from pipelines.compare import StudyTable, study_table
 from pipelines.plots import study_plots
+from pipelines.tables import render, text_artifact
 from pipelines.tracking import ConfigError
 
 
@@ -80,7 +81,7 @@ def summarize(parent: Parent, results: list) -> StudyTable:
     client.log_text(run_id, table.runs.to_csv(index=False), "runs.csv")
     client.log_text(run_id, table.differences.to_csv(index=False), "differences.csv")
     client.log_text(run_id, render(table, "markdown"), "comparison.md")
-    client.log_text(run_id, render(table, "table"), "comparison.txt")
+    client.log_text(run_id, text_artifact(table), "comparison.txt")
     rounds.log_verdicts(client, run_id, table)  # means, half-widths, claims: the MLflow UI's view
     for fname, fig in study_plots(client, run_id, parent.study.primary_metric, parent.study.scatter).items():
         client.log_figure(run_id, fig, f"plots/{fname}")
