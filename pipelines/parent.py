@@ -76,7 +76,11 @@ def summarize(parent: Parent, results: list) -> StudyTable:
     """The comparison from MLflow, logged to the parent with its plots; the parent closes with the
     study's status (KILLED when a run was interrupted, FAILED when every run failed)."""
     client, run_id = parent.client, parent.run_id
-    table = study_table(client, client.get_run(run_id))
+    try:
+        table = study_table(client, client.get_run(run_id))
+    except ConfigError:  # a column no run logged: the parent ends, the error names the column
+        client.set_terminated(run_id, "FAILED")
+        raise
     client.log_text(run_id, table.summary.to_csv(index=False), "comparison.csv")
     client.log_text(run_id, table.runs.to_csv(index=False), "runs.csv")
     client.log_text(run_id, table.differences.to_csv(index=False), "differences.csv")
