@@ -216,11 +216,12 @@ def study_table(client: MlflowClient, parent) -> StudyTable:
 
 
 def _check_columns(meta: dict, runs: pd.DataFrame) -> None:
-    """Every column the study asks for is a metric some finished run logged; else an error naming it
-    (a missing column would be an empty cell, or no column at all, and nobody would notice)."""
+    """Every column the study asks for is a metric some finished run (or estimate) logged; else an error
+    naming it (a missing column would be an empty cell, or no column at all, and nobody would notice)."""
+    done = runs["status"].isin(["FINISHED", "ESTIMATE"])
     if meta["columns"] is None or not (runs["status"] == "FINISHED").any():
         return  # nothing finished yet (or every run failed): the runs' errors say more than a column would
-    logged = {c for c in runs.columns[4:] if runs.loc[runs["status"] == "FINISHED", c].notna().any()}
+    logged = {c for c in runs.columns[4:] if runs.loc[done, c].notna().any()}
     missing = [(c, reported(c, meta["report"])) for c in meta["columns"] if reported(c, meta["report"]) not in logged]
     if missing:
         named = ", ".join(k if k == c else f"{k} (asked as {c}; report: {meta['report']} reads the {meta['report']} "

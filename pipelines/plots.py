@@ -56,9 +56,9 @@ def curves_plot(client: trk.MlflowClient, groups: dict[str, list], primary: str,
         # distinct hollow markers: variants with equal values (two k-NNs) stay visible on top of each other
         (line,) = ax.plot(steps, mean, label=f"{name} (n={len(curves)})", marker=markers[i % len(markers)],
                           markevery=max(1, len(steps) // 15), markerfacecolor="none", markersize=5 + 2 * (i % 3))
-        if len(steps) > 1:
+        if len(curves) > 1 and len(steps) > 1:
             ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.2, linewidth=0)
-        else:  # one evaluation (a fit-once model): its interval as an error bar
+        elif len(curves) > 1:  # one evaluation (a fit-once model): its interval as an error bar
             ax.errorbar(steps, mean, yerr=half, color=line.get_color(), capsize=4, linewidth=1)
     ends = {}
     if report and report != primary:
