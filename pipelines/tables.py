@@ -112,8 +112,9 @@ def _seeds(x: float, verdict: str) -> str:
 def notes(t: StudyTable) -> list[str]:
     """What the verdict column means and how it was reached, under the table."""
     if t.baseline is not None and not t.is_comparable(t.report_metric):
-        return [f"no verdict on {t.report_metric}: the study declares only {t.comparable or 'no metric'} comparable "
-                "across its variants (comparable:), so the table shows values, not a ranking"]
+        which = f"only {', '.join(t.comparable)}" if t.comparable else "no metric"
+        return [f"no verdict on {t.report_metric}: the study declares {which} comparable across its variants "
+                "(comparable:), so the table shows values, not a ranking"]
     if t.baseline is None or t.summary.get("verdict") is None:
         return []
     m, k = t.report_metric, int((t.differences["metric"] == t.report_metric).sum())
