@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.compare import render
+from pipelines.tables import render
 from pipelines.study import run_study
 
 DATASETS = ["wine", "breast_cancer", "iris", "diabetes", "digits", "synthetic"]

@@ -1,14 +1,16 @@
 """Open `practicum ui`'s URL in headless Chromium, check it lands on the study's runs, keep a screenshot.
 
-    python benchmarks/ui_screenshot.py [--tracking_uri URI] [--study NAME] [--out docs/images/mlflow-runs.png]
+    python benchmarks/ui_screenshot.py [--tracking_uri URI] [--study NAME] [--out docs/images/ui-runs.png]
 
 Starts `practicum ui` on a free port for the store (default: mlruns/ after `make demo`), takes the
 URL it prints, and loads it in Chromium through Playwright (Debian's `chromium`, or $CHROMIUM; Playwright
 cannot download browsers offline). Exits 1, after saving the screenshots anyway, when the page is not
 the experiment's runs table in the model-training view or does not list the study's parent run; when a
 run page or the compare page (reached without the URL's workflowType) falls back to the GenAI view; or
-when a run other than a seeded one (a tuning trial, a stage) carries the variant tag that the runs
-table groups by. Screenshots: OUT, OUT-run, OUT-compare.
+when grouping the runs table by variant (its "Group by" menu, clicked) puts in a variant's group other
+runs than its seeded ones (a tuning trial, a stage). Screenshots: OUT (the runs table), OUT-grouped
+(grouped by variant), OUT-run, OUT-run-charts (its Model metrics tab: end-of-run values as bars),
+OUT-run-curves (the same tab searched for "loss": the curves as lines), OUT-compare.
 """
 
 from __future__ import annotations
@@ -36,6 +38,19 @@ def ml_view(page) -> bool:
     return registry and not genai
 
 
+def group_by_variant(page, out: str) -> dict[str, int]:
+    """Group the runs table by the variant tag through its "Group by" menu, as a user would; keep a
+    screenshot (OUT-grouped); return each group's run count as the table shows it."""
+    page.get_by_role("button", name="Group by").first.click()
+    page.get_by_role("menuitemcheckbox", name="practicum.variant", exact=True).click()
+    page.keyboard.press("Escape")
+    time.sleep(2)
+    page.screenshot(path=_beside(out, "grouped"))
+    rows = [r.replace("\n", " | ") for r in page.get_by_role("row").all_inner_texts()]
+    groups = {m.group(1): int(m.group(2)) for r in rows if (m := re.search(r"Group: (.+?) \| (\d+)", r))}
+    return groups
+
+
 def _beside(path: str, suffix: str) -> str:
     p = Path(path)
     return str(p.with_name(f"{p.stem}-{suffix}{p.suffix}"))
@@ -45,7 +60,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--tracking_uri")
     p.add_argument("--study")
-    p.add_argument("--out", default="docs/images/mlflow-runs.png")
+    p.add_argument("--out", default="docs/images/ui-runs.png")
     ns = p.parse_args()
     chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
@@ -103,6 +118,7 @@ def main() -> int:
             Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=ns.out)
             landed = page.url
+            grouped = group_by_variant(page, ns.out)
             checks = {
                 "the runs route": f"/experiments/{exp_id}/runs" in landed,
                 "the model-training view": "workflowType=machine_learning" in landed and ml_view(page),
@@ -117,6 +133,12 @@ def main() -> int:
                 time.sleep(2)
                 page.screenshot(path=_beside(ns.out, "run"))
                 checks["a run page in the model-training view"] = ml_view(page)
+                page.get_by_role("tab", name="Model metrics").first.click()
+                time.sleep(4)  # the charts load as they scroll into view
+                page.screenshot(path=_beside(ns.out, "run-charts"))
+                page.get_by_placeholder("Search metric charts").fill("loss")  # MLflow sorts sections by name
+                time.sleep(4)
+                page.screenshot(path=_beside(ns.out, "run-curves"))
             if len(children) == 2:
                 ids = json.dumps([c.info.run_id for c in children])
                 page.goto(f"{base}/#/compare-runs?runs={ids}&experiments={json.dumps([exp_id])}")
@@ -128,7 +150,11 @@ def main() -> int:
         # Grouping the runs table by variant averages what carries the variant tag: seeded runs only.
         tagged = client.search_runs([exp_id], f"tags.`{trk.TAG_VARIANT}` != ''", max_results=5000)
         roles = {r.data.tags.get(trk.TAG_ROLE) for r in tagged}
-        checks["grouping by variant holds seeded runs only"] = roles <= {"variant"}
+        seeded = client.search_runs([exp_id], f"tags.`{trk.TAG_ROLE}` = 'variant'", max_results=5000)
+        per_variant = {v: sum(r.data.tags.get(trk.TAG_VARIANT) == v for r in seeded)
+                       for v in {r.data.tags.get(trk.TAG_VARIANT) for r in seeded}}
+        checks["grouping by variant holds seeded runs only"] = roles <= {"variant"} and grouped == per_variant
+        print(f"groups in the browser: {grouped}; seeded runs per variant: {per_variant}")
         for what, passed in checks.items():
             print(f"{'ok  ' if passed else 'FAIL'} {what}")
         print(f"{landed}\nscreenshot: {ns.out}")

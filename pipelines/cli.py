@@ -13,7 +13,7 @@ USAGE = """practicum <command> ...
   study STUDY.yaml [--workers N | --ray [ADDRESS]] [--resume] [--section.key=value ...]
                                               every variant as a child run, then the comparison table
         [--plan] [--seeds auto]               --plan: the seeds each verdict needs (from the pilot or finished runs); auto: rounds until decided
-  compare STUDY [--format table|csv|json|markdown]   the study's table, rebuilt from MLflow
+  compare STUDY [--format table|csv|json|markdown] [--wide]   the study's table, rebuilt from MLflow
   estimate CONFIG.yaml [--gpu H100-80GB] [--section.key=value ...]   predict the fine-tune's memory per GPU, offline
   generate CHECKPOINT_OR_RUN_ID --prompt TEXT [--max_new_tokens N]   sample from a trained model
   sync [RUN_ID ...] [--tracking_uri URI]      send what runs kept locally while the tracking server was down
@@ -90,7 +90,7 @@ def cmd_study(args: list[str]) -> int:
                    "and print the seeds each comparison and claim needs, with their wall time")
     ns, rest = p.parse_known_args(args)
     from pipelines import tracking as trk
-    from pipelines.compare import render
+    from pipelines.tables import render
     from pipelines.study import load_study, run_study
 
     if ns.plan:
@@ -146,12 +146,14 @@ def _words_legend() -> str:
 
 
 def cmd_compare(args: list[str]) -> int:
-    from pipelines.compare import FORMATS, compare
+    from pipelines.tables import FORMATS, compare
 
     p = argparse.ArgumentParser(prog="practicum compare", epilog=_words_legend(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", help="the study's name (its `name:`), or a study YAML file")
     p.add_argument("--format", default="table", choices=FORMATS)
+    p.add_argument("--wide", action="store_true", help="every column (the table: the report metric, its verdict "
+                   "and the claims' metrics first, as many as fit the terminal, 100 columns without one)")
     p.add_argument("--tracking_uri")
     ns = p.parse_args(args)
     name = ns.study
@@ -159,7 +161,7 @@ def cmd_compare(args: list[str]) -> int:
         from pipelines.study import load_study
 
         name = load_study(name).name
-    print(compare(name, ns.tracking_uri, ns.format))
+    print(compare(name, ns.tracking_uri, ns.format, ns.wide))
     return 0
 
 

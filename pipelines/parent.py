@@ -11,8 +11,9 @@ import matplotlib.pyplot as plt
 
 from pipelines import rounds
 from pipelines import tracking as trk
-from pipelines.compare import StudyTable, render, study_table
+from pipelines.compare import StudyTable, study_table
 from pipelines.plots import study_plots
+from pipelines.tables import render, text_artifact
 from pipelines.tracking import ConfigError
 
 
@@ -75,12 +76,16 @@ def summarize(parent: Parent, results: list) -> StudyTable:
     """The comparison from MLflow, logged to the parent with its plots; the parent closes with the
     study's status (KILLED when a run was interrupted, FAILED when every run failed)."""
     client, run_id = parent.client, parent.run_id
-    table = study_table(client, client.get_run(run_id))
+    try:
+        table = study_table(client, client.get_run(run_id))
+    except ConfigError:  # a column no run logged: the parent ends, the error names the column
+        client.set_terminated(run_id, "FAILED")
+        raise
     client.log_text(run_id, table.summary.to_csv(index=False), "comparison.csv")
     client.log_text(run_id, table.runs.to_csv(index=False), "runs.csv")
     client.log_text(run_id, table.differences.to_csv(index=False), "differences.csv")
     client.log_text(run_id, render(table, "markdown"), "comparison.md")
-    client.log_text(run_id, render(table, "table"), "comparison.txt")
+    client.log_text(run_id, text_artifact(table), "comparison.txt")
     rounds.log_verdicts(client, run_id, table)  # means, half-widths, claims: the MLflow UI's view
     for fname, fig in study_plots(client, run_id, parent.study.primary_metric, parent.study.scatter).items():
         client.log_figure(run_id, fig, f"plots/{fname}")

@@ -3,13 +3,23 @@
 The ledger is read from the tensors themselves, so it is exact and device-independent: LoRA vs
 full fine-tuning or dense vs MoE compare byte for byte on a CPU. Device peaks (CUDA allocator) and
 host RSS are measurements on top of it.
+
+Host RSS is the process's, and a study's runs share one process (a worker's, with ``--workers``), whose
+RSS only grows. So each run reports ``mem/host_peak_rss_increase_bytes``: its peak above a baseline
+taken at the start of its fit, after a garbage collection and glibc's ``malloc_trim`` hand back what
+earlier runs freed; the process's own peak stays ``mem/host_peak_rss_bytes``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import statistics
 import time
 from typing import Any, Iterable
+
+from pathlib import Path
 
 import psutil
 import torch
@@ -17,6 +27,36 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.data import extract_batch_size
 
 from contract import CountsSamples, CountsTokens, MemoryLedger, ParamCount
+
+
+def _malloc_trim() -> None:
+    """Hand the heap's free pages back to the OS (glibc); elsewhere nothing to do."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        pass
+
+
+def rss_baseline() -> int:
+    """This process's RSS once what earlier runs freed is handed back: where a run's own memory starts.
+    On Linux the kernel's high-water mark (VmHWM) is reset to it, so `rss_peak` sees this run's peak only."""
+    gc.collect()
+    _malloc_trim()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux: `rss_peak` falls back to the sampled RSS
+        pass
+    return psutil.Process().memory_info().rss
+
+
+def rss_peak(sampled: int) -> int:
+    """The kernel's high-water mark of RSS since `rss_baseline` (Linux), else the highest RSS sampled."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return sampled
+    kib = [int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")]
+    return max(sampled, kib[0] * 1024) if kib else sampled
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
@@ -110,6 +150,7 @@ class ResourceMonitor(Callback):
     # -- fit boundaries -------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._proc = psutil.Process()
+        self._rss_base = rss_baseline()
         self._rss_peak = self._proc.memory_info().rss
         self._records: list[tuple[float, int, int | None]] = []  # (seconds, samples, tokens) per step
         self._meter: ActivationMeter | None = None
@@ -146,10 +187,12 @@ class ResourceMonitor(Callback):
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         self._close_meter()
+        self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)  # the forward's activations alive
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step == self._at:
             self._ledger["mem/grads_bytes"] = grad_bytes(pl_module)
+        self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)  # and the gradients
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._cuda:
@@ -199,7 +242,9 @@ class ResourceMonitor(Callback):
                 m[f"mem/{k}"] = m.get(f"mem/{k}", 0) + int(v)
         if isinstance(pl_module, ParamCount):
             m["params/total"] = m["params/trainable"] = int(pl_module.param_count())
+        self._rss_peak = rss_peak(self._rss_peak)
         m["mem/host_peak_rss_bytes"] = self._rss_peak
+        m["mem/host_peak_rss_increase_bytes"] = max(0, self._rss_peak - self._rss_base)
         if self._cuda:
             dev = trainer.strategy.root_device
             m["mem/device_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)

@@ -42,16 +42,18 @@ def settle(study, where: str, seeds: str | None = None) -> None:
                           f"got {study.margins}")
     study.margins = {reported(k, study.report): float(v) for k, v in study.margins.items()}
     study.claims = [replace(c, metric=reported(c.metric, study.report)) for c in study.claims]
+    if study.comparable is not None:
+        study.comparable = [reported(k, study.report) for k in study.comparable]
     try:
         vd.check_claims(study.claims, list(study.variants), study.baseline or next(iter(study.variants)),
-                        study.margins, study.modes)
+                        study.margins, study.modes, study.comparable)
     except vd.ClaimError as e:
         raise ConfigError(f"{where}: {e}") from None
 
 
 def parent_tags(study) -> dict[str, str]:
     """What the table needs to rebuild the verdicts from MLflow alone."""
-    return {"practicum.margins": json.dumps(study.margins),
+    return {"practicum.margins": json.dumps(study.margins), "practicum.comparable": json.dumps(study.comparable),
             "practicum.claims": json.dumps([{k: v for k, v in asdict(c).items() if v is not None}
                                             for c in study.claims]),
             **({"practicum.design": json.dumps(asdict(study.design))} if study.design else {})}

@@ -18,6 +18,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from pipelines import tracking as trk
 from pipelines.spool import SpooledClient, spool_dir
 
+# What a run logs once, at its end: a value, not a curve. The MLflow UI draws a metric as a line chart
+# when a run's latest value has a step >= 1, else as a bar (its chart view, mlflow 3.x), so these go to
+# step 0 and read as values beside the training curves (train/, val/), which keep their steps.
+VALUES = ("test/", "mem/", "perf/", "params/", "budget/", "time/", "disk/")
+
 
 class PracticumLogger(MLFlowLogger):
     """MLFlowLogger on a run the pipeline opened, writing through the run's `SpooledClient`.
@@ -25,7 +30,7 @@ class PracticumLogger(MLFlowLogger):
     Hyperparameters are logged once, as the resolved config. Its ``experiment`` is the spooled
     client, so metrics and whatever a project logs through it (``modules.artifacts``) survive a
     tracking outage (`pipelines.spool`). A resumed run skips (key, step) pairs the run already
-    holds, so every step is logged exactly once.
+    holds, so every step is logged exactly once. End-of-run values (`VALUES`) are logged at step 0.
     """
 
     def __init__(self, client: SpooledClient, run_id: str, experiment_id: str,
@@ -43,8 +48,9 @@ class PracticumLogger(MLFlowLogger):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
-                 if (k, step or 0) not in self._logged]  # already in the run before a resume
+        steps = {k: 0 if k.startswith(VALUES) else step or 0 for k in metrics}
+        batch = [Metric(k, float(v), now, steps[k]) for k, v in metrics.items()
+                 if (k, steps[k]) not in self._logged]  # already in the run before a resume
         if batch:
             self.experiment.log_batch(self.run_id, metrics=batch)
 

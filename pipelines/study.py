@@ -38,6 +38,7 @@ A study is an experiment with a verdict (`pipelines.compare`, `pipelines.stats`)
     resources: {num_cpus: 1, num_gpus: 0}   # what each run declares as a Ray task (--ray)
     margins: {val/loss: 0.02}      # the difference that matters: within it, "equivalent"
     claims: [{variant: moe, metric: val/loss, expect: better}]   # what the study exists to show
+    comparable: [val/loss, perf/tokens_per_s]   # the only metrics that get verdicts (default: all)
     seeds: {pilot: 3, max: 20}     # instead of a list: rounds until every claim is decided (`pipelines.rounds`)
 
 `requires` (a name or a list; known: cuda, bitsandbytes) keeps a variant out of a study on
@@ -147,6 +148,7 @@ class Study:
     resources: Slot = field(default_factory=Slot)
     margins: dict[str, float] = field(default_factory=dict)
     claims: list[Claim] = field(default_factory=list)
+    comparable: Optional[list[str]] = None  # metrics that mean the same under every variant; None: all
     path: Optional[Path] = None  # the file itself; set by load_study, not a key of the file
     design: Optional[Design] = None  # `seeds: {pilot, max}`, set by load_study (seeds: 0 .. max-1)
     variant_tune: dict[str, Any] = field(default_factory=dict)  # set by load_study from variants' tune_params

@@ -9,6 +9,10 @@ A study declares margins (what difference matters, per metric) and claims (what 
       - {variant: layers-2, metric: test/loss, expect: worse}
       - {variant: batch-b4, metric: test/acc, expect: worse, against: batch-b64}   # another variant
 
+A study may declare which metrics mean the same under every variant (``comparable: [test/loss]``;
+default: all): only those get a verdict and a claim. A DDPM's L_simple under two noise schedules is a
+different average, so `ddpm-quick` declares none.
+
 A claim holds, fails or is inconclusive:
   better / worse   holds when the comparison earns that word; fails when it earns the other one or
                    "equivalent" (the margin rules out a difference that matters);
@@ -165,11 +169,15 @@ def parse_claims(raw: Any, variants: list[str], baseline: str, margins: dict[str
 
 
 def check_claims(claims: list[Claim], variants: list[str], baseline: str, margins: dict[str, float],
-                 modes: dict[str, str] | None = None) -> list[Claim]:
+                 modes: dict[str, str] | None = None, comparable: list[str] | None = None) -> list[Claim]:
     """Known variants (not the one compared with), a known expectation, a margin for every
-    "equivalent" and a direction for better/worse. Metric keys are as the table shows them (after
-    `report: test`)."""
+    "equivalent", a direction for better/worse, and a metric the study declares comparable (all, when
+    it declares none). Metric keys are as the table shows them (after `report: test`)."""
     for i, claim in enumerate(claims):
+        if comparable is not None and claim.metric not in comparable:
+            raise ClaimError(f"claims[{i}]: {claim.metric} is not among the metrics the study declares comparable "
+                             f"across variants ({comparable}); a verdict on it would mislead: drop the claim, or add "
+                             "the metric to comparable: if it means the same under every variant")
         for v in (claim.variant, claim.against):
             if v is not None and v not in variants:
                 raise ClaimError(f"claims[{i}]: variant '{v}' is not one of {variants}")

@@ -176,3 +176,37 @@ def preference_data(pairs: str, **kw):
 
     args = dict(n_eval_prompts=6, max_new_tokens=16, batch_size=8, reward=f"{__name__}.count_e")
     return PreferenceDataModule(source=pairs, **{**args, **kw})
+
+
+def logged_study(uri: str, name: str, runs: dict[str, list[dict]], histories: dict[str, list[list[float]]] | None = None,
+                 **declared) -> str:
+    """A study as its runs left it in MLflow, without training anything: a parent with the study's
+    declarations as tags (`declared`: columns, report, baseline, claims, comparable, ...) and, per variant,
+    one finished child per dict of final metrics in `runs` (seeds 0, 1, ...). `histories`: per metric,
+    its values at steps 0, 1, ... in each run (one list per run, in the order of `runs`)."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import tracking as trk
+
+    client = MlflowClient(uri)
+    exp = client.create_experiment(name)
+    tags = {trk.TAG_STUDY: name, trk.TAG_ROLE: "parent", "practicum.variants": json.dumps(list(runs)),
+            **{f"practicum.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in declared.items()}}
+    parent = client.create_run(exp, tags=tags, run_name=name).info.run_id
+    i = 0
+    for variant, metric_dicts in runs.items():
+        for seed, metrics in enumerate(metric_dicts):
+            run = client.create_run(exp, run_name=f"{variant}-seed{seed}", tags={
+                "mlflow.parentRunId": parent, trk.TAG_ROLE: "variant", trk.TAG_VARIANT: variant,
+                "practicum.seed": str(seed)}).info.run_id
+            for k, v in metrics.items():
+                client.log_metric(run, k, v)
+            for k, per_run in (histories or {}).items():
+                for step, v in enumerate(per_run[i]):
+                    client.log_metric(run, k, v, step=step)
+            client.set_terminated(run, "FINISHED")
+            i += 1
+    client.set_terminated(parent, "FINISHED")
+    return parent

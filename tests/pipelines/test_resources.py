@@ -74,3 +74,28 @@ def test_helpers_dedupe_tied_weights():
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     opt.step()
     assert optimizer_bytes([opt]) == 7 * 4 * 4
+
+
+def _host_peak(hidden: int) -> tuple[float, float]:
+    """(this run's own host peak, the process's) in MiB, of the toy MLP `hidden` wide, 4 steps."""
+    from tests.pipelines.toy import ToyDataModule, ToyModule
+
+    mon = ResourceMonitor(warmup_steps=1)
+    quiet_trainer(max_steps=4, callbacks=[mon], limit_val_batches=0).fit(ToyModule(hidden=hidden),
+                                                                        ToyDataModule(n=64, batch_size=8))
+    return mon.summary["mem/host_peak_rss_increase_bytes"] / 2**20, mon.summary["mem/host_peak_rss_bytes"] / 2**20
+
+
+def test_two_identical_runs_report_the_same_host_peak_whatever_the_process_holds_before():
+    """A study's runs share a process whose RSS grows (caches, logged models): here 48 MiB held between
+    two identical runs. Each reports its own peak, the increase over its start. Tolerance: 35% or 4 MiB,
+    whichever is larger (glibc places a freed large tensor's successor on the heap or in a fresh mapping,
+    which moves a peak by tens of percent). A process's first run also pays its one-time costs (lazy
+    imports, thread pools), so a tiny one runs first."""
+    _host_peak(1_000)
+    first, process_first = _host_peak(50_000)  # ledger ~6 MiB: params, grads, Adam's state, activations
+    held = torch.ones(12 * 2**20)  # 48 MiB that stay, as an earlier run's leftovers would
+    again, process_again = _host_peak(50_000)
+    assert process_again - process_first > 40  # the process's peak climbs with run order...
+    assert abs(first - again) <= max(4.0, 0.35 * max(first, again)), (first, again)  # ...the run's own does not
+    assert first > 2 and held.sum() > 0  # it measures the run's tensors

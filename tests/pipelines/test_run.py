@@ -34,6 +34,12 @@ def test_run_logs_config_metrics_tags_artifacts(toy_config, tracking_uri):
     assert 8 / m["time/fit_s"] < m["perf/samples_per_s"] and m["mem/host_peak_rss_bytes"] > 10 * 2**20
     history = MlflowClient(tracking_uri).get_metric_history(res.run_id, "train/loss")
     assert [h.step for h in history] == sorted({h.step for h in history}) and len(history) >= 5
+    # what the MLflow UI draws: a line where a run's latest step is >= 1 (the curves), a bar where it is 0
+    for key in ("train/loss", "val/loss"):
+        assert max(h.step for h in MlflowClient(tracking_uri).get_metric_history(res.run_id, key)) >= 4, key
+    for key in ("test/loss", "mem/params_bytes", "mem/host_peak_rss_increase_bytes", "perf/step_time_s",
+                "budget/steps", "time/fit_s", "params/total"):
+        assert [h.step for h in MlflowClient(tracking_uri).get_metric_history(res.run_id, key)] == [0], key
     arts = {a.path for a in MlflowClient(tracking_uri).list_artifacts(res.run_id)}
     assert {"config.yaml", "checkpoints"} <= arts
     ckpts = {a.path for a in MlflowClient(tracking_uri).list_artifacts(res.run_id, "checkpoints")}

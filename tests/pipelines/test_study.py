@@ -10,7 +10,7 @@ from matplotlib.container import BarContainer
 from mlflow import MlflowClient
 
 from pipelines.cli import main
-from pipelines.compare import compare
+from pipelines.tables import compare
 from pipelines.study import load_study, run_study, study_plots
 from pipelines.tracking import ConfigError
 from tests.pipelines.toy import TOY

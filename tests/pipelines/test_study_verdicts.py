@@ -12,7 +12,8 @@ import yaml
 from scipy import stats
 
 from pipelines import stats as st
-from pipelines.compare import human, people_table, render
+from pipelines.compare import human
+from pipelines.tables import people_table, render
 from pipelines.study import load_study, run_study
 from pipelines.tracking import ConfigError
 from tests.pipelines.toy import TOY

@@ -1,0 +1,114 @@
+"""A study's table as a reader gets it: at 100 columns in a log file (the terminal's width in a
+terminal), the report metric and its verdict first, every other column behind --wide; a requested
+column no run logged is an error; no verdict on a metric the study declares not comparable."""
+
+import io
+import sys
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines import tables
+from pipelines.cli import main
+from pipelines.compare import find_parent, study_table
+from pipelines.tracking import ConfigError
+from tests.helpers import logged_study
+
+# a LoRA-vs-full study as lora-quick logs it: two variants, two seeds, many metrics
+LEDGER = {"params/trainable": 434816, "params/trainable_pct": 100.0, "mem/grads_bytes": 1.74e6,
+          "mem/optimizer_bytes": 3.48e6, "mem/activations_bytes": 1.9e7, "perf/tokens_per_s": 12450.0,
+          "disk/full_checkpoint_bytes": 1.75e6, "budget/steps": 20, "budget/samples": 320, "time/fit_s": 2.7}
+LORA = {**LEDGER, "params/trainable": 32768, "params/trainable_pct": 7.0, "mem/grads_bytes": 131072,
+        "mem/optimizer_bytes": 262272, "disk/adapter_bytes": 133120}
+CLAIMS = [{"variant": "lora-r8", "metric": "mem/optimizer_bytes", "expect": "<= 0.1x"},
+          {"variant": "lora-r8", "metric": "test/loss", "expect": "equivalent"}]
+
+
+def _lora_study(uri, columns=("params/trainable", "params/trainable_pct", "mem/grads_bytes", "mem/optimizer_bytes",
+                              "mem/activations_bytes", "perf/tokens_per_s", "val/loss", "disk/adapter_bytes",
+                              "disk/full_checkpoint_bytes"), **declared):
+    runs = {"full": [{**LEDGER, "test/loss": 2.94, "time/fit_s": 2.6}, {**LEDGER, "test/loss": 2.98}],
+            "lora-r8": [{**LORA, "test/loss": 3.35}, {**LORA, "test/loss": 3.28, "perf/tokens_per_s": 11000.0}]}
+    logged_study(uri, "lora-like", runs, columns=list(columns), report="test", baseline="full",
+                 margins={"test/loss": 0.05}, claims=CLAIMS, **declared)
+    client = MlflowClient(uri)
+    return study_table(client, find_parent(client, "lora-like"))
+
+
+def test_the_table_fits_100_columns_verdict_first_and_wide_shows_every_column(tracking_uri):
+    t = _lora_study(tracking_uri)
+    shown = tables.render(t, "table", width=100)
+    assert max(map(len, shown.splitlines())) <= 100
+    header = next(line for line in shown.splitlines() if line.startswith("variant"))
+    cols = header.split()
+    assert cols[:4] == ["variant", "n", "test/loss", "Δ"] and "verdict" in cols
+    assert "mem/optimizer_bytes" in cols  # a claim's metric: the study's key cost
+    assert "status" not in cols  # every run finished
+    hidden = tables.narrow(t, 100)[1]
+    assert "params/trainable_pct" in hidden and f"{len(hidden)} more column(s)" in shown
+    assert "practicum compare lora-like --wide" in shown
+
+    # --wide: every column; two variants and many metrics read down the page (transposed), in 100 columns
+    wide = tables.render(t, "table", width=100, wide=True)
+    assert max(map(len, wide.splitlines())) <= 100
+    rows = [line.split()[0] for line in wide.splitlines()]
+    assert {"params/trainable_pct", "disk/adapter_bytes", "verdict", "test/loss", "budget/samples"} <= set(rows)
+    assert next(line for line in wide.splitlines() if line.startswith("disk/adapter_bytes")).split()[1:] \
+        == ["130", "KiB"]  # only LoRA has an adapter: one cell, in its column (the last)
+    # where the transposed table does not fit either: the row table, as wide as it needs
+    assert max(map(len, tables.table_body(t, 40, wide=True).splitlines())) > 100
+
+    # csv, json and markdown keep every column of the summary
+    assert list(pd.read_csv(io.StringIO(tables.render(t, "csv"))).columns) == list(t.summary.columns)
+    md_header = tables.render(t, "markdown").splitlines()[0]
+    assert all(f" {c} |" in md_header for c in t.summary.columns)
+    assert md_header.index("verdict") < md_header.index("params/trainable")  # the verdict on screen in the UI
+
+
+def test_width_is_the_terminal_s_and_100_without_one(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # a file or a pipe: 100 whatever COLUMNS says
+    assert tables.terminal_width() == 100
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Tty())
+    assert tables.terminal_width() == 160
+
+
+def test_a_requested_column_no_run_logged_is_an_error_naming_it(tracking_uri, capsys):
+    with pytest.raises(ConfigError, match=r"test/loss_before \(asked as val/loss_before; report: test"):
+        _lora_study(tracking_uri, columns=["val/loss_before", "mem/optimizer_bytes"])
+    assert main(["compare", "lora-like", "--tracking_uri", tracking_uri]) == 2
+    assert "test/loss_before" in capsys.readouterr().err
+
+
+def test_no_verdict_on_a_metric_the_study_declares_not_comparable(tracking_uri):
+    # ddpm-quick: the loss under each variant's own noise schedule; cosine's is higher by construction
+    runs = {"linear": [{"train/loss": 0.030, "test/loss": 0.031}, {"train/loss": 0.031, "test/loss": 0.032}],
+            "cosine": [{"train/loss": 0.060, "test/loss": 0.061}, {"train/loss": 0.062, "test/loss": 0.064}]}
+    logged_study(tracking_uri, "ddpm-like", runs, columns=["train/loss", "val/loss"], report="test",
+                 baseline="linear", comparable=[])
+    client = MlflowClient(tracking_uri)
+    t = study_table(client, find_parent(client, "ddpm-like"))
+    assert t.differences.empty and "verdict" not in t.summary  # without the declaration: "worse" on both
+    assert "no verdict" in t.verdict_line() and "worse" not in tables.render(t, "table", width=100)
+    assert "comparable" in tables.render(t, "table", width=100)
+    # declared comparable, the same runs earn their verdict
+    client.set_tag(find_parent(client, "ddpm-like").info.run_id, "practicum.comparable", '["test/loss"]')
+    t = study_table(client, find_parent(client, "ddpm-like"))
+    assert list(t.differences["metric"]) == ["test/loss"] and t.summary.set_index("variant").loc["cosine", "verdict"] == "worse"
+
+
+def test_a_claim_on_a_metric_not_declared_comparable_is_refused(tmp_path):
+    from pipelines.study import load_study
+    from tests.helpers import ROOT
+
+    raw = (ROOT / "configs/studies/ddpm-quick.yaml").read_text().replace("../diffusion/", f"{ROOT}/configs/diffusion/")
+    raw += "claims:\n  - {variant: cosine, metric: train/loss, expect: worse}\n"
+    (tmp_path / "s.yaml").write_text(raw)
+    with pytest.raises(ConfigError, match=r"train/loss is not among the metrics the study declares comparable"):
+        load_study(tmp_path / "s.yaml")
