@@ -99,3 +99,27 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert muon == {n for n, p in m.model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
     assert {"transformer.wte.weight", "lm_head.weight", "transformer.ln_f.weight"} <= adamw
     assert not muon & adamw and len(muon | adamw) == len(names)
+
+
+def test_the_speedrun_preset_switches_every_idea_on_and_the_parity_preset_none():
+    """The preset's YAML reaches the model and optimizer; the nanoGPT parity preset (the anchor) keeps GPT-2's."""
+    from pathlib import Path
+
+    import yaml
+
+    from modules.optimizers import MuonAdamW
+
+    root = Path(__file__).resolve().parents[3] / "configs" / "gpt"
+    built = {}
+    for name in ("shakespeare_char_speedrun", "shakespeare_char_cpu"):
+        args = yaml.safe_load((root / f"{name}.yaml").read_text())["model"]["init_args"]
+        m = GPTModule(vocab_size=65, block_size=64, **args)
+        built[name] = (m.model.config, m.configure_optimizers()["optimizer"])
+    c, opt = built["shakespeare_char_speedrun"]
+    assert (c.pos_emb, c.qk_norm, c.mlp_act, c.zero_init_proj, c.tie_weights, c.logit_softcap) == \
+        ("rope", True, "relu2", True, False, 15.0)
+    assert isinstance(opt, MuonAdamW)
+    c, opt = built["shakespeare_char_cpu"]
+    assert (c.pos_emb, c.qk_norm, c.mlp_act, c.zero_init_proj, c.tie_weights, c.logit_softcap) == \
+        ("learned", False, "gelu", False, True, None)
+    assert type(opt) is torch.optim.AdamW
