@@ -31,6 +31,7 @@ from modules.gpt.moe import MoE, Router
 
 POS_EMBS = ("learned", "sinusoidal", "rope", "alibi")
 NORMS = ("layernorm", "rmsnorm")
+MLP_ACTS = ("gelu", "relu2")
 SINUSOIDAL_SCALE = 0.02 * math.sqrt(2.0)  # RMS of the fixed table = the learned table's init std
 
 # One layer's cached keys and values: (k, v), each (B, nkv, T_kept, hs).
@@ -102,6 +103,16 @@ class GPTConfig:
         shared_expert: Add one always-on expert (hidden `expert_hidden`) next to the routed ones.
         noisy_topk: Shazeer et al. (2017) noisy top-k gating: learned Gaussian noise on the
             router logits during training.
+
+        The modded-nanogpt speedrun's architecture ideas, each off by default (GPT-2/nanoGPT):
+        qk_norm: RMS-normalise every head's queries and keys (no gain) before RoPE and the dot
+            product, which bounds the attention logits (Dehghani et al. 2023; Wortsman et al. 2023).
+        mlp_act: "gelu" (GPT-2) or "relu2", ReLU(x)^2 (So et al. 2021, Primer), in the dense MLP.
+        zero_init_proj: Zero-initialise every block's output projections (attn.c_proj, mlp.c_proj,
+            MoE w_proj), so each block starts as the identity on the residual stream.
+        tie_weights: Share the token embedding with the output head (Press & Wolf 2017); False
+            gives lm_head weights of its own.
+        logit_softcap: None, or c > 0: logits = c * tanh(logits / c) (Gemma 2), bounded by c.
     """
 
     vocab_size: int = 65
@@ -130,6 +141,11 @@ class GPTConfig:
     z_loss_coef: float = 1e-3
     shared_expert: bool = False
     noisy_topk: bool = False
+    qk_norm: bool = False
+    mlp_act: str = "gelu"
+    zero_init_proj: bool = False
+    tie_weights: bool = True
+    logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_experts", "top_k", "moe_every")
@@ -189,6 +205,10 @@ class GPTConfig:
         for name in ("aux_loss_coef", "z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"GPTConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.mlp_act not in MLP_ACTS:
+            raise ValueError(f"GPTConfig.mlp_act must be one of {MLP_ACTS}, got {self.mlp_act!r}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ValueError(f"GPTConfig.logit_softcap must be a positive cap or None (no cap), got {self.logit_softcap!r}")
 
     @property
     def head_size(self) -> int:
@@ -223,6 +243,7 @@ class CausalSelfAttention(nn.Module):
         self.window = config.window(layer)
         self.dropout = config.dropout
         self.use_sdpa = config.attention == "sdpa"
+        self.qk_norm = config.qk_norm
         # q (C) and k, v (nkv * hs each) for all heads in one matmul; with nkv == nh this is
         # GPT-2's c_attn of width 3C, so MHA checkpoints load unchanged
         self.kv_width = self.n_kv_head * self.head_size
@@ -248,6 +269,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
+        if self.qk_norm:  # unit RMS per head: |q.k| / sqrt(hs) <= sqrt(hs), whatever the weights grow to
+            q, k = F.rms_norm(q, (self.head_size,)), F.rms_norm(k, (self.head_size,))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if past is not None:
@@ -269,12 +292,19 @@ class MLP(nn.Module):
         super().__init__()
         hidden = hidden or 4 * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.act = nn.GELU() if config.mlp_act == "gelu" else ReLU2()
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class ReLU2(nn.Module):
+    """ReLU(x)^2 (Primer, So et al. 2021): as cheap as ReLU, and smooth at 0 unlike it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
 
 
 def build_ffn(config: GPTConfig, layer: int) -> nn.Module:
@@ -326,14 +356,16 @@ class GPT(nn.Module):
             del modules["wpe"]
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying (Press & Wolf 2017): the output projection reuses the token embedding
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_weights:  # weight tying (Press & Wolf 2017): the output projection reuses the token embedding
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), since each block adds two
         # branches to the residual stream and its variance would otherwise grow with depth.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight") or name.endswith("w_proj"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:  # drawn first all the same, so the other weights match the default's
+                    nn.init.zeros_(p)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -423,7 +455,11 @@ class GPT(nn.Module):
             x, cache = block(x, None if past is None else past.layers[i], rope)
             caches.append(cache)
         x = self.transformer.ln_f(x)
-        return self.lm_head(x), KVCache(caches, t0 + T)  # (B, T, V)
+        logits = self.lm_head(x)  # (B, T, V)
+        if self.config.logit_softcap is not None:  # smooth clamp to (-c, c)
+            c = self.config.logit_softcap
+            logits = c * torch.tanh(logits / c)
+        return logits, KVCache(caches, t0 + T)
 
     def moe_layers(self) -> list[tuple[int, nn.Module]]:
         """(block index, MoE module) for every MoE block."""

@@ -18,7 +18,14 @@ from datamodules.tokenizers import Tokenizer, tokenizer_from_state
 from modules.artifacts import log_figure, log_text
 from modules.gpt.model import GPT, GPTConfig
 from modules.gpt.moe import STAT_NAMES
-from modules.training import cosine_schedule, log_mean_loss
+from modules.optimizers import OPTIMIZERS, build_optimizer
+from modules.training import SCHEDULES, log_mean_loss, lr_schedule
+
+
+def is_hidden_matrix(name: str, p: torch.nn.Parameter) -> bool:
+    """What Muon takes in the mini-GPT: the blocks' 2-D weights; not the token or position tables nor
+    the head (Muon's authors keep input and output layers on AdamW), nor stacked 3-D MoE experts."""
+    return p.dim() == 2 and name.startswith("transformer.h.")
 
 
 class GPTModule(L.LightningModule, TextGenerator, CountsTokens):
@@ -50,6 +57,16 @@ class GPTModule(L.LightningModule, TextGenerator, CountsTokens):
         z_loss_coef: float = 1e-3,
         shared_expert: bool = False,
         noisy_topk: bool = False,
+        qk_norm: bool = False,
+        mlp_act: str = "gelu",
+        zero_init_proj: bool = False,
+        tie_weights: bool = True,
+        logit_softcap: float | None = None,
+        optimizer: str = "adamw",
+        muon_lr: float = 0.02,
+        momentum: float = 0.95,
+        lr_schedule: str = "cosine",
+        cooldown_frac: float = 0.4,
         lr: float = 1e-3,
         min_lr: float = 1e-4,
         warmup_steps: int = 100,
@@ -73,9 +90,18 @@ class GPTModule(L.LightningModule, TextGenerator, CountsTokens):
             n_layer, n_head, n_embd, dropout, bias, attention, n_kv_head, sliding_window, pos_emb,
                 rope_base, norm, mlp_hidden, ffn, n_experts, top_k, expert_hidden, moe_every,
                 capacity_factor, eval_capacity_factor, dropless, aux_loss_coef, z_loss_coef,
-                shared_expert, noisy_topk: see `GPTConfig`.
-            lr: Peak learning rate after warm-up.
-            min_lr: Learning rate at the end of the cosine decay.
+                shared_expert, noisy_topk, qk_norm, mlp_act, zero_init_proj, tie_weights,
+                logit_softcap: see `GPTConfig`.
+            optimizer: "adamw", "sgd" (Nesterov momentum) or "muon": Muon on the blocks' 2-D
+                matrices, AdamW (at `lr`) on the embeddings, an untied head, gains and biases
+                (`modules.optimizers.MuonAdamW`).
+            muon_lr: Muon's peak learning rate; the schedule scales it like `lr`.
+            momentum: Momentum of Muon and of SGD.
+            lr_schedule: "cosine" (nanoGPT) or "wsd": warm-up, hold the peak, then decay linearly
+                over the last `cooldown_frac` of lr_decay_steps (`modules.training.wsd_lr`).
+            cooldown_frac: Share of lr_decay_steps the "wsd" schedule spends decaying.
+            lr: Peak learning rate after warm-up (AdamW's, or SGD's).
+            min_lr: Learning rate at the end of the decay; Muon's floor is the same fraction of muon_lr.
             warmup_steps: Linear warm-up steps.
             lr_decay_steps: Step where the cosine reaches min_lr; None means trainer.max_steps.
             weight_decay: AdamW decay, applied only to weights with >= 2 dimensions (matrices,
@@ -100,6 +126,12 @@ class GPTModule(L.LightningModule, TextGenerator, CountsTokens):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if eval_block_sizes is not None and any(not isinstance(t, int) or t <= 1 for t in eval_block_sizes):
             raise ValueError(f"eval_block_sizes must be context lengths > 1, got {eval_block_sizes}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {lr_schedule!r}")
+        if muon_lr <= 0 or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"need muon_lr > 0 and 0 <= momentum < 1, got muon_lr={muon_lr}, momentum={momentum}")
         if lr_decay_steps is not None and lr_decay_steps < warmup_steps:
             raise ValueError(f"lr_decay_steps ({lr_decay_steps}) must be >= warmup_steps ({warmup_steps})")
         self.model: GPT | None = None
@@ -210,19 +242,16 @@ class GPTModule(L.LightningModule, TextGenerator, CountsTokens):
 
     def configure_optimizers(self):
         hp = self.hparams
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
         fused = hp.fused if hp.fused is not None else self.device.type == "cuda"
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused or None)
+        opt = build_optimizer(self.model.named_parameters(), hp.optimizer, hp.lr, hp.weight_decay, tuple(hp.betas),
+                              hp.momentum, hp.muon_lr, is_hidden_matrix, fused or None)
         decay_steps = hp.lr_decay_steps
         if decay_steps is None:
             decay_steps = self.trainer.max_steps if self._trainer is not None else -1
             if decay_steps is None or decay_steps < 0:
                 raise ValueError("set lr_decay_steps or trainer.max_steps: the cosine schedule needs an end")
-        return {"optimizer": opt, "lr_scheduler": cosine_schedule(opt, hp.warmup_steps, decay_steps, hp.min_lr / hp.lr)}
+        return {"optimizer": opt, "lr_scheduler": lr_schedule(opt, hp.warmup_steps, decay_steps, hp.min_lr / hp.lr,
+                                                              hp.lr_schedule, hp.cooldown_frac)}
 
     # -- evaluation ------------------------------------------------------------------------
     def _score(self, batch, metric: MeanMetric) -> None:
