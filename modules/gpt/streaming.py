@@ -231,6 +231,9 @@ def _check_streamable(model: GPT) -> None:
     if c.sliding_window is not None or c.ffn != "mlp":
         raise ValueError("the streaming scorer runs dense-MLP models without sliding_window (the policy is its window); "
                          f"got sliding_window={c.sliding_window!r}, ffn={c.ffn!r}")
+    if c.qk_norm or c.logit_softcap is not None:  # its attention and logits are its own (project_qkv, lm_head)
+        raise ValueError("the streaming scorer has no QK-norm or logit soft-cap yet; stream a model trained with "
+                         f"qk_norm=false and logit_softcap=null (got qk_norm={c.qk_norm!r}, logit_softcap={c.logit_softcap!r})")
 
 
 @torch.inference_mode()

@@ -185,6 +185,9 @@ def test_bad_streaming_options_are_named():
         CachePolicy("window")
     with pytest.raises(ValueError, match="pos_emb='rope' or 'alibi'"):
         stream_score(tiny_gpt("learned"), torch.zeros(5, dtype=torch.long), CachePolicy("dense"))
+    for speedrun in ({"qk_norm": True}, {"logit_softcap": 15.0}):  # switches the scorer's own attention lacks
+        with pytest.raises(ValueError, match="no QK-norm or logit soft-cap"):
+            stream_score(tiny_gpt(**speedrun), torch.zeros(5, dtype=torch.long), CachePolicy("dense"))
 
 
 @pytest.mark.slow  # the one end-to-end run: ~7 s on a busy machine
