@@ -26,7 +26,8 @@ from modules.classifier.judge import judge_samples
 from modules.classifier.model import LeNet
 from modules.classifier.module import attach_judge
 from modules.diffusion.model import Denoiser, DiffusionConfig
-from modules.diffusion.schedule import NoiseSchedule, l_simple
+from modules.diffusion.schedule import NoiseSchedule, min_snr_weight
+from modules.training import cosine_schedule
 
 
 def ema_with_warmup(decay: float):
@@ -59,12 +60,21 @@ class DiffusionModule(L.LightningModule, ImageSampler):
         num_classes: 0 for an unconditional model, else the number of labels.
         cond_drop_prob: probability of replacing a label by the null label in training (CFG).
         guidance_scale: w in eps_null + w (eps_y - eps_null) when sampling; 1 = conditional, 0 = unconditional.
+        prediction: what the UNet outputs: "eps" (the noise, Ho et al.) or "v" (sqrt(abar) eps -
+            sqrt(1 - abar) x_0, Salimans & Ho); samplers always receive eps.
+        loss_weighting: "uniform" (L_simple on the prediction target) or "min_snr" (Hang et al.: each
+            sample's MSE weighted by min(SNR, snr_gamma) on the x_0 scale, see `min_snr_weight`).
+        snr_gamma: gamma of min-SNR weighting (the paper's 5).
         lr: AdamW learning rate (after a linear warmup).
         warmup_steps: learning-rate warmup steps.
+        lr_schedule: after the warmup, "constant", or "cosine" decay to min_lr_ratio * lr at the
+            trainer's last step (`modules.training.cosine_schedule`).
+        min_lr_ratio: the cosine schedule's floor, as a fraction of lr.
         weight_decay: AdamW weight decay.
         ema_decay: final EMA decay of the sampling weights (with warmup, see `ema_with_warmup`).
-        sampler: "ddim" (num_sample_steps steps) or "ddpm" (Algorithm 2, all T steps) for evaluation.
-        num_sample_steps: DDIM steps at evaluation.
+        sampler: "ddim" or "dpm" (DPM-Solver++(2M), diffusers), num_sample_steps steps each, or
+            "ddpm" (Algorithm 2, all T steps) for evaluation.
+        num_sample_steps: DDIM / DPM-Solver steps at evaluation.
         eta: DDIM eta (0 deterministic).
         num_eval_samples: digits generated at each evaluation for FID, coverage and confidence.
         eval_batch_size: digits per sampling batch.
@@ -89,11 +99,16 @@ class DiffusionModule(L.LightningModule, ImageSampler):
         num_classes: int = 10,
         cond_drop_prob: float = 0.1,
         guidance_scale: float = 2.0,
+        prediction: Literal["eps", "v"] = "eps",
+        loss_weighting: Literal["uniform", "min_snr"] = "uniform",
+        snr_gamma: float = 5.0,
         lr: float = 1e-3,
         warmup_steps: int = 100,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        min_lr_ratio: float = 0.1,
         weight_decay: float = 0.0,
         ema_decay: float = 0.999,
-        sampler: Literal["ddim", "ddpm"] = "ddim",
+        sampler: Literal["ddim", "ddpm", "dpm"] = "ddim",
         num_sample_steps: int = 50,
         eta: float = 0.0,
         num_eval_samples: int = 1000,
@@ -114,14 +129,24 @@ class DiffusionModule(L.LightningModule, ImageSampler):
             raise ValueError(f"lr must be > 0, got {lr}")
         if num_eval_samples < 0 or eval_batch_size < 1:
             raise ValueError(f"need num_eval_samples >= 0 and eval_batch_size >= 1, got {num_eval_samples}, {eval_batch_size}")
-        if sampler == "ddim" and not 1 <= num_sample_steps <= num_timesteps:
+        if sampler in ("ddim", "dpm") and not 1 <= num_sample_steps <= num_timesteps:
             raise ValueError(f"num_sample_steps must be in [1, num_timesteps={num_timesteps}], got {num_sample_steps}")
         if cond_drop_prob == 0.0 and num_classes and any(w != 1.0 for w in select_guidance or []):
             raise ValueError("select_guidance other than 1 needs an unconditional model: set cond_drop_prob > 0")
         if any(not 1 <= k <= num_timesteps for k in select_sample_steps or []):
             raise ValueError(f"select_sample_steps must lie in [1, num_timesteps={num_timesteps}], got {select_sample_steps}")
-        if sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        if sampler not in ("ddim", "ddpm", "dpm"):
+            raise ValueError(f"sampler must be 'ddim', 'dpm' or 'ddpm', got {sampler!r}")
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+        if loss_weighting not in ("uniform", "min_snr"):
+            raise ValueError(f"loss_weighting must be 'uniform' or 'min_snr', got {loss_weighting!r}")
+        if loss_weighting == "min_snr" and snr_gamma <= 0:
+            raise ValueError(f"snr_gamma must be > 0 (the paper uses 5), got {snr_gamma}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         self.save_hyperparameters()
         self.schedule = NoiseSchedule(num_timesteps, schedule, beta_start, beta_end)
         self.config = DiffusionConfig(
@@ -153,12 +178,20 @@ class DiffusionModule(L.LightningModule, ImageSampler):
 
     # ------------------------------------------------------------------------------------ training
     def _loss(self, x0: torch.Tensor, y: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """L_simple (eq. 14) at t ~ U{0..T-1}, eps ~ N(0, I); x0 (B, C, H, W)."""
+        """The MSE on the prediction target at t ~ U{0..T-1}, eps ~ N(0, I); x0 (B, C, H, W).
+
+        eps target, uniform weighting: L_simple (eq. 14). min_snr: each sample's MSE times its
+        min-SNR weight (`min_snr_weight`), then the batch mean.
+        """
         b = x0.shape[0]
         t = torch.randint(0, self.schedule.num_timesteps, (b,), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
         xt = self.schedule.q_sample(x0, t, noise)
-        return l_simple(self.net(xt, t, y), noise)
+        target = noise if self.hparams.prediction == "eps" else self.schedule.v_target(x0, t, noise)
+        per_sample = (self.net(xt, t, y) - target).pow(2).flatten(1).mean(1)  # (B,)
+        if self.hparams.loss_weighting == "min_snr":
+            per_sample = per_sample * min_snr_weight(self.schedule.snr(t), self.hparams.snr_gamma, self.hparams.prediction)
+        return per_sample.mean()
 
     def _labels(self, y: torch.Tensor) -> torch.Tensor | None:
         return y if self.config.num_classes else None
@@ -226,7 +259,8 @@ class DiffusionModule(L.LightningModule, ImageSampler):
             y = labels[start : start + b].to(self.device) if labels is not None else None
 
             def eps_fn(x, t, y=y):
-                return net.guided(x, t, y, self.hparams.guidance_scale)
+                out = net.guided(x, t, y, self.hparams.guidance_scale)  # guidance is linear, so it mixes v as it mixes eps
+                return out if self.hparams.prediction == "eps" else self.schedule.eps_from_v(x, t, out)
 
             x, s = self.schedule.sample(
                 eps_fn, (b, 1, size, size), self.hparams.sampler, self.hparams.num_sample_steps, self.hparams.eta,
@@ -357,6 +391,11 @@ class DiffusionModule(L.LightningModule, ImageSampler):
     # ------------------------------------------------------------------------------------ optim
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.lr_schedule == "cosine":
+            # decays over the run the trainer was given (max_steps, or its epochs' batches)
+            sched = cosine_schedule(opt, self.hparams.warmup_steps, int(self.trainer.estimated_stepping_batches),
+                                    self.hparams.min_lr_ratio)
+            return {"optimizer": opt, "lr_scheduler": sched}
         warm = max(self.hparams.warmup_steps, 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,8 +1,11 @@
 """The DDPM math of Ho et al. (2020) and DDIM (Song et al., 2020), apart from any network.
 
 Equation numbers refer to "Denoising Diffusion Probabilistic Models" (arXiv:2006.11239) unless
-marked DDIM ("Denoising Diffusion Implicit Models", arXiv:2010.02502) or iDDPM ("Improved DDPM",
-arXiv:2102.09672).
+marked DDIM ("Denoising Diffusion Implicit Models", arXiv:2010.02502), iDDPM ("Improved DDPM",
+arXiv:2102.09672), v-prediction (Salimans & Ho, "Progressive Distillation", arXiv:2202.00512) or
+min-SNR (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting", arXiv:2303.09556).
+DPM-Solver++ (Lu et al., arXiv:2211.01095) is not re-derived here: `sample(sampler="dpm")` drives
+diffusers' `DPMSolverMultistepScheduler` with this schedule's betas.
 
 Indexing follows diffusers, not the paper: timesteps are 0-based, so the paper's t = 1..T is
 t = 0..T-1 here, and "t - 1" of t = 0 is the clean image (alpha_bar_{-1} := 1). This is what
@@ -20,9 +23,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from diffusers import DPMSolverMultistepScheduler
 from torch import nn
 
 ScheduleKind = Literal["linear", "cosine"]
+Prediction = Literal["eps", "v"]
+SamplerKind = Literal["ddpm", "ddim", "dpm"]
 # eps_fn(x_t, t) -> predicted noise; x_t (B, C, H, W), t (B,) long. The sampler never sees the network.
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -55,6 +61,23 @@ def make_betas(kind: ScheduleKind, num_timesteps: int, beta_start: float = 1e-4,
 def l_simple(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """L_simple, eq. 14: E_{t, x_0, eps} || eps - eps_theta(x_t, t) ||^2 (mean over pixels and batch)."""
     return F.mse_loss(eps_pred, eps)
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: Prediction) -> torch.Tensor:
+    """Min-SNR-gamma loss weight per sample (Hang et al. sec. 3.4), on the eps- or v-MSE.
+
+    The x_0-MSE weighted by min(SNR, gamma) caps the weight of easy, low-noise steps. Written on the
+    network's own target: ||eps - eps^||^2 = SNR ||x0 - x0^||^2, so eps takes min(SNR, gamma) / SNR;
+    ||v - v^||^2 = (SNR + 1) ||x0 - x0^||^2, so v takes min(SNR, gamma) / (SNR + 1).
+    """
+    if gamma <= 0:
+        raise ValueError(f"min-SNR gamma must be > 0 (the paper uses 5), got {gamma}")
+    capped = snr.clamp(max=gamma)
+    if prediction == "eps":
+        return capped / snr
+    if prediction == "v":
+        return capped / (snr + 1)
+    raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
 
 
 class NoiseSchedule(nn.Module):
@@ -107,6 +130,25 @@ class NoiseSchedule(nn.Module):
         """
         abar = self._at(self.alphas_cumprod, t, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """SNR(t) = alpha_bar_t / (1 - alpha_bar_t), (B,) for t (B,) (min-SNR eq. 2 with alpha = sqrt(abar))."""
+        abar = self.alphas_cumprod[t]
+        return abar / (1 - abar)
+
+    def v_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, the velocity target (Salimans & Ho sec. 4)."""
+        abar = self._at(self.alphas_cumprod, t, x0)
+        return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+
+    def eps_from_v(self, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t: what the samplers take from a v-network.
+
+        Follows from x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps and the definition of v; its twin is
+        x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v.
+        """
+        abar = self._at(self.alphas_cumprod, t, xt)
+        return abar.sqrt() * v + (1 - abar).sqrt() * xt
 
     def predict_x0(self, xt: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
         """Eq. 15 solved for x_0: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
@@ -181,20 +223,37 @@ class NoiseSchedule(nn.Module):
             x_prev = x_prev + sigma * noise
         return x_prev, x0
 
+    def dpm_solver(self, num_steps: int, order: int = 2, timesteps: list[int] | None = None):
+        """diffusers' DPMSolverMultistepScheduler (DPM-Solver++, multistep, data prediction) on these betas.
+
+        Its "thresholding" with sample_max_value = 1 clips the predicted x_0 to [-1, 1], the same as
+        clip_denoised. At order 1 and on the same timesteps it is DDIM with eta = 0 (Lu et al.
+        sec. 4.1), which the tests check. Timesteps: diffusers' "linspace" spacing (from T - 1 down)
+        unless given.
+        """
+        if not 1 <= num_steps <= self.num_timesteps:
+            raise ValueError(f"DPM-Solver num_steps must be in [1, {self.num_timesteps}], got {num_steps}")
+        solver = DPMSolverMultistepScheduler(
+            num_train_timesteps=self.num_timesteps, trained_betas=self.betas.cpu().numpy(), solver_order=order,
+            prediction_type="epsilon", algorithm_type="dpmsolver++", thresholding=self.clip_denoised, sample_max_value=1.0,
+        )
+        solver.set_timesteps(None if timesteps else num_steps, device=self.betas.device, timesteps=timesteps)
+        return solver
+
     # ----------------------------------------------------------------------------- sampling loops
     @torch.no_grad()
     def sample(
         self,
         eps_fn: EpsFn,
         shape: tuple[int, ...],
-        sampler: Literal["ddpm", "ddim"] = "ddpm",
+        sampler: SamplerKind = "ddpm",
         num_steps: int | None = None,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
         keep: int = 0,
     ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-        """Draw x_T ~ N(0, I) and denoise it to x_0 (Algorithm 2, or DDIM with num_steps steps).
+        """Draw x_T ~ N(0, I) and denoise it to x_0 (Algorithm 2, or DDIM / DPM-Solver++ with num_steps steps).
 
         Random numbers are drawn in diffusers' pipeline order (x_T first, then one draw per step
         that needs noise) so a seeded generator reproduces `DDPMPipeline` / `DDIMPipeline`.
@@ -202,8 +261,8 @@ class NoiseSchedule(nn.Module):
         Args:
             eps_fn: the noise predictor, eps_fn(x_t (B,C,H,W), t (B,) long) -> (B,C,H,W).
             shape: (B, C, H, W) of the batch to draw.
-            sampler: "ddpm" (ancestral, all T steps) or "ddim".
-            num_steps: DDIM steps (default T); ignored by "ddpm".
+            sampler: "ddpm" (ancestral, all T steps), "ddim", or "dpm" (DPM-Solver++(2M), diffusers).
+            num_steps: DDIM / DPM-Solver steps (default T); ignored by "ddpm".
             eta: DDIM stochasticity, 0 = deterministic, 1 = DDPM-like variance.
             generator: torch.Generator on `device` for reproducible draws.
             device: where x_t lives.
@@ -218,8 +277,12 @@ class NoiseSchedule(nn.Module):
         elif sampler == "ddim":
             steps = self.ddim_timesteps(num_steps or self.num_timesteps)
             prevs = steps[1:] + [-1]
+        elif sampler == "dpm":
+            solver = self.dpm_solver(num_steps or self.num_timesteps)
+            steps = [int(t) for t in solver.timesteps]
+            prevs = steps[1:] + [-1]
         else:
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+            raise ValueError(f"sampler must be 'ddpm', 'ddim' or 'dpm', got {sampler!r}")
         x = torch.randn(shape, generator=generator, device=device)
         snapshots: list[tuple[int, torch.Tensor]] = []
         every = max(len(steps) // keep, 1) if keep else 0
@@ -230,6 +293,8 @@ class NoiseSchedule(nn.Module):
             if sampler == "ddpm":
                 noise = torch.randn(shape, generator=generator, device=device) if t > 0 else None
                 x, _ = self.ddpm_step(eps, t, x, noise)
+            elif sampler == "dpm":
+                x = solver.step(eps, t, x).prev_sample
             else:
                 noise = torch.randn(shape, generator=generator, device=device) if eta > 0 else None
                 x, _ = self.ddim_step(eps, t, t_prev, x, eta, noise)

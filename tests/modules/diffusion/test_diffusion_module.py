@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import lightning as L
 import mlflow
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from datamodules.mnist import MNISTDataModule
 from modules.classifier.module import ClassifierModule
 from modules.diffusion.model import Denoiser, DiffusionConfig
 from modules.diffusion.module import DiffusionModule, ema_with_warmup, image_grid
+from modules.training import cosine_lr
 from pipelines.run import load_experiment, run_experiment
 from tests.helpers import quiet_trainer
 
@@ -166,7 +168,7 @@ def test_missing_judge_and_bad_inputs_are_clear_errors(tmp_path):
 
 
 ROOT = Path(__file__).resolve().parents[3]
-CONFIGS = ["configs/diffusion/ddpm_mnist_cpu.yaml", "configs/diffusion/ddpm_mnist.yaml",
+CONFIGS = ["configs/diffusion/ddpm_mnist_cpu.yaml", "configs/diffusion/ddpm_mnist.yaml", "configs/diffusion/ddpm_mnist_fast.yaml",
            "configs/classifier/lenet_mnist5k.yaml", "configs/classifier/lenet_mnist.yaml"]
 
 
@@ -229,3 +231,87 @@ def test_selection_arguments_are_checked():
         DiffusionModule(num_timesteps=50, num_sample_steps=4, select_sample_steps=[2, 80])
     with pytest.raises(ValueError, match="select_guidance other than 1 needs an unconditional model"):
         DiffusionModule(cond_drop_prob=0.0, guidance_scale=1.0, select_guidance=[1.0, 2.0])
+
+
+def test_recipe_switches_reach_the_loss_through_the_config():
+    """prediction=v with min-SNR: the module's loss is the min-SNR-weighted MSE on v, recomputed by hand
+    from the same draws; the defaults keep L_simple."""
+    x0, y = torch.rand(4, 1, 28, 28) * 2 - 1, torch.tensor([0, 1, 2, 3])
+    for kw in ({}, {"prediction": "v", "loss_weighting": "min_snr", "snr_gamma": 2.0}):
+        torch.manual_seed(0)
+        module = DiffusionModule(**TINY, **kw)
+        loss = module._loss(x0, y, generator=torch.Generator().manual_seed(3))
+        g = torch.Generator().manual_seed(3)
+        t = torch.randint(0, 50, (4,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        s = module.schedule
+        abar = s.alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+        out = module.net(xt, t, y)
+        if not kw:
+            want = ((out - eps) ** 2).mean()
+        else:
+            v = abar.sqrt() * eps - (1 - abar).sqrt() * x0
+            snr = (abar / (1 - abar)).flatten()
+            want = (((out - v) ** 2).flatten(1).mean(1) * snr.clamp(max=2.0) / (snr + 1)).mean()
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+def test_v_prediction_samples_through_eps(sampler):
+    """A v-network that is exact for a one-image data set (v = sqrt(abar) eps - sqrt(1-abar) x*) must land
+    on x* through module.sample, whichever sampler: the module converts v to eps for the sampler."""
+    module = DiffusionModule(**{**TINY, "num_classes": 0, "guidance_scale": 1.0}, prediction="v", sampler=sampler)
+    module.schedule.clip_denoised = False
+    x_star = torch.linspace(-0.9, 0.9, 28 * 28).view(1, 1, 28, 28)
+
+    def v_oracle(x, t, y, w):
+        abar = module.schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+        eps = (x - abar.sqrt() * x_star) / (1 - abar).sqrt()
+        return abar.sqrt() * eps - (1 - abar).sqrt() * x_star
+
+    module.ema.module.guided = v_oracle
+    x, _ = module.sample(3)
+    torch.testing.assert_close(x, x_star.expand(3, 1, 28, 28), atol=1e-3, rtol=0)
+
+
+def test_cosine_lr_schedule_decays_to_its_floor_over_the_run(tmp_path):
+    module = DiffusionModule(**{**TINY, "warmup_steps": 1, "num_eval_samples": 0}, lr=0.01, lr_schedule="cosine",
+                             min_lr_ratio=0.2)
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = quiet_trainer(max_steps=5, limit_val_batches=0, callbacks=[Record()], default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="classifier_checkpoint is not set"):
+        trainer.fit(module, datamodule=MNISTDataModule(batch_size=4, train_limit=32))
+    want = [cosine_lr(s, 0.01, 0.002, 1, 5) for s in range(5)]  # warm-up 1 step, then cosine to 0.2 * lr at step 5
+    assert seen == pytest.approx(want) and seen[1] == pytest.approx(0.01) and seen[-1] > 0.002
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.002)
+
+
+def test_recipe_arguments_are_checked():
+    for kw, match in [({"prediction": "x0"}, "prediction must be"), ({"loss_weighting": "snr"}, "loss_weighting must be"),
+                      ({"loss_weighting": "min_snr", "snr_gamma": 0.0}, "snr_gamma must be > 0"),
+                      ({"lr_schedule": "step"}, "lr_schedule must be"), ({"min_lr_ratio": 1.5}, "min_lr_ratio must be"),
+                      ({"sampler": "dpm", "num_sample_steps": 51}, "num_sample_steps")]:
+        with pytest.raises(ValueError, match=match):
+            DiffusionModule(**{**TINY, **kw})
+
+
+def test_recipe_study_variants_resolve():
+    """ddpm-recipe: each variant removes one idea of the new preset (and only that one); the old recipe
+    differs from the new in those ideas, on the same UNet, data and steps."""
+    from pipelines.study import load_study
+
+    study = load_study(ROOT / "configs/studies/ddpm-recipe.yaml")
+    clis = {name: load_experiment(*study.variant_config(name)) for name in study.variants}
+    hp = {name: dict(cli.model.hparams) for name, cli in clis.items()}
+    new = hp["new"]
+    ideas = {"no-v": "prediction", "no-min-snr": "loss_weighting", "no-cosine": "lr_schedule", "no-dpm": "sampler",
+             "no-ema": "ema_decay"}
+    for name, removed in ideas.items():
+        assert {k for k in new if hp[name][k] != new[k]} == {removed}, name
+    assert {k for k in new if hp["old"][k] != new[k]} == set(ideas.values()) - {"ema_decay"} | {"guidance_scale"}

@@ -3,8 +3,9 @@
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.training_utils import compute_snr
 
-from modules.diffusion.schedule import NoiseSchedule, l_simple, make_betas
+from modules.diffusion.schedule import NoiseSchedule, l_simple, make_betas, min_snr_weight
 
 T = 1000
 ATOL = 1e-6
@@ -132,7 +133,7 @@ def test_ddpm_step_equals_algorithm_2_without_clipping():
         torch.testing.assert_close(ours, paper, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
 def test_exact_eps_recovers_a_point_mass(sampler):
     """If the data is one image x*, the ideal eps(x_t, t) = (x_t - sqrt(abar_t) x*) / sqrt(1 - abar_t)
     and both samplers must land on x* from any x_T; a wrong coefficient anywhere breaks this."""
@@ -145,7 +146,7 @@ def test_exact_eps_recovers_a_point_mass(sampler):
 
     x, snaps = s.sample(eps_fn, (5, 1, 4, 4), sampler, num_steps=20, generator=torch.Generator().manual_seed(0), keep=4)
     torch.testing.assert_close(x, x_star.expand(5, 1, 4, 4), atol=1e-4, rtol=0)
-    assert snaps[0][0] == 199 if sampler == "ddpm" else snaps[0][0] == 190
+    assert snaps[0][0] == {"ddpm": 199, "ddim": 190, "dpm": 199}[sampler]
     assert snaps[-1][0] == -1 and len(snaps) >= 4
 
 
@@ -184,3 +185,68 @@ def test_bad_schedule_arguments_raise_clear_errors():
         NoiseSchedule(10).ddim_timesteps(11)
     with pytest.raises(ValueError, match="sampler"):
         NoiseSchedule(10).sample(_toy_eps, (1, 1, 2, 2), "euler")
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_v_target_matches_diffusers_and_inverts(kind):
+    """v = sqrt(abar) eps - sqrt(1-abar) x0 (diffusers' get_velocity); x0 = sqrt(abar) x_t - sqrt(1-abar) v,
+    and eps_from_v gives back the noise."""
+    ours, ddpm = _pair(kind)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 1, 5, 5, generator=g), torch.randn(4, 1, 5, 5, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    xt = ours.q_sample(x0, t, eps)
+    v = ours.v_target(x0, t, eps)
+    torch.testing.assert_close(v, ddpm.get_velocity(x0, eps, t), atol=ATOL, rtol=0)
+    abar = ours.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(abar.sqrt() * xt - (1 - abar).sqrt() * v, x0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.eps_from_v(xt, t, v), eps, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weight_matches_diffusers_training_scripts(prediction):
+    """SNR from diffusers' compute_snr; weights as in its train_text_to_image.py (min(snr, gamma) / snr for
+    epsilon, / (snr + 1) for v_prediction)."""
+    ours, ddpm = _pair("linear")
+    t = torch.tensor([0, 1, 50, 300, 999])
+    snr = ours.snr(t)
+    torch.testing.assert_close(snr, compute_snr(ddpm, t), rtol=1e-5, atol=0)
+    ref = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    ref = ref / snr if prediction == "eps" else ref / (snr + 1)
+    w = min_snr_weight(snr, 5.0, prediction)
+    torch.testing.assert_close(w, ref)
+    # at low noise (SNR > 5) eps-weights fall below 1; at high noise they are 1 (eps) and SNR / (SNR + 1) (v)
+    assert w[0] < 1e-3 and w[-1] == pytest.approx(1.0 if prediction == "eps" else float(snr[-1] / (snr[-1] + 1)))
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        min_snr_weight(snr, 0.0, prediction)
+
+
+def test_dpm_solver_of_order_one_is_ddim():
+    """DPM-Solver++ at order 1 is DDIM (eta = 0) on the same timesteps (Lu et al. sec. 4.1): diffusers'
+    solver, driven with our betas, against our own DDIM loop, without clipping so both use the model's eps."""
+    s = NoiseSchedule(100, "linear", clip_denoised=False)
+    steps = s.ddim_timesteps(10)
+    solver = s.dpm_solver(10, order=1, timesteps=steps)
+    assert [int(t) for t in solver.timesteps] == steps
+    shape = (3, 1, 6, 6)
+    ours, _ = s.sample(_toy_eps, shape, "ddim", num_steps=10, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    for t in solver.timesteps:
+        x = solver.step(_toy_eps(x, torch.full((3,), int(t))), t, x).prev_sample
+    torch.testing.assert_close(x, ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("sampler,num_steps,calls", [("ddpm", 7, 50), ("ddim", 7, 7), ("dpm", 7, 7), ("dpm", 1, 1)])
+def test_sampler_step_counts(sampler, num_steps, calls):
+    """DDPM takes all T steps; DDIM and DPM-Solver call the network num_steps times."""
+    s = NoiseSchedule(50, "linear")
+    seen = []
+
+    def eps_fn(x, t):
+        seen.append(int(t[0]))
+        return _toy_eps(x, t)
+
+    s.sample(eps_fn, (2, 1, 4, 4), sampler, num_steps=num_steps, generator=torch.Generator().manual_seed(0))
+    assert len(seen) == calls and seen == sorted(seen, reverse=True)
+    with pytest.raises(ValueError, match="num_steps must be in"):
+        s.dpm_solver(51)
