@@ -320,6 +320,13 @@ class ConditioningModule(L.LightningModule):
 
             plt.close(fig)
 
+    # ------------------------------------------------------------------------------------ optim
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr)
+        warm = max(self.hparams.warmup_steps, 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
 
 def attention_figure(canvas: torch.Tensor, prompts: torch.Tensor, maps: torch.Tensor):
     """One row per canvas: the sample, then the weight of each position on the first and on the second token."""
