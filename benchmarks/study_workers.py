@@ -9,7 +9,9 @@ The study (default: depth-quick, 2 variants, here with 4 seeds: 8 CPU runs) is c
 given seeds and run by ``practicum study`` in a fresh process per mode, each into its own SQLite
 store, every run with one thread (OMP_NUM_THREADS=1): ``--workers 2`` and ``--ray`` then use the two
 cores at once. Reported: wall time per mode, its ratio to serial, and the largest difference of any
-metric of any run from the serial run at the same (variant, seed).
+metric of any run from the serial run at the same (variant, seed), leaving out what measures the
+machine rather than the model (time/, perf/, host and device memory, and rates: *_per_s such as
+gen/tokens_per_s).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def main() -> None:
         diff = "-"
         if base is not None:
             cols = [c for c in base.columns if c in t.columns and c != "seed" and base[c].dtype.kind == "f"
-                    and not c.startswith(("time/", "perf/", "mem/host", "mem/device"))]
+                    and not c.startswith(("time/", "perf/", "mem/host", "mem/device")) and not c.endswith("_per_s")]
             diff = f"{max(float(np.nanmax(np.abs(t[c].to_numpy() - base[c].to_numpy()))) for c in cols):.2e}"
         ratio = walls[mode] / walls["serial"] if "serial" in walls else float("nan")
         print(f"{mode:8s} {walls[mode]:8.1f} {ratio:9.2f} {diff:>22s}")
