@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -20,6 +23,13 @@ from modules.gpt.model import GPT, GPTConfig
 from modules.gpt.moe import STAT_NAMES
 from modules.optimizers import OPTIMIZERS, build_optimizer
 from modules.training import SCHEDULES, log_mean_loss, lr_schedule
+
+
+@functools.cache
+def init_defaults(cls: type) -> dict[str, Any]:
+    """The keyword defaults of `cls.__init__`: what a module's hyper-parameters hold when not given."""
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
 
 
 def is_hidden_matrix(name: str, p: torch.nn.Parameter) -> bool:
@@ -241,7 +251,9 @@ class GPTModule(L.LightningModule, TextGenerator, CountsTokens):
         self._moe_sum, self._moe_n = None, 0
 
     def configure_optimizers(self):
-        hp = self.hparams
+        # CharRNNModule borrows this method with hyper-parameters of its own: what it lacks (the
+        # optimizer's kind, the schedule's) takes this class's defaults, AdamW with the cosine.
+        hp = SimpleNamespace(**{**init_defaults(GPTModule), **self.hparams})
         fused = hp.fused if hp.fused is not None else self.device.type == "cuda"
         opt = build_optimizer(self.model.named_parameters(), hp.optimizer, hp.lr, hp.weight_decay, tuple(hp.betas),
                               hp.momentum, hp.muon_lr, is_hidden_matrix, fused or None)
