@@ -3,7 +3,7 @@ instance; and whether the three tables agree.
 
 Run from the repository root (by hand, not part of the tests), on a quiet machine:
 
-    .venv/bin/python benchmarks/study_workers.py [--study configs/studies/depth-quick.yaml --seeds 0 1 2 3]
+    .venv/bin/python benchmarks/study_workers.py [--study configs/studies/depth-quick.yaml --seeds 0 1 2 3 --max-steps N]
 
 The study (default: depth-quick, 2 variants, here with 4 seeds: 8 CPU runs) is copied with the
 given seeds and run by ``practicum study`` in a fresh process per mode, each into its own SQLite
@@ -46,10 +46,14 @@ def main() -> None:
     p.add_argument("--study", default="configs/studies/depth-quick.yaml")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="trainer.max_steps for every run (longer runs: the workers' fixed start-up cost weighs less)")
     ns = p.parse_args()
     src = (ROOT / ns.study).resolve()
     study = yaml.safe_load(src.read_text())
     study.update(seeds=ns.seeds, base=str((src.parent / study["base"]).resolve()))
+    if ns.max_steps is not None:
+        study["overrides"] = {**study.get("overrides", {}), "trainer.max_steps": ns.max_steps}
     out = Path(tempfile.mkdtemp(prefix="study_workers_"))
     path = out / "study.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))

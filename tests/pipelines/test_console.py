@@ -2,6 +2,8 @@
 
 import io
 
+import pytest
+
 from pipelines import console
 from pipelines.console import PlainProgress
 
@@ -36,6 +38,7 @@ def test_plain_progress_prints_a_line_per_run_start_and_at_most_one_a_minute_dur
     assert "\r" not in out.getvalue()
 
 
+@pytest.mark.slow
 def test_a_study_written_to_a_file_has_no_carriage_return(tmp_path, tracking_uri, practicum_cli):
     """The real path: `practicum study FILE > log`, as CI and tee see it."""
     import yaml

@@ -39,6 +39,7 @@ def _runs(uri):
     return c.search_runs([e.experiment_id for e in c.search_experiments()])
 
 
+@pytest.mark.slow
 def test_gpt_ddp_matches_single_process_with_the_same_global_batch(tmp_path, tracking_uri, practicum_cli):
     cfg = tmp_path / "gpt.yaml"
     cfg.write_text(yaml.safe_dump({**GPT, "trainer": {**GPT["trainer"], "max_steps": 20}}))
@@ -74,6 +75,7 @@ def test_gpt_ddp_matches_single_process_with_the_same_global_batch(tmp_path, tra
     assert per_rank[0]["budget/tokens"] == per_rank[1]["budget/tokens"] == 20 * 8 * GPT["data"]["init_args"]["block_size"]
 
 
+@pytest.mark.slow
 def test_classifier_ddp_one_run_disjoint_shards(tmp_path, tracking_uri, practicum_cli):
     cfg = ROOT / "configs/classifier/lenet_mnist5k.yaml"
     _ddp(practicum_cli, cfg, tracking_uri, tmp_path / "rec", "--trainer.max_epochs=1", "--trainer.limit_train_batches=6",
@@ -118,6 +120,7 @@ def test_fsdp_single_gpu_run_and_resume(tmp_path, tracking_uri, practicum_cli):
     assert len(steps) == len(set(steps)) and max(steps) >= 14
 
 
+@pytest.mark.slow
 def test_torchrun_launch_gives_one_run(tmp_path, tracking_uri, practicum_cli):
     """Under torchrun every rank starts at once: only rank 0 may open the store (a fresh SQLite schema
     created by two processes collides) and create the run."""

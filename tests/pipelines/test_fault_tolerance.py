@@ -31,6 +31,7 @@ def _history(client, run_id, key):
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tracking_uri, practicum_cli):
     cfg = _write(tmp_path, GPT)
     whole = run_experiment(cfg, [*QUIET, "--checkpoint_every_n_steps=5"], tracking_uri)
@@ -167,6 +168,7 @@ def test_first_checkpoint_comes_by_time_before_any_validation(tmp_path, tracking
     assert 1 <= ckpt["global_step"] <= 6
 
 
+@pytest.mark.slow
 def test_sigterm_ends_killed_with_a_checkpoint(tmp_path, tracking_uri, practicum_cli):
     term = {"class_path": "tests.pipelines.toy.SignalAt", "init_args": {"step": 7, "sig": "SIGTERM"}}
     cfg = _write(tmp_path, {**TOY, "trainer": {**TOY["trainer"], "max_steps": 200}})

@@ -70,6 +70,7 @@ def test_gpt_run_logs_a_pyfunc_model_that_generates_in_a_fresh_process(tracking_
     assert json.loads(inputs["validation"].profile)["num_examples"] == len(data.val_dataloader().dataset)
 
 
+@pytest.mark.slow
 def test_ddpm_run_logs_a_pyfunc_model_that_samples_the_asked_digits(tracking_uri, tmp_path):
     res = run_experiment(ROOT / "configs/diffusion/ddpm_mnist_cpu.yaml", DDPM, tracking_uri=tracking_uri)
     assert res.status == "FINISHED", res.error

@@ -252,6 +252,7 @@ def _artifacts(client, run_id, folder=None):
 CALL_AT = '--trainer.callbacks=[{"class_path": "tests.pipelines.toy.CallAt"}]'  # runs toy.HOOKS[step]()
 
 
+@pytest.mark.slow
 def test_gpt_samples_checkpoints_and_metrics_logged_during_an_outage_arrive_when_the_server_is_back(store):
     # down after step 3, back after step 15: the sample of step 10 and the metrics of steps 4-15 wait
     toy.HOOKS.update({3: store.stop, 15: store.start})
@@ -269,6 +270,7 @@ def test_gpt_samples_checkpoints_and_metrics_logged_during_an_outage_arrive_when
     assert not spool_dir(Path("mlruns"), res.run_id).exists()
 
 
+@pytest.mark.slow
 def test_ddpm_run_outlasting_the_server_keeps_its_grids_locally_until_practicum_sync(store, monkeypatch, capsys):
     # down after step 1 and still down when the run ends: it does not fail, and nothing is lost
     monkeypatch.setenv("PRACTICUM_TRACKING_WAIT_S", "1")

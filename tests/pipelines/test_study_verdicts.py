@@ -36,6 +36,7 @@ def seeded_study(tmp_path):
     return p
 
 
+@pytest.mark.slow
 def test_seed_noise_is_inconclusive_and_a_bad_learning_rate_is_worse(seeded_study, tracking_uri):
     _, table = run_study(seeded_study, ["--system_metrics=false", "--log_checkpoint=false"], tracking_uri)
     s = table.summary.set_index("variant")

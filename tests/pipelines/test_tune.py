@@ -222,6 +222,7 @@ print(json.dumps(tune_variant("toy-study", "v", config, ["--system_metrics=false
 """
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_budget(toy_config, tracking_uri, parent, tmp_path):
     """Two processes on one storage, as two machines on one PostgreSQL: together exactly n_trials."""
     raw = {"n_trials": 4, "pruner": "none", "params": {"model.init_args.lr": LR}}

@@ -354,6 +354,7 @@ def test_eight_concurrent_writers_lose_no_value(server, admin):
     assert admin.get_run(run_id).data.metrics["concurrent/value"] == 7999.5  # latest = highest step
 
 
+@pytest.mark.slow
 def test_runs_and_artifacts_survive_a_restart(server, admin, tmp_path):
     run_id = admin.create_run(admin.create_experiment("restart")).info.run_id
     admin.log_param(run_id, "lr", "0.01")
