@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric
 from contract import CountsTokens
 from datamodules.seq2seq import make_target
 from modules.artifacts import log_figure
+from modules.optimizers import build_optimizer
 from modules.seq2seq.model import Seq2Seq, Seq2SeqConfig, exact_match
 from modules.training import cosine_schedule, log_mean_loss
 
@@ -82,10 +83,7 @@ class Seq2SeqModule(L.LightningModule, CountsTokens):
 
     def configure_optimizers(self):
         hp = self.hparams
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        opt = build_optimizer(self.model.named_parameters(), "adamw", hp.lr, hp.weight_decay, tuple(hp.betas))
         decay = hp.lr_decay_steps if hp.lr_decay_steps is not None else self.trainer.max_steps
         if decay is None or decay < 0:
             raise ValueError("set model.init_args.lr_decay_steps or trainer.max_steps: "
