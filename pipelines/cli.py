@@ -10,7 +10,7 @@ from pathlib import Path
 USAGE = """practicum <command> ...
 
   run CONFIG.yaml [--section.key=value ...]   fit (then test) one experiment; --print_config shows the resolved config
-  study STUDY.yaml [--workers N | --ray [ADDRESS]] [--resume] [--section.key=value ...]
+  study STUDY.yaml [--workers N | --ray [ADDRESS]] [--resume] [--wide] [--section.key=value ...]
                                               every variant as a child run, then the comparison table
         [--plan] [--seeds auto]               --plan: the seeds each verdict needs (from the pilot or finished runs); auto: rounds until decided
   compare STUDY [--format table|csv|json|markdown] [--wide]   the study's table, rebuilt from MLflow
@@ -88,6 +88,7 @@ def cmd_study(args: list[str]) -> int:
                    "(as seeds: {pilot: 3, max: 20} in the file)")
     p.add_argument("--plan", action="store_true", help="read the study's finished runs (or run its pilot only) "
                    "and print the seeds each comparison and claim needs, with their wall time")
+    p.add_argument("--wide", action="store_true", help="print every column of the final table, as compare --wide")
     ns, rest = p.parse_known_args(args)
     from pipelines import tracking as trk
     from pipelines.tables import render
@@ -108,7 +109,7 @@ def cmd_study(args: list[str]) -> int:
                               resume=ns.resume)
     uri = trk.resolve_tracking_uri(ns.tracking_uri)
     exp_id = trk.MlflowClient(uri).get_run(parent).info.experiment_id
-    print(f"\n{render(table, 'table')}\n\nverdict: {table.verdict_line()}")
+    print(f"\n{render(table, 'table', wide=ns.wide)}\n\nverdict: {table.verdict_line()}")
     print(f"runs:    {trk.runs_url(trk.ui_base(uri), exp_id)}" + ("" if uri.startswith("http") else "  (after: practicum ui)"))
     return 0 if (table.runs["status"] == "FINISHED").all() else 1
 

@@ -112,3 +112,17 @@ def test_a_claim_on_a_metric_not_declared_comparable_is_refused(tmp_path):
     (tmp_path / "s.yaml").write_text(raw)
     with pytest.raises(ConfigError, match=r"train/loss is not among the metrics the study declares comparable"):
         load_study(tmp_path / "s.yaml")
+
+
+def test_study_prints_the_narrow_table_and_every_column_with_wide(tracking_uri, capsys, monkeypatch, tmp_path):
+    """`practicum study FILE --wide` ends with the same table as `compare --wide`; without it, the narrow one."""
+    t = _lora_study(tracking_uri)
+    parent = find_parent(MlflowClient(tracking_uri), "lora-like").info.run_id
+    monkeypatch.setattr("pipelines.study.run_study", lambda *a, **k: (parent, t))
+    study = tmp_path / "s.yaml"
+    study.write_text("name: lora-like\n")
+    for flags, expected in (([], tables.render(t, "table")), (["--wide"], tables.render(t, "table", wide=True))):
+        assert main(["study", str(study), "--tracking_uri", tracking_uri, *flags]) == 0
+        out = capsys.readouterr().out
+        assert expected in out
+    assert "disk/adapter_bytes" in out and "more column(s)" not in out
