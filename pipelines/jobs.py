@@ -117,7 +117,8 @@ def tune(parent, name: str, config: Path, vargs: list[str], executor, bar) -> di
     task = functools.partial(tune_variant, study.name, name, config, vargs, spec, parent.uri,
                              parent_run_id=parent.run_id, experiment=study.name, system_metrics=parent.system_metrics)
     if not isinstance(executor, Serial):
-        for f in [executor.submit(task) for _ in range(min(executor.slots, spec.n_trials))]:
+        worker_task = functools.partial(task, record=False)  # the best is recorded once, below
+        for f in [executor.submit(worker_task) for _ in range(min(executor.slots, spec.n_trials))]:
             f.result()
     # here: the trials themselves (serial), or none left, and the final best over every worker's trials
     tuned = task(progress=ProgressLine(bar, f"{name} tuning", spec.metric) if bar else None)

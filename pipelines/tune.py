@@ -206,8 +206,12 @@ class TrialPruning(Callback):
 
 def tune_variant(study_name: str, variant: str, config: Path, args: list[str], spec: TuneSpec, uri: str, *,
                  parent_run_id: str, experiment: str, seed: int = 0, system_metrics: bool = True,
-                 progress=None) -> dict:
-    """Run the variant's missing trials, then record the best on the parent run.
+                 progress=None, record: bool = True) -> dict:
+    """Run the variant's missing trials, then (`record`) record the best on the parent run.
+
+    A study's tuning workers pass ``record=False``: each would record the best of the trials finished
+    so far, and a second worker's different best is a param MLflow refuses to change. The study records
+    once, after every worker is done.
 
     Returns ``{"best_params", "best_value", "n_trials" (finished ones in the storage), "trials_run_now"}``;
     ``best_value`` is NaN and ``best_params`` empty while no trial has completed. `progress`: a
@@ -277,9 +281,10 @@ def tune_variant(study_name: str, variant: str, config: Path, args: list[str], s
         best_params, best_value = {}, float("nan")
     result = {"best_params": best_params, "best_value": best_value, "n_trials": len(finished),
               "trials_run_now": len(ran)}
-    client = trk.MlflowClient(uri)
-    client.log_text(parent_run_id, json.dumps(result, indent=2), f"tune/{variant}.json")
-    trk.log_params(client, parent_run_id, {f"tune.{variant}.{k}": v for k, v in best_params.items()})
+    if record:
+        client = trk.MlflowClient(uri)
+        client.log_text(parent_run_id, json.dumps(result, indent=2), f"tune/{variant}.json")
+        trk.log_params(client, parent_run_id, {f"tune.{variant}.{k}": v for k, v in best_params.items()})
     return result
 
 

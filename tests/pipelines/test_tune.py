@@ -243,3 +243,21 @@ def test_two_workers_share_one_budget(toy_config, tracking_uri, parent, tmp_path
     counted = [t for t in study.trials if "practicum.uncounted" not in t.user_attrs]
     assert len(counted) == 4 and all(t.state == TrialState.COMPLETE for t in counted), states
     assert all(r["trials_run_now"] >= 1 for r in results), results  # both workers really ran trials
+
+
+def test_a_tuning_worker_records_nothing_and_the_study_records_the_final_best_once(toy_config, tracking_uri, parent):
+    """Workers of one search finish at different times, each seeing a different best so far; if each
+    recorded it, the second param would differ and MLflow refuses to change a logged param (seen
+    with --workers 2 on peft-methods). Only the final, recording call writes to the parent."""
+    kw = dict(parent_run_id=parent, experiment="toy-study", system_metrics=False)
+    client = MlflowClient(tracking_uri)
+    first = tune_variant("toy-study", "w", toy_config, QUICK, spec(n_trials=1), tracking_uri, record=False, **kw)
+    assert first["n_trials"] == 1
+    assert not any(k.startswith("tune.") for k in client.get_run(parent).data.params)
+    assert not client.list_artifacts(parent, "tune")
+    second = tune_variant("toy-study", "w", toy_config, QUICK, spec(n_trials=3), tracking_uri, record=False, **kw)
+    assert second["n_trials"] == 3 and not client.list_artifacts(parent, "tune")
+    final = tune_variant("toy-study", "w", toy_config, QUICK, spec(n_trials=3), tracking_uri, **kw)
+    assert final["trials_run_now"] == 0
+    assert float(client.get_run(parent).data.params["tune.w.model.init_args.lr"]) == pytest.approx(
+        final["best_params"]["model.init_args.lr"])
