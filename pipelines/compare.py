@@ -99,7 +99,8 @@ class StudyTable:
         for _, r in d.iterrows():
             more = f"; {r['seeds needed']:.0f} seeds would decide" if r["verdict"] == "inconclusive" and \
                 math.isfinite(r["seeds needed"]) else ""
-            parts.append(f"{r['variant']} {r['verdict']} (Δ {human(r['difference'], m)} ± {human(r['difference ±'], m)}"
+            vs = f" vs {r['baseline']}" if r["baseline"] != self.baseline else ""
+            parts.append(f"{r['variant']}{vs} {r['verdict']} (Δ {human(r['difference'], m)} ± {human(r['difference ±'], m)}"
                          f", n={r['n_pairs']}{more})")
         return (f"{m} vs {self.baseline}: " + "; ".join(parts)
                 + (" [quick: a smoke test, not a verdict]" if self.quick else ""))
@@ -119,7 +120,8 @@ def _meta(parent) -> dict:
             "equal_budget": t.get("practicum.equal_budget", "true") == "true",
             "margins": json.loads(t.get("practicum.margins", "{}")), "claims": json.loads(t.get("practicum.claims", "[]")),
             "design": json.loads(t.get("practicum.design", "null")), "looks": json.loads(t.get("practicum.looks", "[]")),
-            "comparable": json.loads(t.get("practicum.comparable", "null")), "name": t.get(trk.TAG_STUDY, "STUDY")}
+            "comparable": json.loads(t.get("practicum.comparable", "null")), "name": t.get(trk.TAG_STUDY, "STUDY"),
+            "against": json.loads(t.get("practicum.against", "{}"))}
 
 
 def reported(key: str, report: str) -> str:
@@ -164,18 +166,24 @@ def study_table(client: MlflowClient, parent) -> StudyTable:
     by_variant = {v: runs[runs["variant"] == v] for v in variants}
     plan = vd.Plan(Design(**meta["design"]) if meta["design"] else None, meta["looks"])
     margins = {reported(k, meta["report"]): float(v) for k, v in meta["margins"].items()}
+    against = {v: b for v, b in meta["against"].items() if v in by_variant and b in by_variant}
+    bases = {baseline, *against.values()} - set(against)  # the baselines: no verdict of their own
+    delta = f"Δ vs {baseline}" if not against else "Δ vs baseline"
     rows, diffs = [], []
     for v, g in by_variant.items():
         statuses = list(g["status"])
         status = statuses[0] if len(set(statuses)) == 1 else f"{statuses.count('FINISHED')}/{len(statuses)} FINISHED"
-        row = {"variant": v, "n": len(g), "status": status}
+        row = {"variant": v, "n": len(g), "status": status, **({"vs": against.get(v, "")} if against else {})}
         if g["tuned"].notna().any():  # the best config of the variant's search, which its seeded runs used
             row["tuned"] = g["tuned"].dropna().iloc[0]
         ok = g[g["status"].isin(["FINISHED", "ESTIMATE"])]
         for c in columns:
             row[c], row[f"{c} ±"], _ = st.mean_ci(ok[c].tolist())
-        if baseline is not None and v != baseline and not v.endswith("(estimate)"):
-            base = by_variant[baseline]
+        if baseline is not None and v not in bases and not v.endswith("(estimate)"):
+            b = against.get(v, baseline)
+            if against:
+                row["vs"] = b
+            base = by_variant[b]
             base = base[base["status"] == "FINISHED"]
             for c in columns:
                 mode = st.mode_of(c, meta["modes"])
@@ -183,7 +191,7 @@ def study_table(client: MlflowClient, parent) -> StudyTable:
                     continue
                 d = st.paired(_by_seed(ok, c), _by_seed(base, c))
                 b_mean = st.mean_ci(base[c].tolist())[0]
-                diffs.append({"variant": v, "metric": c, "baseline": baseline, "n_pairs": d.n, "difference": d.mean,
+                diffs.append({"variant": v, "metric": c, "baseline": b, "n_pairs": d.n, "difference": d.mean,
                               "difference ±": plan.half(d, st.ALPHA), "ratio": row[c] / b_mean if b_mean else math.nan,
                               "verdict": vd.word(d, mode, margins.get(c), plan), "margin": margins.get(c, math.nan),
                               "detectable": plan.detectable(d, st.ALPHA),
@@ -203,7 +211,7 @@ def study_table(client: MlflowClient, parent) -> StudyTable:
         r = differences[mine & (differences["variant"] == row["variant"])]
         if not r.empty:
             r = r.iloc[0]
-            row.update({f"Δ vs {baseline}": r["difference"], f"Δ vs {baseline} ±": r["difference ±"],
+            row.update({delta: r["difference"], f"{delta} ±": r["difference ±"],
                         "ratio": r["ratio"], "verdict": r["verdict"], "detectable": r["detectable"],
                         "seeds needed": r["seeds needed"]})
     differences = differences.drop(columns="_diff")

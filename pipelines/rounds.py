@@ -54,6 +54,7 @@ def settle(study, where: str, seeds: str | None = None) -> None:
 def parent_tags(study) -> dict[str, str]:
     """What the table needs to rebuild the verdicts from MLflow alone."""
     return {"practicum.margins": json.dumps(study.margins), "practicum.comparable": json.dumps(study.comparable),
+            **({"practicum.against": json.dumps(study.against())} if study.against() else {}),
             "practicum.claims": json.dumps([{k: v for k, v in asdict(c).items() if v is not None}
                                             for c in study.claims]),
             **({"practicum.design": json.dumps(asdict(study.design))} if study.design else {})}
@@ -87,7 +88,7 @@ def next_round(study, table: StudyTable, n: int, names: list[str]) -> tuple[list
         pairs = {(c.claim.variant, c.claim.against or table.baseline) for c in table.claims if not c.decided}
     else:
         d = table.differences[table.differences["metric"] == table.report_metric]
-        pairs = {(v, table.baseline) for v, w in zip(d["variant"], d["verdict"]) if w == "inconclusive"}
+        pairs = {(v, b) for v, b, w in zip(d["variant"], d["baseline"], d["verdict"]) if w == "inconclusive"}
     pairs = {p for p in pairs if set(p) <= set(names)}  # a skipped variant's claim waits for another machine
     if not pairs or n >= study.design.max:
         return [], []
@@ -159,8 +160,9 @@ def plan_lines(table: StudyTable) -> list[str]:
     out = []
     d = table.differences[table.differences["metric"] == table.report_metric]
     for _, r in d.iterrows():
-        out.append(f"{r['variant']} vs {table.baseline} on {table.report_metric}: {r['verdict']} at n={r['n_pairs']}; "
-                   + ("decided" if r["verdict"] != "inconclusive" else eta(r["variant"], r["n_pairs"], r["seeds needed"])))
+        out.append(f"{r['variant']} vs {r['baseline']} on {table.report_metric}: {r['verdict']} at n={r['n_pairs']}; "
+                   + ("decided" if r["verdict"] != "inconclusive" else
+                      eta(r["variant"], r["n_pairs"], r["seeds needed"], r["baseline"])))
     for c in table.claims:
         out.append(f"claim {c.claim}: {c.outcome} at n={c.n}; "
                    + ("decided" if c.decided else eta(c.claim.variant, c.n, c.needed, c.claim.against)))

@@ -27,6 +27,9 @@ A study is an experiment with a verdict (`pipelines.compare`, `pipelines.stats`)
     seeds: [0, 1, 2]               # every variant once per seed (paired: same seed, same data order and init)
     seed_keys: [seed_everything, data.init_args.seed]   # where a seed goes (default: seed_everything)
     baseline: dense                # the variant every other is compared with (default: the first)
+    variants: {llama-full: {against: llama-lora, ...}}   # a variant's own baseline (one family of several
+                                   # bases: each compared within its base); a variant named by `against` is a
+                                   # baseline itself and gets no verdict
     report: test                   # report the held-out test split (val/X columns become test/X)
     modes: {val/bleu: max}         # which way is better, where the metric's name does not say
     equal_budget: true             # warn in the table when steps/samples/tokens differ (default true)
@@ -157,6 +160,10 @@ class Study:
         """The variant's search: its own `tune_params` under the study's budget, else the study's `tune`."""
         return self.variant_tune.get(name, self.tune)
 
+    def against(self) -> dict[str, str]:
+        """Each variant's own baseline, where it declares one (`against:`)."""
+        return {n: v["against"] for n, v in self.variants.items() if v and v.get("against")}
+
     def seed_args(self, seed: int | None) -> list[str]:
         """The overrides that put one seed everywhere the study says seeds go (none: the config's own)."""
         return [] if seed is None else [f"--{k}={seed}" for k in self.seed_keys]
@@ -170,6 +177,7 @@ class Study:
         v = dict(self.variants[name] or {})
         v.pop("requires", None)
         v.pop("tune_params", None)
+        v.pop("against", None)
         base = (self.path.parent / v.pop("base")).resolve() if "base" in v else self.base
         if not base.is_file():
             raise ConfigError(f"study '{self.name}', variant '{name}': base config {base} does not exist")
@@ -306,6 +314,10 @@ def _check(study: Study, where: str) -> None:
         raise ConfigError(f"{where}: seeds must be a non-empty list of distinct integers, e.g. [0, 1, 2]; got {seeds!r}")
     if study.baseline is not None and study.baseline not in study.variants:
         raise ConfigError(f"{where}: baseline '{study.baseline}' is not a variant; variants: {list(study.variants)}")
+    for name, other in study.against().items():
+        if other not in study.variants or other == name:
+            raise ConfigError(f"{where}, variant '{name}': against '{other}' must name another variant; "
+                              f"variants: {list(study.variants)}")
     if study.report not in ("val", "test"):
         raise ConfigError(f"{where}: report must be 'val' or 'test', got {study.report!r}")
     if any(m not in ("min", "max") for m in study.modes.values()):

@@ -24,9 +24,11 @@ def people_table(t: StudyTable) -> pd.DataFrame:
     """The summary with mean ± interval in one cell (no "± 0" where every seed agrees), units, and
     all-empty columns left out; the report metric and its verdict first, then the other metrics."""
     out = pd.DataFrame({"variant": t.summary["variant"], "n": t.summary["n"], "status": t.summary["status"]})
+    if "vs" in t.summary:  # variants with their own baseline (`against:`): each row says which
+        out["vs"] = t.summary["vs"].fillna("")
     if "tuned" in t.summary:
         out["tuned"] = [_tuned(x) for x in t.summary["tuned"]]
-    metric_cols = [c for c in t.summary.columns if c not in ("variant", "n", "status", "tuned", "ratio", "verdict",
+    metric_cols = [c for c in t.summary.columns if c not in ("variant", "n", "status", "vs", "tuned", "ratio", "verdict",
                                                               "detectable", "seeds needed") and not c.endswith(" ±")]
     delta = [c for c in metric_cols if c.startswith("Δ vs")]
     for c in [t.report_metric, *delta, "verdict", *(c for c in metric_cols if c != t.report_metric and c not in delta)]:
@@ -70,7 +72,7 @@ def narrow(t: StudyTable, width: int) -> tuple[pd.DataFrame, list[str]]:
     full = people_table(t)
     full = full[[c for c in full.columns if any(str(v) != "" for v in full[c])]]  # no empty column
     claimed = [c.claim.metric for c in t.claims]
-    lead = ["variant", "n", *(["status"] if (full["status"] != "FINISHED").any() else []), t.report_metric,
+    lead = ["variant", "n", *(["status"] if (full["status"] != "FINISHED").any() else []), "vs", t.report_metric,
             *(c for c in full.columns if c.startswith("Δ vs")), "verdict", "seeds needed"]
     last = ["tuned", "detectable Δ", "ratio", *BUDGET_COLUMNS]  # the search's, the power's and the budgets
     order = [c for c in dict.fromkeys([*lead, *claimed, *(c for c in full.columns if c not in last), *last])
@@ -119,7 +121,9 @@ def notes(t: StudyTable) -> list[str]:
         return []
     m, k = t.report_metric, int((t.differences["metric"] == t.report_metric).sum())
     margin = t.margins.get(m)
-    out = [f"verdicts on {m}: Holm across the {k} comparison(s) against '{t.baseline}' (differences one family, "
+    own = sorted(set(t.differences["baseline"]) - {t.baseline})
+    against = f"'{t.baseline}'" + (f", or the row's own (vs: {', '.join(own)})" if own else "")
+    out = [f"verdicts on {m}: Holm across the {k} comparison(s) against {against} (differences one family, "
            "equivalence another); other metrics (differences.csv) unadjusted",
            f"margin: ±{human(margin, m)}" if margin is not None else
            f"margin: none declared for {m} (margins: {{{m}: SIZE}}), so 'equivalent' cannot be said",
@@ -146,6 +150,7 @@ def render(t: StudyTable, fmt: str = "table", width: int | None = None, wide: bo
         width = width or terminal_width()
         head = (f"mean ± 95% t-interval over seeds (n); {t.report_metric} first"
                 + (f"; Δ: paired difference against the baseline '{t.baseline}' per seed" if t.baseline else "")
+                + ("; where a row names another (vs), against that one" if "vs" in t.summary else "")
                 + (" — QUICK study: few seeds and steps, a smoke test, not a verdict" if t.quick else ""))
         body = [table_body(t, width, wide)] if wide else [table_body(t, width, False)]
         return "\n".join([*_wrap([head], width), *body, *_wrap([*t.warnings, *notes(t)], width)])
@@ -177,7 +182,7 @@ def _lead_first(t: StudyTable) -> list[str]:
     """The summary's columns with the report metric and its verdict first (markdown: the verdict on screen)."""
     cols = list(t.summary.columns)
     m, delta = t.report_metric, next((c for c in cols if c.startswith("Δ vs") and not c.endswith("±")), None)
-    lead = ["variant", "n", "status", m, f"{m} ±", *([delta, f"{delta} ±"] if delta else []), "verdict", "seeds needed"]
+    lead = ["variant", "n", "status", "vs", m, f"{m} ±", *([delta, f"{delta} ±"] if delta else []), "verdict", "seeds needed"]
     return [c for c in lead if c in cols] + [c for c in cols if c not in lead]
 
 

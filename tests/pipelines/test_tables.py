@@ -126,3 +126,35 @@ def test_study_prints_the_narrow_table_and_every_column_with_wide(tracking_uri, 
         out = capsys.readouterr().out
         assert expected in out
     assert "disk/adapter_bytes" in out and "more column(s)" not in out
+
+
+def test_a_variant_with_its_own_baseline_is_compared_with_it_and_that_baseline_gets_no_verdict(tracking_uri):
+    """Two bases in one study (peft-methods: the mini-GPT and the tiny Llama): the Llama rows against the
+    Llama's LoRA, not against the mini-GPT's, whose losses are on another scale."""
+    low, high = [{"test/loss": x} for x in (2.70, 2.80, 2.75)], [{"test/loss": x} for x in (2.16, 2.14, 2.15)]
+    runs = {"lora": low, "full": [{"test/loss": r["test/loss"] - e} for r, e in zip(low, (0.2, 0.21, 0.19))],
+            "llama-lora": high, "llama-full": [{"test/loss": r["test/loss"] + e} for r, e in zip(high, (0.004, -0.003, 0.001))]}
+    logged_study(tracking_uri, "two-bases", runs, report="test", baseline="lora", primary_metric="val/loss",
+                 margins={"test/loss": 0.05}, against={"llama-full": "llama-lora"})
+    client = MlflowClient(tracking_uri)
+    t = study_table(client, find_parent(client, "two-bases"))
+    d = t.differences[t.differences["metric"] == "test/loss"].set_index("variant")
+    assert set(d.index) == {"full", "llama-full"}  # neither baseline is compared with the other
+    assert d.loc["llama-full", "baseline"] == "llama-lora" and d.loc["llama-full", "verdict"] == "equivalent"
+    assert d.loc["full", "baseline"] == "lora" and d.loc["full", "verdict"] == "better"
+    assert "llama-full vs llama-lora equivalent" in t.verdict_line() and "llama-lora" not in t.verdict_line().split(
+        "llama-full")[0]
+    shown = tables.render(t, "table", width=100)
+    row = next(line for line in shown.splitlines() if line.startswith("llama-full"))
+    assert "llama-lora" in row.split() and "equivalent" in row.split()
+
+
+def test_against_must_name_another_variant(tmp_path):
+    from pipelines.study import load_study
+    from tests.helpers import ROOT
+
+    study = tmp_path / "s.yaml"
+    study.write_text(f"name: s\nbase: {ROOT / 'configs/gpt/shakespeare_char_cpu.yaml'}\n"
+                     "variants: {a: {}, b: {against: c}}\n")
+    with pytest.raises(ConfigError, match=r"variant 'b': against 'c' must name another variant; variants: \['a', 'b'\]"):
+        load_study(study)
