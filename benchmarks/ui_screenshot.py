@@ -8,8 +8,9 @@ cannot download browsers offline). Exits 1, after saving the screenshots anyway,
 the experiment's runs table in the model-training view or does not list the study's parent run; when a
 run page or the compare page (reached without the URL's workflowType) falls back to the GenAI view; or
 when grouping the runs table by variant (its "Group by" menu, clicked) puts in a variant's group other
-runs than its seeded ones (a tuning trial, a stage). Screenshots: OUT (the runs table), OUT-grouped
-(grouped by variant), OUT-run, OUT-run-charts (its Model metrics tab: end-of-run values as bars),
+runs than its seeded ones (a tuning trial, a stage); or when the runs page's chart view (the study's
+saved view, pipelines.chart_view) does not open on a train/ or val/ section. Screenshots: OUT (the
+runs table), OUT-grouped (grouped by variant), OUT-charts (the chart view), OUT-run, OUT-run-charts (its Model metrics tab: end-of-run values as bars),
 OUT-run-curves (the same tab searched for "loss": the curves as lines), OUT-compare.
 """
 
@@ -39,16 +40,30 @@ def ml_view(page) -> bool:
 
 
 def group_by_variant(page, out: str) -> dict[str, int]:
-    """Group the runs table by the variant tag through its "Group by" menu, as a user would; keep a
-    screenshot (OUT-grouped); return each group's run count as the table shows it."""
-    page.get_by_role("button", name="Group by").first.click()
-    page.get_by_role("menuitemcheckbox", name="practicum.variant", exact=True).click()
-    page.keyboard.press("Escape")
+    """The runs table grouped by the variant tag: a study's saved view lands grouped, else group it through
+    the "Group by" menu, as a user would; keep a screenshot (OUT-grouped); return each group's run count
+    as the table shows it."""
+    if not page.get_by_role("button", name="Group by: practicum.variant").count():
+        page.get_by_role("button", name="Group by").first.click()
+        page.get_by_role("menuitemcheckbox", name="practicum.variant", exact=True).click()
+        page.keyboard.press("Escape")
     time.sleep(2)
     page.screenshot(path=_beside(out, "grouped"))
     rows = [r.replace("\n", " | ") for r in page.get_by_role("row").all_inner_texts()]
     groups = {m.group(1): int(m.group(2)) for r in rows if (m := re.search(r"Group: (.+?) \| (\d+)", r))}
     return groups
+
+
+def chart_sections(page, out: str) -> list[tuple[str, int]]:
+    """Switch the runs page to its chart view, as a user would (the view toggle beside the search box);
+    keep a screenshot (OUT-charts); return its sections top to bottom with their chart counts."""
+    page.locator("label:has(input[value=CHART])").click()
+    header = re.compile(r"^(.+)\n\((\d+)\)\nAdd chart$")
+    page.get_by_role("button", name="Add chart").first.wait_for(timeout=60_000)
+    time.sleep(4)  # the charts draw as they load
+    page.screenshot(path=_beside(out, "charts"))
+    texts = page.get_by_role("button").all_inner_texts()
+    return [(m.group(1), int(m.group(2))) for t in texts if (m := header.match(t.strip()))]
 
 
 def _beside(path: str, suffix: str) -> str:
@@ -124,6 +139,13 @@ def main() -> int:
                 "the model-training view": "workflowType=machine_learning" in landed and ml_view(page),
                 f"the parent run '{expected}' listed": ok,
             }
+            # The study's saved chart view (pipelines.chart_view): the training curves come first.
+            sections = chart_sections(page, ns.out)
+            print("chart sections: " + ", ".join(f"{name} ({n})" for name, n in sections))
+            checks["the chart view opens on a training-curve section"] = bool(
+                sections) and sections[0][0].split("/")[0] in ("train", "val") and sections[0][1] > 0
+            checks["the chart view in the model-training view"] = ("workflowType=machine_learning" in page.url
+                                                                   and ml_view(page))
             # Past the landing page: pages a user reaches in a click or two carry no workflowType
             # parameter; they must stay in the model-training view all the same.
             if children:
