@@ -37,9 +37,8 @@ def section_of(key: str) -> str:
 
 
 def _rank(section: str) -> tuple[int, str]:
-    top = section.split("/")[0]
-    if top in FIRST and section not in (MODEL, SYSTEM):
-        return FIRST.index(top), section
+    if section in FIRST:  # nested ones (a parent's `test/loss/VARIANT` verdict values) sort with the rest
+        return FIRST.index(section), section
     return {MODEL: 4, SYSTEM: 5}.get(section, 3), section
 
 
