@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 import zlib
 from typing import Any
 
+from mlflow.exceptions import MlflowException
+
 from pipelines import tracking as trk
+
+log = logging.getLogger(__name__)
 
 NAME = "Practicum: training curves first"
 FIRST = ("train", "val", "test")  # these sections lead, in this order (a section is a key's prefix)
@@ -106,10 +111,15 @@ def save(client: trk.MlflowClient, experiment_id: str) -> None:
         if not token:
             break
     tag = trk.SHARED_VIEW_TAG + trk.CHART_VIEW
-    old = client.get_experiment(experiment_id).tags.get(tag)
-    created = json.loads(old).get("createdAt") if old and old.startswith("{") else None
+    try:
+        created = json.loads(client.get_experiment(experiment_id).tags.get(tag, "{}")).get("createdAt")
+    except (ValueError, AttributeError):  # a bare state, as an old share link wrote it
+        created = None
     state = chart_state(last_steps)
     value = encode(state, created)
     if len(value) > MAX_TAG:  # hundreds of metrics: keep the section order, let the UI make the charts
         value = encode({**state, "compareRunCharts": []}, created)
-    client.set_experiment_tag(experiment_id, tag, value)
+    try:
+        client.set_experiment_tag(experiment_id, tag, value)
+    except MlflowException as e:  # a server that refuses experiment tags: the study's results still stand
+        log.warning("the MLflow UI's chart view was not saved: %s", str(e).splitlines()[0][:200])

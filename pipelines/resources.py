@@ -15,7 +15,7 @@ peak. So the run's peak is taken over its first ``max(2, warmup_steps)`` steps (
 leaves out; the optimizer's state and a full step included) with every block of 128 KiB or more freshly
 mapped and the heap's free pages handed back at each sample, so that RSS follows the bytes alive; then
 the heap serves the rest of the fit as glibc's thresholds would (mapping every block for a whole fit
-costs ~35% step time on a small GPT). `benchmarks/host_peak_order.py` measures the spread.
+costs 1.35-1.44x step time on a small GPT). `benchmarks/host_peak_order.py` measures both.
 """
 
 from __future__ import annotations

@@ -90,8 +90,8 @@ def test_two_identical_runs_report_the_same_host_peak_whatever_ran_before():
     """A study's runs share a process whose heap keeps what earlier runs freed, with holes where they
     freed it, and whose RSS grows (caches, logged models). Here a narrower run and 48 MiB held come
     between two identical runs; each still reports its own peak, within 5% or 1 MiB, whichever is
-    larger (`python benchmarks/host_peak_order.py`: 56.1-56.5 MiB over 12 runs 400,000 wide in every
-    order; 72-149 MiB before the first steps were measured on fresh pages). A process's first run pays
+    larger (`python benchmarks/host_peak_order.py`: 56.2-56.5 MiB over 12 runs 400,000 wide in every
+    order; 78-111 MiB before the first steps were measured on fresh pages). A process's first run pays
     one-time costs (lazy imports, thread pools), so a tiny one runs first."""
     _host_peak(1_000)
     first, process_first = _host_peak(250_000)  # ~35 MiB: params, grads, Adam's state, activations
