@@ -8,8 +8,9 @@ cannot download browsers offline). Exits 1, after saving the screenshots anyway,
 the experiment's runs table in the model-training view or does not list the study's parent run; when a
 run page or the compare page (reached without the URL's workflowType) falls back to the GenAI view; or
 when grouping the runs table by variant (its "Group by" menu, clicked) puts in a variant's group other
-runs than its seeded ones (a tuning trial, a stage). Screenshots: OUT (the runs table), OUT-grouped
-(grouped by variant), OUT-run, OUT-run-charts (its Model metrics tab: end-of-run values as bars),
+runs than its seeded ones (a tuning trial, a stage); or when the runs page's chart view (the study's
+saved view, pipelines.chart_view) does not open on a train/ or val/ section. Screenshots: OUT (the
+runs table), OUT-grouped (grouped by variant), OUT-charts (the chart view), OUT-run, OUT-run-charts (its Model metrics tab: end-of-run values as bars),
 OUT-run-curves (the same tab searched for "loss": the curves as lines), OUT-compare.
 """
 
@@ -39,16 +40,30 @@ def ml_view(page) -> bool:
 
 
 def group_by_variant(page, out: str) -> dict[str, int]:
-    """Group the runs table by the variant tag through its "Group by" menu, as a user would; keep a
-    screenshot (OUT-grouped); return each group's run count as the table shows it."""
-    page.get_by_role("button", name="Group by").first.click()
-    page.get_by_role("menuitemcheckbox", name="practicum.variant", exact=True).click()
-    page.keyboard.press("Escape")
+    """The runs table grouped by the variant tag: a study's saved view lands grouped, else group it through
+    the "Group by" menu, as a user would; keep a screenshot (OUT-grouped); return each group's run count
+    as the table shows it."""
+    if not page.get_by_role("button", name="Group by: practicum.variant").count():
+        page.get_by_role("button", name="Group by").first.click()
+        page.get_by_role("menuitemcheckbox", name="practicum.variant", exact=True).click()
+        page.keyboard.press("Escape")
     time.sleep(2)
     page.screenshot(path=_beside(out, "grouped"))
     rows = [r.replace("\n", " | ") for r in page.get_by_role("row").all_inner_texts()]
     groups = {m.group(1): int(m.group(2)) for r in rows if (m := re.search(r"Group: (.+?) \| (\d+)", r))}
     return groups
+
+
+def chart_sections(page, out: str) -> list[tuple[str, int]]:
+    """Switch the runs page to its chart view, as a user would (the view toggle beside the search box);
+    keep a screenshot (OUT-charts); return its sections top to bottom with their chart counts."""
+    page.locator("label:has(input[value=CHART])").click()
+    header = re.compile(r"^(.+)\n\((\d+)\)\nAdd chart$")
+    page.get_by_role("button", name="Add chart").first.wait_for(timeout=60_000)
+    time.sleep(4)  # the charts draw as they load
+    page.screenshot(path=_beside(out, "charts"))
+    texts = page.get_by_role("button").all_inner_texts()
+    return [(m.group(1), int(m.group(2))) for t in texts if (m := header.match(t.strip()))]
 
 
 def _beside(path: str, suffix: str) -> str:
@@ -61,7 +76,10 @@ def main() -> int:
     p.add_argument("--tracking_uri")
     p.add_argument("--study")
     p.add_argument("--out", default="docs/images/ui-runs.png")
+    p.add_argument("--checks-only", action="store_true",
+                   help="no waits for the pictures to settle, no run-charts/run-curves pictures (the test's way)")
     ns = p.parse_args()
+    settle = (lambda seconds: None) if ns.checks_only else time.sleep
     chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
         print("no Chromium found: install Debian's `chromium` or set $CHROMIUM", file=sys.stderr)
@@ -107,14 +125,18 @@ def main() -> int:
             page = browser.new_page(viewport={"width": 1600, "height": 900})
             page.goto(url)
             ok = True
-            try:  # the runs table lists the study's parent run by name
-                page.get_by_text(expected, exact=True).first.wait_for(timeout=60_000)
+            # the runs table lists the study's runs: its seeded runs in their variants' groups (a study's
+            # saved view), else the parent run (not the breadcrumb, which also bears the study's name)
+            shown = [c.info.run_name for c in children[:1]] + [expected]
+            try:
+                page.get_by_role("row").filter(has_text=re.compile("|".join(map(re.escape, shown)))).first.wait_for(
+                    timeout=60_000)
             except Exception:  # noqa: BLE001
                 ok = False
             close = page.get_by_role("button", name="Close")  # the assistant's side panel
             if close.count():
                 close.first.click()
-            time.sleep(2)  # let the table settle for the picture
+            settle(2)  # let the table settle for the picture
             Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=ns.out)
             landed = page.url
@@ -122,17 +144,25 @@ def main() -> int:
             checks = {
                 "the runs route": f"/experiments/{exp_id}/runs" in landed,
                 "the model-training view": "workflowType=machine_learning" in landed and ml_view(page),
-                f"the parent run '{expected}' listed": ok,
+                f"the study's runs listed ({' or '.join(shown)})": ok,
             }
+            # The study's saved chart view (pipelines.chart_view): the training curves come first.
+            sections = chart_sections(page, ns.out)
+            print("chart sections: " + ", ".join(f"{name} ({n})" for name, n in sections))
+            checks["the chart view opens on a training-curve section"] = bool(
+                sections) and sections[0][0].split("/")[0] in ("train", "val") and sections[0][1] > 0
+            checks["the chart view in the model-training view"] = ("workflowType=machine_learning" in page.url
+                                                                   and ml_view(page))
             # Past the landing page: pages a user reaches in a click or two carry no workflowType
             # parameter; they must stay in the model-training view all the same.
             if children:
                 run = children[0].info
                 page.goto(f"{base}/#/experiments/{exp_id}/runs/{run.run_id}")
                 page.get_by_text(run.run_name, exact=True).first.wait_for(timeout=60_000)
-                time.sleep(2)
+                settle(2)
                 page.screenshot(path=_beside(ns.out, "run"))
                 checks["a run page in the model-training view"] = ml_view(page)
+            if children and not ns.checks_only:
                 page.get_by_role("tab", name="Model metrics").first.click()
                 time.sleep(4)  # the charts load as they scroll into view
                 page.screenshot(path=_beside(ns.out, "run-charts"))
@@ -143,7 +173,7 @@ def main() -> int:
                 ids = json.dumps([c.info.run_id for c in children])
                 page.goto(f"{base}/#/compare-runs?runs={ids}&experiments={json.dumps([exp_id])}")
                 page.get_by_text(children[0].info.run_name).first.wait_for(timeout=60_000)
-                time.sleep(2)
+                settle(2)
                 page.screenshot(path=_beside(ns.out, "compare"))
                 checks["the compare page in the model-training view"] = ml_view(page)
             browser.close()

@@ -108,9 +108,10 @@ def cmd_study(args: list[str]) -> int:
                               system_metrics=not ns.no_system_metrics, workers=ns.workers, ray=ns.ray,
                               resume=ns.resume)
     uri = trk.resolve_tracking_uri(ns.tracking_uri)
-    exp_id = trk.MlflowClient(uri).get_run(parent).info.experiment_id
+    client = trk.MlflowClient(uri)
+    exp_id = client.get_run(parent).info.experiment_id
     print(f"\n{render(table, 'table', wide=ns.wide)}\n\nverdict: {table.verdict_line()}")
-    print(f"runs:    {trk.runs_url(trk.ui_base(uri), exp_id)}" + ("" if uri.startswith("http") else "  (after: practicum ui)"))
+    print(f"runs:    {trk.runs_url(trk.ui_base(uri), exp_id, client)}" + ("" if uri.startswith("http") else "  (after: practicum ui)"))
     return 0 if (table.runs["status"] == "FINISHED").all() else 1
 
 
@@ -132,7 +133,7 @@ def cmd_summary(args: list[str]) -> int:
         print(f"{name}: {table.verdict_line()}")
         for line in table.claim_lines():
             print(f"    {line}")
-        print(f"    {trk.runs_url(trk.ui_base(uri), parent.info.experiment_id)}")
+        print(f"    {trk.runs_url(trk.ui_base(uri), parent.info.experiment_id, client)}")
     print(_words_legend())
     if not uri.startswith("http"):
         print("(the links open once the UI runs: practicum ui)")
@@ -314,13 +315,13 @@ def landing_url(uri: str, base: str, study: str | None = None) -> str:
 
     client = trk.MlflowClient(uri)
     if study:
-        return trk.runs_url(base, find_parent(client, study).info.experiment_id)
+        return trk.runs_url(base, find_parent(client, study).info.experiment_id, client)
     exp_ids = [e.experiment_id for e in client.search_experiments()]
     newest = client.search_runs(exp_ids, f"tags.`{trk.TAG_ROLE}` = 'parent'", order_by=["attributes.start_time DESC"],
                                 max_results=1) if exp_ids else []
     if not newest:  # no study yet: the newest run's experiment, or the list of experiments
         newest = client.search_runs(exp_ids, order_by=["attributes.start_time DESC"], max_results=1) if exp_ids else []
-    return trk.runs_url(base, newest[0].info.experiment_id) if newest else f"{base}/#/experiments"
+    return trk.runs_url(base, newest[0].info.experiment_id, client) if newest else f"{base}/#/experiments"
 
 
 def _wait_http(base: str, timeout_s: float = 60.0) -> bool:

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
 
-from pipelines import rounds
+from pipelines import chart_view, rounds
 from pipelines import tracking as trk
 from pipelines.compare import StudyTable, study_table
 from pipelines.plots import study_plots
@@ -90,6 +90,7 @@ def summarize(parent: Parent, results: list) -> StudyTable:
     for fname, fig in study_plots(client, run_id, parent.study.primary_metric, parent.study.scatter).items():
         client.log_figure(run_id, fig, f"plots/{fname}")
         plt.close(fig)
+    chart_view.save(client, parent.exp_id)  # the MLflow UI's charts: training curves first
     status = "FINISHED"
     if any(r.status == "KILLED" for r in results):
         status = "KILLED"

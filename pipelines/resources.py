@@ -8,6 +8,14 @@ Host RSS is the process's, and a study's runs share one process (a worker's, wit
 RSS only grows. So each run reports ``mem/host_peak_rss_increase_bytes``: its peak above a baseline
 taken at the start of its fit, after a garbage collection and glibc's ``malloc_trim`` hand back what
 earlier runs freed; the process's own peak stays ``mem/host_peak_rss_bytes``.
+
+Where glibc's heap serves a run, how far its RSS rises depends on the holes earlier frees left (and on
+whether glibc's adaptive thresholds had already moved): two identical runs differed by up to half their
+peak. So the run's peak is taken over its first ``max(2, warmup_steps)`` steps (the warm-up that timing
+leaves out; the optimizer's state and a full step included) with every block of 128 KiB or more freshly
+mapped and the heap's free pages handed back at each sample, so that RSS follows the bytes alive; then
+the heap serves the rest of the fit as glibc's thresholds would (mapping every block for a whole fit
+costs 1.35-1.44x step time on a small GPT). `benchmarks/host_peak_order.py` measures both.
 """
 
 from __future__ import annotations
@@ -29,12 +37,31 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from contract import CountsSamples, CountsTokens, MemoryLedger, ParamCount
 
 
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()  # glibc, else None (macOS, musl): nothing to trim or tune there
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
 def _malloc_trim() -> None:
     """Hand the heap's free pages back to the OS (glibc); elsewhere nothing to do."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl)
-        pass
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def map_large_blocks(exact: bool) -> None:
+    """glibc: `exact`, every block of 128 KiB or more gets fresh pages and returns them when freed, so
+    RSS follows what is alive; else blocks under 32 MiB come from the heap, trimmed past 64 MiB free
+    (where glibc's own adaptive thresholds settle, fixed so that one run's frees do not move them)."""
+    if _LIBC is not None:
+        _LIBC.mallopt(M_MMAP_THRESHOLD, 128 * 2**10 if exact else 32 * 2**20)
+        _LIBC.mallopt(M_TRIM_THRESHOLD, 128 * 2**10 if exact else 64 * 2**20)
 
 
 def rss_baseline() -> int:
@@ -150,8 +177,10 @@ class ResourceMonitor(Callback):
     # -- fit boundaries -------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._proc = psutil.Process()
+        map_large_blocks(exact=True)  # for the first steps: this run's own peak (module docstring)
         self._rss_base = rss_baseline()
         self._rss_peak = self._proc.memory_info().rss
+        self._run_peak: int | None = None  # the peak over the first steps, when they are done
         self._records: list[tuple[float, int, int | None]] = []  # (seconds, samples, tokens) per step
         self._meter: ActivationMeter | None = None
         self._ledger: dict[str, int] = {}
@@ -165,6 +194,14 @@ class ResourceMonitor(Callback):
         self._cuda = trainer.strategy.root_device.type == "cuda"
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+
+    def _sample(self) -> None:
+        self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)
+        if self._run_peak is None:
+            _malloc_trim()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        map_large_blocks(exact=False)  # a run that fails in its first steps leaves the heap as others do
 
     def state_dict(self) -> dict[str, int]:
         recs = getattr(self, "_records", [])
@@ -187,12 +224,12 @@ class ResourceMonitor(Callback):
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         self._close_meter()
-        self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)  # the forward's activations alive
+        self._sample()  # the forward's activations alive
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step == self._at:
             self._ledger["mem/grads_bytes"] = grad_bytes(pl_module)
-        self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)  # and the gradients
+        self._sample()  # and the gradients
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._cuda:
@@ -205,7 +242,10 @@ class ResourceMonitor(Callback):
         step = trainer.global_step  # already incremented by this batch's optimizer step
         if step > self._at and "mem/optimizer_bytes" not in self._ledger:
             self._ledger["mem/optimizer_bytes"] = optimizer_bytes(trainer.optimizers)
-        self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)
+        self._sample()
+        if self._run_peak is None and len(self._records) >= max(2, self.warmup_steps):
+            self._run_peak = rss_peak(self._rss_peak)
+            map_large_blocks(exact=False)
 
     # -- prediction time: the validation batches of the last validation, one prediction each -----
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
@@ -243,8 +283,11 @@ class ResourceMonitor(Callback):
         if isinstance(pl_module, ParamCount):
             m["params/total"] = m["params/trainable"] = int(pl_module.param_count())
         self._rss_peak = rss_peak(self._rss_peak)
+        if self._run_peak is None:  # a fit shorter than its warm-up: measured throughout
+            self._run_peak = self._rss_peak
+            map_large_blocks(exact=False)
         m["mem/host_peak_rss_bytes"] = self._rss_peak
-        m["mem/host_peak_rss_increase_bytes"] = max(0, self._rss_peak - self._rss_base)
+        m["mem/host_peak_rss_increase_bytes"] = max(0, self._run_peak - self._rss_base)
         if self._cuda:
             dev = trainer.strategy.root_device
             m["mem/device_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)

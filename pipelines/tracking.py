@@ -151,9 +151,18 @@ def ui_base(uri: str, host: str = "127.0.0.1", port: int = 5000) -> str:
 UI_LAND = "/practicum/land"  # `practicum ui`'s page that keeps the model-training view (pipelines.ui_app)
 
 
-def runs_url(base: str, experiment_id: str) -> str:
-    """The experiment's runs table in the UI's model-training view (MLflow 3 reads ``workflowType``)."""
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+# The saved chart view a study writes (pipelines.chart_view): MLflow's UI loads the experiment tag
+# SHARED_VIEW_TAG + key when the runs page's URL says ?viewStateShareKey=key.
+CHART_VIEW, SHARED_VIEW_TAG = "practicum-charts", "mlflow.sharedViewState."
+
+
+def runs_url(base: str, experiment_id: str, client: MlflowClient | None = None) -> str:
+    """The experiment's runs table in the UI's model-training view (MLflow 3 reads ``workflowType``),
+    with the study's chart view (training curves first) where `client` finds one for the experiment."""
+    url = f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if client is not None and SHARED_VIEW_TAG + CHART_VIEW in client.get_experiment(experiment_id).tags:
+        url += f"&viewStateShareKey={CHART_VIEW}"  # without the tag the UI would show an error and drop the view
+    return url
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:

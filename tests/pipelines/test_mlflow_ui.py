@@ -1,8 +1,11 @@
-"""What the MLflow UI shows of a run: its MLflow Model (served in a fresh process), its datasets, and the
-URL `practicum ui` lands on."""
+"""What the MLflow UI shows of a run: its MLflow Model (served in a fresh process), its datasets, the
+URL `practicum ui` lands on, and a study's chart view (opened in Chromium where there is one)."""
 
+import ast
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +16,9 @@ import pytest
 import torch
 
 from modules.diffusion.module import DiffusionModule
+from mlflow.entities import Metric
+
+from pipelines import chart_view
 from pipelines import tracking as trk
 from pipelines.cli import landing_url
 from pipelines.generate import load_checkpoint
@@ -165,3 +171,85 @@ def test_a_module_without_a_forward_of_its_own_serves_nothing():
 
     assert kind_of(KNNModule(k=3)) is None and kind_of(ToyModule()) is None
     assert kind_of(Served()) == "tensor"
+
+
+# What a study's runs log, as the pipeline logs it: curves over steps, end-of-run values at step 0.
+CURVES = ("train/loss", "val/loss")
+VALUES = ("test/loss", "budget/steps", "disk/checkpoint_bytes", "finetune/trainable_fraction", "gen/tokens_per_s",
+          "mem/params_bytes", "perf/samples_per_s", "time/fit_s", "accuracy", "system/cpu_utilization_percentage")
+
+
+def log_study(client, uri: str, name: str = "ui-study") -> str:
+    """A finished study as it lands in MLflow, fast: a parent, two variants x two seeds, a tuning trial
+    (no variant tag), then the chart view its parent writes as it closes. Returns the experiment id."""
+    exp = trk.get_or_create_experiment(client, name, uri)
+    parent = client.create_run(exp, tags={trk.TAG_STUDY: name, trk.TAG_ROLE: "parent"}, run_name=name).info.run_id
+    runs = [("narrow", 0), ("narrow", 1), ("wide", 0), ("wide", 1), (None, 0)]
+    for variant, seed in runs:
+        tags = ({trk.TAG_VARIANT: variant, trk.TAG_ROLE: "variant"} if variant else
+                {trk.TAG_ROLE: "trial", "practicum.trial_of": "narrow"})
+        run = client.create_run(exp, run_name=f"{variant or 'trial'} seed={seed}",
+                                tags={"mlflow.parentRunId": parent, trk.TAG_STUDY: name, **tags}).info.run_id
+        width = 2.0 if variant == "wide" else 1.0
+        metrics = [Metric(k, width / (step + 1) + 0.01 * seed, 0, step) for k in CURVES for step in range(1, 9)]
+        metrics += [Metric(k, width + seed, 0, 0) for k in VALUES]
+        client.log_batch(run, metrics=metrics)
+        client.set_terminated(run)
+    chart_view.save(client, exp)
+    client.set_terminated(parent)
+    return exp
+
+
+def test_a_studys_chart_view_puts_its_training_curves_first(tracking_uri):
+    client = trk.MlflowClient(tracking_uri)
+    exp = log_study(client, tracking_uri)
+    tag = trk.SHARED_VIEW_TAG + trk.CHART_VIEW
+    first = json.loads(client.get_experiment(exp).tags[tag])
+    state = chart_view.decode(json.dumps(first))
+    sections = {s["uuid"]: s["name"] for s in state["compareRunSections"]}
+    # MLflow's own order would be budget, disk, finetune, gen, mem, perf, test, time, train, val, Model, System
+    assert list(sections.values()) == ["train", "val", "test", "budget", "disk", "finetune", "gen", "mem", "perf",
+                                       "time", "Model metrics", "System metrics"]
+    charts = {c["metricKey"]: c for c in state["compareRunCharts"]}
+    assert set(charts) == {*CURVES, *VALUES}
+    assert [c["metricKey"] for c in state["compareRunCharts"]][:3] == ["train/loss", "val/loss", "test/loss"]
+    assert {k: c["type"] for k, c in charts.items() if c["type"] == "LINE"} == {k: "LINE" for k in CURVES}
+    assert sections[charts["accuracy"]["metricSectionId"]] == "Model metrics"
+    assert sections[charts["system/cpu_utilization_percentage"]["metricSectionId"]] == "System metrics"
+    assert charts["system/cpu_utilization_percentage"]["xAxisKey"] == "time"  # as the UI draws system metrics
+    assert state["isAccordionReordered"] and state["groupBy"]["groupByKeys"] == [
+        {"mode": "tag", "groupByData": trk.TAG_VARIANT}]
+    # a second study on the experiment rewrites the view and keeps when it was made
+    client.log_metric(client.search_runs([exp], max_results=1)[0].info.run_id, "gen/bleu", 0.5, step=0)
+    chart_view.save(client, exp)
+    again = json.loads(client.get_experiment(exp).tags[tag])
+    assert again["createdAt"] == first["createdAt"] and "gen/bleu" in str(chart_view.decode(json.dumps(again)))
+    # the links open the view where there is one; an experiment without (a plain run's) opens as before
+    base = "http://127.0.0.1:5000"
+    assert landing_url(tracking_uri, base, "ui-study") == (f"{base}/#/experiments/{exp}/runs"
+                                                           "?workflowType=machine_learning&viewStateShareKey=practicum-charts")
+    plain = trk.get_or_create_experiment(client, "gpt", tracking_uri)
+    assert trk.runs_url(base, plain, client) == f"{base}/#/experiments/{plain}/runs?workflowType=machine_learning"
+
+
+@pytest.mark.slow
+def test_the_ui_opens_a_studys_charts_on_its_training_curves_and_keeps_the_model_training_view(tracking_uri, tmp_path):
+    """`benchmarks/ui_screenshot.py` in headless Chromium on `practicum ui`: the landing URL's chart view
+    opens on train/ or val/, a run page and the compare page stay in the model-training view, and
+    grouping by variant shows the seeded runs only."""
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("needs a Chromium (Debian's chromium, or $CHROMIUM) and the ui-check extra (playwright)")
+    pytest.importorskip("playwright")
+    log_study(trk.MlflowClient(tracking_uri), tracking_uri)
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ui_screenshot.py"), "--tracking_uri", tracking_uri,
+                        "--study", "ui-study", "--out", str(tmp_path / "ui.png"), "--checks-only"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    sections = re.search(r"chart sections: (.+)", p.stdout)[1].split(", ")
+    assert sections[0] == "train (1)" and sections[-1] == "System metrics (1)", sections
+    for check in ("a run page in the model-training view", "the compare page in the model-training view",
+                  "the chart view in the model-training view", "grouping by variant holds seeded runs only"):
+        assert f"ok   {check}" in p.stdout, p.stdout
+    groups = ast.literal_eval(re.search(r"groups in the browser: (\{.*?\})", p.stdout)[1])
+    assert groups == {"narrow": 2, "wide": 2}  # the trial is not in a variant's group

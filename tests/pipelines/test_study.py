@@ -9,6 +9,7 @@ import yaml
 from matplotlib.container import BarContainer
 from mlflow import MlflowClient
 
+from pipelines.chart_view import decode
 from pipelines.cli import main
 from pipelines.tables import compare
 from pipelines.study import load_study, run_study, study_plots
@@ -55,6 +56,8 @@ def test_study_runs_children_and_compare_matches(study_file, tracking_uri, capsy
     kids = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
     assert sorted(r.data.tags["practicum.variant"] for r in kids) == ["broken", "narrow", "wide"]
     assert all(r.data.params["trainer.max_steps"] == "6" for r in kids)
+    view = client.get_experiment(parent.info.experiment_id).tags["mlflow.sharedViewState.practicum-charts"]
+    assert [s["name"] for s in decode(view)["compareRunSections"]][:2] == ["train", "val"]  # the UI's charts
     arts = {a.path for a in client.list_artifacts(parent_id)} | {a.path for a in client.list_artifacts(parent_id, "plots")}
     assert {"comparison.csv", "comparison.md", "plots/train_loss.png", "plots/memory_throughput.png"} <= arts
     check_plotted_data(client, parent_id, {r.data.tags["practicum.variant"]: r for r in kids})

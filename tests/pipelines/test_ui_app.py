@@ -1,5 +1,6 @@
 """The page that keeps MLflow's UI in the model-training view after the first click."""
 
+import json
 import re
 from pathlib import Path
 
@@ -9,10 +10,15 @@ import pytest
 from pipelines import ui_app
 
 
+def _bundle(pattern: str = "main.*.js") -> str:
+    """The installed MLflow UI's JavaScript, minified."""
+    bundle = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    return "".join(p.read_text(errors="ignore") for p in bundle.glob(pattern))
+
+
 def test_the_view_key_is_the_one_mlflows_ui_reads():
     """If MLflow renames the entry its sidebar switch writes, the landing page would write a dead key."""
-    bundle = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
-    text = "".join(p.read_text(errors="ignore") for p in bundle.glob("main.*.js"))
+    text = _bundle()
     found = re.search(r'key:"(mlflow\.workflowType)",version:(\d+)', text)
     assert found, "MLflow's UI no longer keeps the workflow type in localStorage under this name"
     assert ui_app.VIEW_KEY == f"{found[1]}_v{found[2]}"
@@ -45,3 +51,22 @@ def test_practicum_ui_lands_through_the_page_that_keeps_the_view():
     assert parse_qs(parts.query)["to"] == ["#/experiments/4/runs?workflowType=machine_learning"]
     r = ui_app.flask_app.test_client().get(f"{parts.path}?{parts.query}")
     assert r.status_code == 200 and "#/experiments/4/runs?workflowType=machine_learning" in r.get_data(as_text=True)
+
+
+def test_the_chart_view_is_one_mlflows_ui_loads():
+    """The study's saved chart view (pipelines.chart_view) in the form the installed UI reads: the URL
+    parameter and tag prefix, the saved-view envelope, and the UI-state keys it restores from a view."""
+    from pipelines import chart_view
+    from pipelines import tracking as trk
+
+    main, chunks = _bundle(), _bundle("*.chunk.js")
+    assert f'"{"viewStateShareKey"}"' in main and f'"{trk.SHARED_VIEW_TAG}"' in main
+    assert 'Invalid saved-view envelope' in chunks and '"deflate;"' in main  # the envelope, the compression
+    restored = json.loads(re.search(r'=(\["selectedColumns","columnOrder"[^\]]*\])', main)[1])  # ExperimentPageUIState keys
+    state = chart_view.chart_state({"train/loss": 9, "test/loss": 0, "system/cpu_utilization_percentage": 3})
+    assert set(state) <= set(restored), set(state) - set(restored)
+    assert state["isAccordionReordered"] is True  # else the UI sorts the sections by name again
+    envelope = json.loads(chart_view.encode(state))
+    assert {"name", "createdAt", "updatedAt", "state"} <= set(envelope) and isinstance(envelope["createdAt"], int)
+    assert chart_view.decode(chart_view.encode(state)) == state
+    assert chart_view.decode(json.dumps(state)) == state  # a bare state, as old share links wrote it
