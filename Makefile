@@ -14,11 +14,9 @@ DEMO_STUDIES ?= $(addprefix configs/studies/,numpy-vs-sklearn.yaml gpt-quick.yam
 
 setup: $(STAMP)
 
-# --no-compile: Python compiles what it imports on first use; compiling every installed file ahead
-# (torch, transformers, ray ...) is time the suite and demo would wait for on a fresh clone.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-compile --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
