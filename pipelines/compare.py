@@ -173,16 +173,14 @@ def study_table(client: MlflowClient, parent) -> StudyTable:
     for v, g in by_variant.items():
         statuses = list(g["status"])
         status = statuses[0] if len(set(statuses)) == 1 else f"{statuses.count('FINISHED')}/{len(statuses)} FINISHED"
-        row = {"variant": v, "n": len(g), "status": status, **({"vs": against.get(v, "")} if against else {})}
+        b = None if baseline is None or v in bases or v.endswith("(estimate)") else against.get(v, baseline)
+        row = {"variant": v, "n": len(g), "status": status, **({"vs": b or ""} if against else {})}
         if g["tuned"].notna().any():  # the best config of the variant's search, which its seeded runs used
             row["tuned"] = g["tuned"].dropna().iloc[0]
         ok = g[g["status"].isin(["FINISHED", "ESTIMATE"])]
         for c in columns:
             row[c], row[f"{c} ±"], _ = st.mean_ci(ok[c].tolist())
-        if baseline is not None and v not in bases and not v.endswith("(estimate)"):
-            b = against.get(v, baseline)
-            if against:
-                row["vs"] = b
+        if b is not None:
             base = by_variant[b]
             base = base[base["status"] == "FINISHED"]
             for c in columns:
