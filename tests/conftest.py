@@ -23,9 +23,14 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     """A test that needs CUDA says so with one marker, @pytest.mark.gpu: `-m gpu` selects every such
     test, and without CUDA they are skipped here (tests/test_markers.py keeps it the only way)."""
-    # The long end-to-end tests (marked slow) first: on pytest-xdist workers (make test) their files
-    # start first, and the short tests fill in beside them rather than leaving one long test at the end.
-    items.sort(key=lambda item: "slow" not in item.keywords)
+    # The long end-to-end tests (marked slow) first, the longest of them first (`slow(seconds=N)`, as
+    # `make test`'s durations report them): on pytest-xdist workers their files start first and the
+    # short tests fill in beside them, rather than one long test running alone at the end.
+    def order(item):
+        slow = item.get_closest_marker("slow")
+        return (1, 0) if slow is None else (0, -slow.kwargs.get("seconds", 30))
+
+    items.sort(key=order)
     import torch
 
     if torch.cuda.is_available():

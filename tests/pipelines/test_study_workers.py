@@ -36,7 +36,7 @@ def table(t):
     return t.runs[COLUMNS].sort_values(["variant", "seed"]).reset_index(drop=True)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=43)
 def test_serial_workers_and_ray_log_the_same_metrics(study_file, tracking_uri, tmp_path):
     """Where a run ran does not change what it logged: serial, two local workers, a local Ray instance."""
     _, serial = run_study(study_file, QUICK, tracking_uri)
@@ -52,7 +52,7 @@ def test_serial_workers_and_ray_log_the_same_metrics(study_file, tracking_uri, t
             np.testing.assert_allclose(tables[mode][c], tables["serial"][c], rtol=0, atol=1e-6, err_msg=f"{mode} {c}")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=29)
 def test_a_worker_killed_mid_run_is_resumed_into_its_run(study_file, tracking_uri, tmp_path):
     """SIGKILL a worker at step 6 (after the step-4 checkpoint): the study goes on, and the run continues
     from its checkpoint in the same MLflow run. (Its metrics are not those of an uninterrupted run: the

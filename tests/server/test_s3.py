@@ -56,7 +56,7 @@ def _all_artifacts(client, run_id, path=None) -> list[str]:
     return files
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=124)  # a fresh clone's `make test`: the longest test, so it starts first
 def test_study_artifacts_go_to_s3_and_mlflows_key_reaches_only_its_bucket(tmp_path, stack_env, run_minio_init,
                                                                          seaweedfs, monkeypatch):
     from pipelines.checkpoint import read_checkpoint
