@@ -78,6 +78,7 @@ class PlainProgress:
 
     def __init__(self, total: int, desc: str, stream=None, every_s: float = 60.0, clock=time.monotonic):
         self.total, self.desc, self.n = total, desc, 0
+        self.begun = 0  # runs started: with workers, several start before the first ends
         self.stream, self.every_s, self.clock = stream, every_s, clock
         self._last = clock()
 
@@ -86,7 +87,8 @@ class PlainProgress:
 
     def started(self, label: str) -> None:
         self._last = self.clock()
-        self._print(f"[{self.desc}] {label}: started ({self.n + 1} of {self.total})")
+        self.begun = min(self.total, max(self.begun, self.n) + 1)  # a resumed study counts its done runs
+        self._print(f"[{self.desc}] {label}: started ({self.begun} of {self.total})")
 
     def set_postfix_str(self, text: str, refresh: bool = True) -> None:
         now = self.clock()

@@ -38,6 +38,21 @@ def test_plain_progress_prints_a_line_per_run_start_and_at_most_one_a_minute_dur
     assert "\r" not in out.getvalue()
 
 
+def test_runs_started_together_by_workers_get_their_own_numbers():
+    """Two workers start two runs before either ends: they are runs 1 and 2, not 1 and 1; a resumed
+    study with 2 runs done starts at run 3."""
+    out = io.StringIO()
+    bar = PlainProgress(4, "toy", stream=out)
+    console.started(bar, "a seed=0")
+    console.started(bar, "a seed=1")
+    bar.update(1)
+    console.started(bar, "b seed=0")
+    resumed = PlainProgress(4, "toy", stream=out)
+    resumed.update(2)
+    console.started(resumed, "b seed=1")
+    assert [ln.rsplit("(", 1)[1] for ln in out.getvalue().splitlines()] == ["1 of 4)", "2 of 4)", "3 of 4)", "3 of 4)"]
+
+
 @pytest.mark.slow
 def test_a_study_written_to_a_file_has_no_carriage_return(tmp_path, tracking_uri, practicum_cli):
     """The real path: `practicum study FILE > log`, as CI and tee see it."""
