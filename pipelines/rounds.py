@@ -41,7 +41,9 @@ def settle(study, where: str, seeds: str | None = None) -> None:
         raise ConfigError(f"{where}: margins map metric keys to a positive size, e.g. {{test/loss: 0.02}}; "
                           f"got {study.margins}")
     study.margins = {reported(k, study.report): float(v) for k, v in study.margins.items()}
-    study.claims = [replace(c, metric=reported(c.metric, study.report)) for c in study.claims]
+    own = study.against()  # a claim on a variant with its own baseline is judged against that baseline
+    study.claims = [replace(c, metric=reported(c.metric, study.report), against=c.against or own.get(c.variant))
+                    for c in study.claims]
     if study.comparable is not None:
         study.comparable = [reported(k, study.report) for k in study.comparable]
     try:

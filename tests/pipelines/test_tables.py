@@ -158,3 +158,17 @@ def test_against_must_name_another_variant(tmp_path):
                      "variants: {a: {}, b: {against: c}}\n")
     with pytest.raises(ConfigError, match=r"variant 'b': against 'c' must name another variant; variants: \['a', 'b'\]"):
         load_study(study)
+
+
+def test_a_claim_on_a_variant_with_its_own_baseline_is_judged_against_it(tmp_path):
+    """Unless the claim names another: the table compares llama-full with llama-lora, and so does its claim."""
+    from pipelines.study import load_study
+    from tests.helpers import ROOT
+
+    study = tmp_path / "s.yaml"
+    study.write_text(f"name: s\nbase: {ROOT / 'configs/gpt/shakespeare_char_cpu.yaml'}\nbaseline: gpt\n"
+                     "variants: {gpt: {}, llama-lora: {}, llama-full: {against: llama-lora}}\n"
+                     "claims: [{variant: llama-full, metric: val/loss, expect: better},\n"
+                     "         {variant: llama-full, metric: val/loss, expect: worse, against: gpt},\n"
+                     "         {variant: llama-lora, metric: val/loss, expect: worse}]\n")
+    assert [c.against for c in load_study(study).claims] == ["llama-lora", "gpt", None]
