@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 import socket
+import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -54,7 +56,20 @@ def work(fn, args: tuple, threads: int):
     from pipelines import console
 
     console.configure(verbose=False)
-    return fn(*args)
+    # The study passes a SIGTERM on to its workers (`LocalPool.interrupt`). During a fit Lightning's own
+    # handler stops the run at the end of a step; before and after it (building the model, logging
+    # it) this one does, so the run ends KILLED in MLflow at whatever point the signal came.
+    if threading.current_thread() is not threading.main_thread():
+        return fn(*args)
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        return fn(*args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(signum, _frame):
+    raise SystemExit(f"stopped by {signal.Signals(signum).name}")
 
 
 class Serial:
@@ -74,6 +89,9 @@ class Serial:
 
     def restart(self) -> None:
         pass
+
+    def interrupt(self, grace_s: float = 60.0) -> None:
+        pass  # the run in flight is this process's: the signal reached it already
 
     def close(self) -> None:
         pass
@@ -114,6 +132,27 @@ class LocalPool:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._pool = self._start()
 
+    def interrupt(self, grace_s: float = 60.0) -> None:
+        """The study was stopped by a signal to its own process (SIGTERM from `kill`, `timeout`, a
+        scheduler), which its workers did not get, as they do a terminal's Ctrl-C: pass it on. A run in
+        flight ends KILLED with what it logged (Lightning turns SIGTERM into an exception the run catches);
+        a worker still alive after `grace_s` is killed, so none outlives the study."""
+        import psutil
+
+        procs = []
+        for pid in list(getattr(self._pool, "_processes", None) or {}):
+            try:
+                procs.append(psutil.Process(pid))
+                os.kill(pid, signal.SIGTERM)
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=grace_s)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -153,6 +192,9 @@ class RayPool:
 
     def restart(self) -> None:
         pass
+
+    def interrupt(self, grace_s: float = 60.0) -> None:
+        pass  # `close` shuts a local instance down with its workers; a cluster's tasks are the cluster's
 
     def close(self) -> None:
         self.ray.shutdown()

@@ -11,9 +11,12 @@ only the jobs without a finished run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, wait
@@ -226,11 +229,43 @@ def run_jobs(parent, names: list[str], stage_runs: dict[str, str], executor=None
                 bar.write(f"[{study.name}] " + summary_line(job.label, res, metric, time.monotonic() - started))
                 if res.status == "KILLED" and serial:
                     raise KeyboardInterrupt
-    except KeyboardInterrupt:  # Ctrl-C: the workers got it too; their runs end KILLED (--resume continues them)
+    except KeyboardInterrupt as e:  # Ctrl-C: the workers got it too; their runs end KILLED (--resume continues them)
+        if isinstance(e, Stopped):  # a signal to this process alone: the workers did not get it
+            bar.write(f"[{study.name}] {e}: stopping the runs in flight")
+            executor.interrupt()
         results.append(RunResult(None, "KILLED", error="interrupted"))
     finally:
         bar.close()
     return results
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP to the study's process: it stops as Ctrl-C stops it."""
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt(executor):
+    """While `executor`'s workers run the study (stages, tuning, jobs), SIGTERM and SIGHUP (`kill`,
+    `timeout`, a scheduler, a closed terminal) raise `Stopped` here, and the workers are stopped too,
+    instead of this process ending at once and leaving them orphaned (PPID 1) with their runs RUNNING
+    in MLflow. Serially the run in flight is this process's, and Lightning's own SIGTERM handler ends
+    it KILLED, so nothing is installed."""
+    if isinstance(executor, Serial) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    except Stopped:  # stopped outside the jobs' loop (a stage, tuning), which stops its own
+        executor.interrupt()
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def give_up(parent, job: Job, why: str):

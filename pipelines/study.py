@@ -354,7 +354,7 @@ def run_study(
     comparison.md, comparison.txt and plots.
     """
     from pipelines.executor import make_executor
-    from pipelines.jobs import run_jobs, run_stages
+    from pipelines.jobs import run_jobs, run_stages, stop_signals_interrupt
     from pipelines.parent import open_parent, summarize
 
     # 1. Read the study file; keep the variants this machine can run.
@@ -364,7 +364,8 @@ def run_study(
     # 2. Open the parent run (or reopen the last one): the study's declarations as its tags.
     parent = open_parent(study, names, skipped, args, tracking_uri, system_metrics, resume)
 
-    with closing(make_executor(workers, ray, study.resources)) as executor:  # here, local workers or Ray
+    with (closing(make_executor(workers, ray, study.resources)) as executor,  # here, local workers or Ray
+          stop_signals_interrupt(executor)):  # SIGTERM stops the workers as Ctrl-C does
         # 3. Stages before the variants that need them; a finished matching stage is reused.
         stage_runs = run_stages(parent, executor)
 

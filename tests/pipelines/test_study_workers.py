@@ -128,3 +128,52 @@ def test_several_processes_write_one_sqlite_store_and_lose_nothing(tracking_uri)
         assert history == [(s, float(w * 1000 + s)) for s in range(n)]
         assert client.get_run(run_id).info.status == "FINISHED"
     assert os.path.exists(tracking_uri.removeprefix("sqlite:///"))
+
+
+@pytest.mark.slow(seconds=40)
+def test_sigterm_to_a_study_stops_its_workers_and_their_runs_end_killed(study_file, tracking_uri):
+    """`kill PID` (or `timeout`, a scheduler) signals the study's process alone, not its group as a
+    terminal's Ctrl-C does: the workers must be stopped by the study, their runs end KILLED (so
+    --resume continues them), and no worker outlives it (before: one lived on for two hours, PPID 1)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.helpers import ROOT
+
+    raw = yaml.safe_load(study_file.read_text())
+    raw["seeds"] = [0]
+    raw["overrides"] = {"trainer.max_steps": 1_000_000, "trainer.limit_val_batches": 0}  # runs that do not end
+    study_file.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", "study", str(study_file), "--workers", "2",
+                             "--tracking_uri", tracking_uri, *QUICK], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    client, tree = MlflowClient(tracking_uri), []
+    try:
+        deadline, running = time.monotonic() + 240, []
+        while time.monotonic() < deadline and len(running) < 2:
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(1)
+            exps = [e.experiment_id for e in client.search_experiments()]
+            running = client.search_runs(exps, "tags.`practicum.job` LIKE '%seed=0' and attributes.status = 'RUNNING'") \
+                if exps else []
+        assert len(running) == 2, "both runs never started"
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        workers = [p for p in tree if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2, [" ".join(p.cmdline()) for p in tree]
+        proc.send_signal(signal.SIGTERM)  # to the study alone
+        out, _ = proc.communicate(timeout=180)
+        _, alive = psutil.wait_procs(tree, timeout=15)
+        assert alive == [], [" ".join(p.cmdline()) for p in alive]
+        assert "SIGTERM: stopping the runs in flight" in out, out[-3000:]
+        ends = {r.info.run_name: r.info.status for r in (client.get_run(r.info.run_id) for r in running)}
+        assert ends == {"narrow seed=0": "KILLED", "wide seed=0": "KILLED"}, ends
+    finally:
+        for p in [*tree, psutil.Process(proc.pid) if proc.poll() is None else None]:
+            try:
+                p and p.kill()
+            except psutil.NoSuchProcess:
+                pass
