@@ -29,7 +29,7 @@ demo: $(STAMP)
 # share its fixtures), one thread each (tests/conftest.py): TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=25
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 server: $(STAMP)
 	$(BIN)/python -m server

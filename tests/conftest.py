@@ -25,8 +25,8 @@ def pytest_collection_modifyitems(config, items):
     test, and without CUDA they are skipped here (tests/test_markers.py keeps it the only way)."""
     # The long end-to-end tests (marked slow) first, the longest of them first (`slow(seconds=N)`, as
     # `make test`'s durations report them). Under `--dist loadfile` pytest-xdist reorders the files by
-    # their count of tests unless given --no-loadscope-reorder, so there the one-test S3 file still
-    # starts last; that flag is the next step, to be checked on a fresh clone.
+    # their count of tests unless given --no-loadscope-reorder, which `make test` passes: without it the
+    # one-test S3 file started last and ran alone for the suite's last two minutes.
     def order(item):
         slow = item.get_closest_marker("slow")
         return (1, 0) if slow is None else (0, -slow.kwargs.get("seconds", 30))
