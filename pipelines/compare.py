@@ -121,7 +121,8 @@ def _meta(parent) -> dict:
             "margins": json.loads(t.get("practicum.margins", "{}")), "claims": json.loads(t.get("practicum.claims", "[]")),
             "design": json.loads(t.get("practicum.design", "null")), "looks": json.loads(t.get("practicum.looks", "[]")),
             "comparable": json.loads(t.get("practicum.comparable", "null")), "name": t.get(trk.TAG_STUDY, "STUDY"),
-            "against": json.loads(t.get("practicum.against", "{}"))}
+            "against": json.loads(t.get("practicum.against", "{}")),
+            "variants": json.loads(t.get("practicum.variants", "[]"))}
 
 
 def reported(key: str, report: str) -> str:
@@ -227,6 +228,8 @@ def _check_columns(meta: dict, runs: pd.DataFrame) -> None:
     done = runs["status"].isin(["FINISHED", "ESTIMATE"])
     if meta["columns"] is None or not (runs["status"] == "FINISHED").any():
         return  # nothing finished yet (or every run failed): the runs' errors say more than a column would
+    if set(meta["variants"]) - set(runs.loc[runs["status"] == "FINISHED", "variant"]):
+        return  # a variant without a finished run (an interrupted study) may be the one that logs the column
     logged = {c for c in runs.columns[4:] if runs.loc[done, c].notna().any()}
     missing = [(c, reported(c, meta["report"])) for c in meta["columns"] if reported(c, meta["report"]) not in logged]
     if missing:

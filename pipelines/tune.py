@@ -44,6 +44,8 @@ when no slot is left, so its best is over the trials finished by then; a later r
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -222,6 +224,7 @@ def tune_variant(study_name: str, variant: str, config: Path, args: list[str], s
     # Keys and types are checked once, before any trial: a typo must not spend the budget on FAILs.
     PracticumCLI(["--config", str(config), *args, *to_cli_args({k: p.low for k, p in spec.params.items()})])
     study = _open_study(spec.storage or default_storage(uri), f"{study_name}/{variant}", spec)
+    _claim_search(study, search_of(config, args, spec), spec.storage or default_storage(uri))
     optuna.storages.fail_stale_trials(study)  # dead workers' trials: FAIL, their params queued again
     # Not the variant tag: the runs table groups by it, and trials at other learning rates would be
     # averaged in with the seeded runs. `practicum.trial_of` finds a variant's trials.
@@ -290,6 +293,41 @@ def tune_variant(study_name: str, variant: str, config: Path, args: list[str], s
 
 class TrialFailed(Exception):
     """A trial whose run crashed, diverged or was refused: Optuna records it FAIL and tuning goes on."""
+
+
+SEARCH = "practicum.search"  # the Optuna study's user attr: what its trials searched, and on what
+
+
+def search_of(config: Path, args: list[str], spec: TuneSpec) -> dict:
+    """What makes two searches the same: the space, the objective, the variant's overrides and its config
+    file (a digest of the text). Trials of another search are not this one's, whatever the name says."""
+    return {"params": {k: dataclasses.asdict(p) for k, p in spec.params.items()}, "metric": spec.metric,
+            "direction": spec.direction, "args": list(args),
+            "config": hashlib.sha256(Path(config).read_bytes()).hexdigest()[:16]}
+
+
+def _claim_search(study: optuna.Study, search: dict, storage: str) -> None:
+    """The study in the storage is this search's, or an error before any trial: re-running a study
+    after changing a range (or the variant, or its config) would otherwise reuse the old search's trials
+    and its best as this one's, and run nothing (the budget is spent). A study created before this
+    record existed is adopted."""
+    held = study.user_attrs.get(SEARCH)
+    if held is None:
+        study.set_user_attr(SEARCH, search)  # a second worker starting at once writes the same value
+        return
+    if held == search:
+        return
+    changed = [k for k in search if held.get(k) != search[k]]
+    detail = "; ".join(f"{k}: was {held.get(k)!r}, now {search[k]!r}" for k in changed if k not in ("config", "args"))
+    detail += "".join(f"; {k} changed" for k in changed if k in ("config", "args"))
+    import sqlalchemy
+
+    shown = sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True)
+    raise ConfigError(
+        f"tuning '{study.study_name}': the Optuna storage {shown} holds a search of that name over something "
+        f"else ({detail.lstrip('; ')}), and its {len(study.trials)} trial(s) would be taken as this one's. Start "
+        f"afresh: optuna delete-study --study-name '{study.study_name}' --storage '{shown}', or set the study's "
+        "tune.storage to another database, or give the study another name:")
 
 
 def _open_study(storage: str, name: str, spec: TuneSpec, attempts: int = 3) -> optuna.Study:

@@ -86,6 +86,22 @@ def test_a_requested_column_no_run_logged_is_an_error_naming_it(tracking_uri, ca
     assert "test/loss_before" in capsys.readouterr().err
 
 
+def test_an_interrupted_study_is_summarised_though_a_variant_that_never_ran_would_log_a_column(tracking_uri):
+    """optimizers stopped by SIGTERM before its LeNet rows: val/acc is theirs, so its absence is no typo.
+    The parent lists the planned variants; one of them has no finished run, so the table is made (the
+    column empty) and the error is kept for a study whose every variant finished."""
+    logged_study(tracking_uri, "stopped", {"gpt-adamw": [{"val/loss": 2.1}, {"val/loss": 2.2}]},
+                 columns=["val/loss", "val/acc"])
+    client = MlflowClient(tracking_uri)
+    parent = find_parent(client, "stopped")
+    client.set_tag(parent.info.run_id, "practicum.variants", '["gpt-adamw", "lenet-adamw"]')
+    t = study_table(client, find_parent(client, "stopped"))
+    assert t.summary["val/acc"].isna().all() and list(t.summary["variant"]) == ["gpt-adamw"]
+    client.set_tag(parent.info.run_id, "practicum.variants", '["gpt-adamw"]')  # all ran: the column is a typo
+    with pytest.raises(ConfigError, match=r"column\(s\) val/acc match no metric"):
+        study_table(client, find_parent(client, "stopped"))
+
+
 def test_no_verdict_on_a_metric_the_study_declares_not_comparable(tracking_uri):
     # ddpm-quick: the loss under each variant's own noise schedule; cosine's is higher by construction
     runs = {"linear": [{"train/loss": 0.030, "test/loss": 0.031}, {"train/loss": 0.031, "test/loss": 0.032}],

@@ -96,6 +96,25 @@ def test_tune_runs_trials_as_children_and_a_rerun_runs_none(toy_config, tracking
     assert len(trial_runs(tracking_uri)) == 3
 
 
+def test_a_changed_search_under_the_same_name_is_refused_before_any_trial(toy_config, tracking_uri, parent):
+    """optimizers re-run after widening AdamW's range: the storage's study of that name held the old
+    range's 6 trials, and the re-run took their best as its own and ran nothing. Now it is an error that
+    names what changed and how to start afresh; the same search again still runs nothing new."""
+    kw = dict(parent_run_id=parent, experiment="toy-study", system_metrics=False)
+    first = tune_variant("toy-study", "narrow", toy_config, QUICK, spec(n_trials=1), tracking_uri, **kw)
+    assert first["trials_run_now"] == 1
+    wider = spec(n_trials=1, params={"model.init_args.lr": {**LR, "high": 0.3}})
+    with pytest.raises(ConfigError, match=r"tuning 'toy-study/narrow': .* holds a search of that name over something "
+                                          r"else \(params: was .*'high': 0.1.*now .*'high': 0.3.*optuna delete-study"):
+        tune_variant("toy-study", "narrow", toy_config, QUICK, wider, tracking_uri, **kw)
+    with pytest.raises(ConfigError, match=r"args changed"):  # the variant's overrides are part of the search
+        tune_variant("toy-study", "narrow", toy_config, [*QUICK, "--trainer.max_steps=6"], spec(n_trials=1),
+                     tracking_uri, **kw)
+    assert len(trial_runs(tracking_uri)) == 1
+    again = tune_variant("toy-study", "narrow", toy_config, QUICK, spec(n_trials=1), tracking_uri, **kw)
+    assert again["trials_run_now"] == 0 and again["best_params"] == first["best_params"]
+
+
 def test_maximize_keeps_the_trial_with_the_highest_value(toy_config, tracking_uri, parent):
     """direction: maximize reaches Optuna and the best: here the worst loss, so a minimising search would pick
     another trial (the learning rates span 1e-5..0.1, whose val/loss differ by orders of magnitude)."""
