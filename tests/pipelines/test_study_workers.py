@@ -171,9 +171,11 @@ def test_sigterm_to_a_study_stops_its_workers_and_their_runs_end_killed(study_fi
         assert "SIGTERM: stopping the runs in flight" in out, out[-3000:]
         ends = {r.info.run_name: r.info.status for r in (client.get_run(r.info.run_id) for r in running)}
         assert ends == {"narrow seed=0": "KILLED", "wide seed=0": "KILLED"}, ends
-    finally:
-        for p in [*tree, psutil.Process(proc.pid) if proc.poll() is None else None]:
+    finally:  # whatever failed above, nothing of the study outlives the test
+        if proc.poll() is None:
+            tree = [*tree, *psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+        for p in tree:
             try:
-                p and p.kill()
+                p.kill()
             except psutil.NoSuchProcess:
                 pass
