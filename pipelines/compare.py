@@ -97,9 +97,12 @@ class StudyTable:
         m = self.report_metric
         parts = []
         for _, r in d.iterrows():
+            vs = f" vs {r['baseline']}" if r["baseline"] != self.baseline else ""
+            if not r["n_pairs"]:  # no seed finished on both sides: nothing to compare, so no blank figures
+                parts.append(f"{r['variant']}{vs}: no seed finished on both sides")
+                continue
             more = f"; {r['seeds needed']:.0f} seeds would decide" if r["verdict"] == "inconclusive" and \
                 math.isfinite(r["seeds needed"]) else ""
-            vs = f" vs {r['baseline']}" if r["baseline"] != self.baseline else ""
             parts.append(f"{r['variant']}{vs} {r['verdict']} (Δ {human(r['difference'], m)} ± {human(r['difference ±'], m)}"
                          f", n={r['n_pairs']}{more})")
         return (f"{m} vs {self.baseline}: " + "; ".join(parts)

@@ -102,6 +102,15 @@ def test_an_interrupted_study_is_summarised_though_a_variant_that_never_ran_woul
         study_table(client, find_parent(client, "stopped"))
 
 
+def test_the_verdict_line_says_so_when_no_seed_finished_on_both_sides(tracking_uri):
+    """Both runs of `wide` failed (here: logged no val/loss): the line said "wide  (Δ  ± , n=0)"."""
+    logged_study(tracking_uri, "nopairs", {"narrow": [{"val/loss": 1.0}, {"val/loss": 1.1}],
+                                           "wide": [{"train/loss": 1.0}, {"train/loss": 1.2}]}, baseline="narrow")
+    client = MlflowClient(tracking_uri)
+    line = study_table(client, find_parent(client, "nopairs")).verdict_line()
+    assert line == "val/loss vs narrow: wide: no seed finished on both sides", line
+
+
 def test_no_verdict_on_a_metric_the_study_declares_not_comparable(tracking_uri):
     # ddpm-quick: the loss under each variant's own noise schedule; cosine's is higher by construction
     runs = {"linear": [{"train/loss": 0.030, "test/loss": 0.031}, {"train/loss": 0.031, "test/loss": 0.032}],
