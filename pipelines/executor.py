@@ -69,6 +69,8 @@ def work(fn, args: tuple, threads: int):
 
 
 def _stopped(signum, _frame):
+    if signal.getsignal(signal.SIGTERM) is not _stopped:
+        return  # a fit is on: Lightning's handler (which calls this one too) stops it at the end of a step
     raise SystemExit(f"stopped by {signal.Signals(signum).name}")
 
 
@@ -146,6 +148,7 @@ class LocalPool:
                 os.kill(pid, signal.SIGTERM)
             except (ProcessLookupError, psutil.NoSuchProcess):
                 pass
+        self._pool.shutdown(wait=False, cancel_futures=True)  # each exits once its run has ended KILLED
         _, alive = psutil.wait_procs(procs, timeout=grace_s)
         for p in alive:
             try:
