@@ -210,3 +210,26 @@ def logged_study(uri: str, name: str, runs: dict[str, list[dict]], histories: di
             i += 1
     client.set_terminated(parent, "FINISHED")
     return parent
+
+
+def host_peak(hidden: int) -> tuple[float, float]:
+    """(this run's own host peak, the process's) in MiB, of the toy MLP `hidden` wide, 3 steps."""
+    from pipelines.resources import ResourceMonitor
+    from tests.pipelines.toy import ToyDataModule, ToyModule
+
+    mon = ResourceMonitor(warmup_steps=1)
+    quiet_trainer(max_steps=3, callbacks=[mon], limit_val_batches=0).fit(ToyModule(hidden=hidden),
+                                                                        ToyDataModule(n=64, batch_size=8))
+    return mon.summary["mem/host_peak_rss_increase_bytes"] / 2**20, mon.summary["mem/host_peak_rss_bytes"] / 2**20
+
+
+def host_peak_run_order() -> dict[str, float]:
+    """Five toy fits in the order a study might give them, with 48 MiB held before the last
+    (tests/pipelines/test_resources.py runs this in a fresh process)."""
+    host_peak(1_000)
+    first, process_first = host_peak(250_000)  # ~35 MiB: params, grads, Adam's state, activations
+    narrow, _ = host_peak(50_000)  # its frees leave holes in the heap
+    held = torch.ones(12 * 2**20)  # 48 MiB that stay, as an earlier run's leftovers would
+    again, process_again = host_peak(250_000)
+    return {"first": first, "narrow": narrow, "again": again, "held": float(held.sum() > 0),
+            "process_first": process_first, "process_again": process_again}

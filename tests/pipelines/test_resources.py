@@ -81,27 +81,6 @@ def test_helpers_dedupe_tied_weights():
     assert optimizer_bytes([opt]) == 7 * 4 * 4
 
 
-def _host_peak(hidden: int) -> tuple[float, float]:
-    """(this run's own host peak, the process's) in MiB, of the toy MLP `hidden` wide, 3 steps."""
-    from tests.pipelines.toy import ToyDataModule, ToyModule
-
-    mon = ResourceMonitor(warmup_steps=1)
-    quiet_trainer(max_steps=3, callbacks=[mon], limit_val_batches=0).fit(ToyModule(hidden=hidden),
-                                                                        ToyDataModule(n=64, batch_size=8))
-    return mon.summary["mem/host_peak_rss_increase_bytes"] / 2**20, mon.summary["mem/host_peak_rss_bytes"] / 2**20
-
-
-def _run_order() -> dict[str, float]:
-    """The runs of the test below, in the order a study might give them (called in a fresh process)."""
-    _host_peak(1_000)
-    first, process_first = _host_peak(250_000)  # ~35 MiB: params, grads, Adam's state, activations
-    narrow, _ = _host_peak(50_000)  # its frees leave holes in the heap
-    held = torch.ones(12 * 2**20)  # 48 MiB that stay, as an earlier run's leftovers would
-    again, process_again = _host_peak(250_000)
-    return {"first": first, "narrow": narrow, "again": again, "held": float(held.sum() > 0),
-            "process_first": process_first, "process_again": process_again}
-
-
 def test_two_identical_runs_report_the_same_host_peak_whatever_ran_before():
     """A study's runs share a process whose heap keeps what earlier runs freed, with holes where they
     freed it, and whose RSS grows (caches, logged models). Here a narrower run and 48 MiB held come
@@ -113,8 +92,7 @@ def test_two_identical_runs_report_the_same_host_peak_whatever_ran_before():
     The runs go in a fresh process: RSS is the whole process's, and a test worker has run other tests
     first. In such a worker CI measured 37.9 and 40.1 MiB; in fresh processes, 35.2-35.5 and 35.0-35.3
     over eleven tries, with and without two busy processes beside them and a thread allocating."""
-    code = ("import json; from tests.pipelines.test_resources import _run_order; "
-            "print('RESULT', json.dumps(_run_order()))")
+    code = "import json; from tests.helpers import host_peak_run_order as r; print('RESULT', json.dumps(r()))"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr[-3000:]
