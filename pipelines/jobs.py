@@ -231,7 +231,8 @@ def run_jobs(parent, names: list[str], stage_runs: dict[str, str], executor=None
                     raise KeyboardInterrupt
     except KeyboardInterrupt as e:  # Ctrl-C: the workers got it too; their runs end KILLED (--resume continues them)
         if isinstance(e, Stopped):  # a signal to this process alone: the workers did not get it
-            bar.write(f"[{study.name}] {e}: stopping the runs in flight")
+            bar.write(f"[{study.name}] {e}: stopping the runs in flight; the same command with --resume "
+                      "continues them from their checkpoints")
             executor.interrupt()
         results.append(RunResult(None, "KILLED", error="interrupted"))
     finally:
