@@ -320,14 +320,19 @@ def _claim_search(study: optuna.Study, search: dict, storage: str) -> None:
     changed = [k for k in search if held.get(k) != search[k]]
     detail = "; ".join(f"{k}: was {held.get(k)!r}, now {search[k]!r}" for k in changed if k not in ("config", "args"))
     detail += "".join(f"; {k} changed" for k in changed if k in ("config", "args"))
-    import sqlalchemy
-
-    shown = sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True)
+    shown = _shown(storage)
     raise ConfigError(
         f"tuning '{study.study_name}': the Optuna storage {shown} holds a search of that name over something "
         f"else ({detail.lstrip('; ')}), and its {len(study.trials)} trial(s) would be taken as this one's. Start "
         f"afresh: optuna delete-study --study-name '{study.study_name}' --storage '{shown}', or set the study's "
         "tune.storage to another database, or give the study another name:")
+
+
+def _shown(storage: str) -> str:
+    """The storage URL as an error may print it: without its password."""
+    import sqlalchemy
+
+    return sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True)
 
 
 def _open_study(storage: str, name: str, spec: TuneSpec, attempts: int = 3) -> optuna.Study:
@@ -349,7 +354,7 @@ def _open_study(storage: str, name: str, spec: TuneSpec, attempts: int = 3) -> o
         except sqlalchemy.exc.SQLAlchemyError as e:
             # Workers starting at once on a fresh storage race to create its tables; the loser finds them next time.
             if attempt == attempts - 1:
-                shown = sqlalchemy.engine.make_url(storage).render_as_string(hide_password=True)
+                shown = _shown(storage)
                 raise trk.TrackingError(f"Optuna storage '{shown}' is not usable: {str(e).splitlines()[0][:300]}. "
                                         "Check tune.storage (a reachable database URL) or leave it null.") from None
             time.sleep(1.0 + attempt)
