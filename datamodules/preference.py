@@ -85,25 +85,31 @@ def corpus_prompts(n_prompts: int, n_eval_prompts: int, prompt_chars: int, train
 
     Training prompts come from the leading `train_frac` of the corpus (the supervised model's own
     training text), `n_eval_prompts` validation and as many test prompts from the rest.
+
+    Draws nest: each split reads its own seeded shuffle of the lines, so a smaller draw is the
+    start of a larger one (the first 64 test prompts are the same at n_eval_prompts 64 or 256, and
+    at any n_prompts). A pairs stage can thus hold out more pairs than the policies sample from,
+    and the policies' test prompts stay the first of the pairs' test split.
     """
     from datamodules.shakespeare import load_plays
 
     text = load_plays()
     cut = int(len(text) * train_frac)
-    rng = random.Random(seed)
-    train = _openings(text[:cut], n_prompts, prompt_chars, rng)
-    held = _openings(text[cut:], 2 * n_eval_prompts, prompt_chars, rng)
-    return {"train": train, "val": held[:n_eval_prompts], "test": held[n_eval_prompts:]}
+    train = _openings(text[:cut], n_prompts, prompt_chars, random.Random(f"{seed}/train"))
+    held = _openings(text[cut:], 2 * n_eval_prompts, prompt_chars, random.Random(f"{seed}/held-out"))
+    return {"train": train, "val": held[0::2], "test": held[1::2]}
 
 
 def _openings(text: str, k: int, chars: int, rng: random.Random) -> list[str]:
-    # verse lines, not speaker names ("HAMLET:"), long enough to cut a prompt from
+    # verse lines, not speaker names ("HAMLET:"), long enough to cut a prompt from; the whole list
+    # is shuffled so that the first k of a draw do not depend on k
     lines = sorted({ln.strip() for ln in text.splitlines() if len(ln.strip()) > chars and not ln.endswith(":")})
     if len(lines) < k:
         raise ValueError(f"the corpus has {len(lines)} lines longer than prompt_chars={chars}, fewer than the "
                          f"{k} prompts asked for; lower n_prompts / n_eval_prompts or prompt_chars")
+    rng.shuffle(lines)
     out = []
-    for ln in rng.sample(lines, k):
+    for ln in lines[:k]:
         head = ln[: chars + 1]
         cut = head.rfind(" ")
         out.append((head[:cut] if cut > chars // 2 else head[:chars]) + " ")  # a whole-word prompt

@@ -79,6 +79,15 @@ def test_corpus_prompts_are_whole_words_and_held_out_apart():
     assert len(batch) == 16 and set(batch) <= set(p["train"])
 
 
+def test_prompt_draws_nest_so_a_pairs_stage_can_hold_out_more_than_the_policies_sample():
+    small = PromptDataModule(n_prompts=40, n_eval_prompts=8, reward=None).prompts
+    large = PromptDataModule(n_prompts=200, n_eval_prompts=32, reward=None).prompts
+    for split, n in (("train", 40), ("val", 8), ("test", 8)):
+        assert large[split][:n] == small[split], split
+    other = PromptDataModule(n_prompts=40, n_eval_prompts=8, reward=None, prompt_seed=1).prompts
+    assert other["test"] != small["test"]  # prompt_seed draws
+
+
 def test_best_and_worst_pick_by_score_and_keep_ties():
     rows = best_and_worst(["a ", "b "], [["x", "y", "z"], ["u", "v", "w"]], [0.1, 0.9, -0.5, 0.2, 0.2, 0.2])
     assert rows[0] == {"prompt": "a ", "chosen": "y", "rejected": "z", "score_chosen": 0.9, "score_rejected": -0.5}
