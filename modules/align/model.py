@@ -2,7 +2,8 @@
 
 A head reads the backbone's last hidden state (after the final norm, the input of the LM head):
 the reward model at the last real token of prompt + answer, one scalar per sequence (InstructGPT,
-Ouyang et al. 2022, section 3.5); the value head at every position, V(s_t) per token.
+Ouyang et al. 2022, section 3.5), or summed over every real token (`pooling="sum"`); the value
+head at every position, V(s_t) per token.
 """
 
 from __future__ import annotations
@@ -42,17 +43,28 @@ def last_token(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     return h[torch.arange(h.size(0), device=h.device), last]
 
 
+POOLINGS = ("last", "sum")
+
+
 class RewardModel(nn.Module):
-    """r(x, y): a causal LM with a linear head on its last real token's hidden state.
+    """r(x, y): a causal LM with a linear head on its hidden states.
 
     Args:
         backbone: A causal LM (`MiniGPTForCausalLM`, a Hugging Face model or a PEFT wrapper).
         head: Linear(C, 1); None makes a new one (zero bias, small weights: rewards start near 0).
+        pooling: "last": the head reads the last real token (InstructGPT's reward model, TRL's
+            `AutoModelForSequenceClassification`): the backbone must carry the whole answer's worth
+            into one position. "sum": the head scores every real token and the scores add up, the
+            form of a lexicon score such as VADER's (a sum of word valences). Under causal attention
+            the prompt's tokens score alike for every answer to it, so a pair's difference
+            r(x, y_w) - r(x, y_l), all the Bradley-Terry loss reads, depends on the answers alone.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear | None = None):
+    def __init__(self, backbone: nn.Module, head: nn.Linear | None = None, pooling: str = "last"):
         super().__init__()
-        self.backbone = backbone
+        if pooling not in POOLINGS:
+            raise ValueError(f"RewardModel pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.backbone, self.pooling = backbone, pooling
         self.head = head if head is not None else nn.Linear(hidden_size(backbone), 1)
         if head is None:
             nn.init.normal_(self.head.weight, std=1.0 / (hidden_size(backbone) + 1) ** 0.5)
@@ -60,4 +72,6 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         h, _ = hidden_and_logits(self.backbone, input_ids, attention_mask)
-        return self.head(last_token(h, attention_mask).float()).squeeze(-1)  # (B,)
+        if self.pooling == "last":
+            return self.head(last_token(h, attention_mask).float()).squeeze(-1)  # (B,)
+        return (self.head(h.float()).squeeze(-1) * attention_mask.float()).sum(1)  # (B,)

@@ -1,7 +1,8 @@
 """RLHF's second step: a reward model trained to predict which of two answers is preferred.
 
 `RewardModule` is a `FinetuneModule` (the same backbones, LoRA, optimiser and schedule) whose model
-is `model.RewardModel`: the supervised mini-GPT with a scalar head on its last real token. It
+is `model.RewardModel`: the supervised mini-GPT with a scalar head on its last real token (or on
+every token, summed: `pooling="sum"`). It
 trains on the preference pairs of `datamodules.preference.PreferenceDataModule` with the
 Bradley-Terry loss (`objective.bradley_terry_loss`, TRL's `RewardTrainer` loss).
 
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modules.align.model import RewardModel
+from modules.align.model import POOLINGS, RewardModel
 from modules.align.objective import (
     bradley_terry_loss,
     calibration_bins,
@@ -38,13 +39,16 @@ REWARD_ARTIFACT = "reward/model.ckpt"
 
 
 class RewardModule(FinetuneModule):
-    def __init__(self, backbone: str | None = None, method: str = "full", center_rewards_coefficient: float | None = None,
-                 calibration_bins: int = 10, export: bool = True, **kwargs: Any):
+    def __init__(self, backbone: str | None = None, method: str = "full", pooling: str = "last",
+                 center_rewards_coefficient: float | None = None, calibration_bins: int = 10, export: bool = True,
+                 **kwargs: Any):
         """A scalar-head reward model on the backbone, trained on preference pairs.
 
         Args:
             backbone: As for `FinetuneModule`: the supervised mini-GPT (``runs:/<run id>``).
             method: "full" or "lora" (the head is always trained in full).
+            pooling: "last" (the head on the last real token, InstructGPT's) or "sum" (every token
+                scored, the scores summed): `modules.align.model.RewardModel`.
             center_rewards_coefficient: TRL's `center_rewards_coefficient`: adds c * mean((r_w + r_l)^2)
                 to pin the rewards' mean near 0; None: the plain Bradley-Terry loss.
             calibration_bins: Equal-width bins of predicted probability for the calibration.
@@ -52,6 +56,8 @@ class RewardModule(FinetuneModule):
             **kwargs: The other `FinetuneModule` arguments (lr, warmup_steps, r, ...).
         """
         super().__init__(backbone=backbone, method=method, export=export, **kwargs)
+        if pooling not in POOLINGS:
+            raise ValueError(f"RewardModule.pooling must be one of {POOLINGS}, got {pooling!r}")
         if calibration_bins < 2:
             raise ValueError(f"RewardModule.calibration_bins must be >= 2, got {calibration_bins}")
         self.center = center_rewards_coefficient
@@ -67,7 +73,7 @@ class RewardModule(FinetuneModule):
     @property
     def reward_model(self) -> RewardModel:
         self.configure_model()
-        return RewardModel(self.backbone, self.head)
+        return RewardModel(self.backbone, self.head, self.hparams.pooling)
 
     def rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(r(x, y_w), r(x, y_l)), each (B,), of a batch of B chosen rows then B rejected rows."""
@@ -124,7 +130,7 @@ class RewardModule(FinetuneModule):
                              "backbone")
         with tempfile.TemporaryDirectory() as tmp:
             path = self.save_merged(Path(self.export_dir or tmp)) / "model.ckpt"  # adapters folded in: a mini-GPT
-            attach_head(path, self.head)
+            attach_head(path, self.head, self.hparams.pooling)
             log_file(self.loggers, path, "reward")
 
 
@@ -149,10 +155,12 @@ def calibration_figure(mean_p: torch.Tensor, rate: torch.Tensor, count: torch.Te
     return fig
 
 
-def attach_head(path: Path, head: nn.Linear) -> Path:
-    """Add the reward head to a mini-GPT checkpoint, under "reward_head" (a backbone loader ignores it)."""
+def attach_head(path: Path, head: nn.Linear, pooling: str = "last") -> Path:
+    """Add the reward head and its pooling to a mini-GPT checkpoint, under "reward_head" and
+    "reward_pooling" (a backbone loader ignores both)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     checkpoint["reward_head"] = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+    checkpoint["reward_pooling"] = pooling
     torch.save(checkpoint, path)
     return path
 
@@ -161,11 +169,13 @@ def load_reward_model(path: str | Path) -> tuple[RewardModel, Any]:
     """(the frozen reward model in eval mode, its tokenizer) from `save_reward_model`'s file."""
     from modules.finetune.backbone import load_minigpt, load_tokenizer
 
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("reward_head")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = checkpoint.get("reward_head")
     if state is None:
         raise ValueError(f"{path} holds no reward head: give the reward stage's runs:/<run id>/{REWARD_ARTIFACT} "
                          "(written by modules.align.reward.RewardModule)")
     head = nn.Linear(state["weight"].size(1), 1)
     head.load_state_dict(state)
-    model = RewardModel(MiniGPTForCausalLM(load_minigpt(str(path)), name_or_path=str(path)), head)
+    model = RewardModel(MiniGPTForCausalLM(load_minigpt(str(path)), name_or_path=str(path)), head,
+                        checkpoint.get("reward_pooling", "last"))
     return model.requires_grad_(False).eval(), load_tokenizer("minigpt", str(path))

@@ -57,6 +57,31 @@ def test_written_reward_model_scores_as_the_trained_one(reward_fit, sft_pairs):
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
+@pytest.mark.parametrize("pooling", ["last", "sum"])
+def test_a_reward_ignores_padding_and_the_written_file_keeps_its_pooling(sft_ckpt, tmp_path, pooling):
+    import shutil
+
+    from modules.align.model import RewardModel
+    from modules.align.reward import attach_head
+    from modules.finetune.backbone import load_minigpt
+    from modules.finetune.model import MiniGPTForCausalLM
+
+    torch.manual_seed(0)
+    model = RewardModel(MiniGPTForCausalLM(load_minigpt(sft_ckpt)), pooling=pooling).eval()
+    ids = torch.randint(1, 60, (2, 10))
+    mask = torch.ones_like(ids)
+    padded_ids, padded_mask = torch.cat([ids, torch.zeros(2, 5, dtype=ids.dtype)], 1), torch.cat([mask, 0 * mask[:, :5]], 1)
+    with torch.no_grad():
+        alone = model(ids, mask)
+        torch.testing.assert_close(model(padded_ids, padded_mask), alone)  # right padding adds nothing
+        path = attach_head(shutil.copy(sft_ckpt, tmp_path / "rm.ckpt"), model.head, pooling)
+        loaded, _ = load_reward_model(path)
+        assert loaded.pooling == pooling
+        torch.testing.assert_close(loaded(ids, mask), alone)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        RewardModel(model.backbone, pooling="mean")
+
+
 def test_ppo_kl_is_zero_at_initialisation_then_trains_logging_gold_proxy_and_kl(sft_ckpt, reward_fit):
     torch.manual_seed(0)
     module = PPOModule(backbone=sft_ckpt, reward_model=str(reward_fit[3]), lr=3e-3, target_kl=0.5, kl_horizon=50,
@@ -102,6 +127,7 @@ def test_rloo_trains_against_the_true_reward(sft_ckpt, tmp_path):
     (RLOOModule, {"reward_signal": "gold", "k": 1}, "k must be >= 2"),
     (RLOOModule, {"reward_signal": "gold", "best_of_by": "proxy"}, "set reward_model"),
     (RewardModule, {"calibration_bins": 1}, "calibration_bins must be >= 2"),
+    (RewardModule, {"pooling": "mean"}, "pooling must be one of"),
 ])
 def test_bad_arguments_get_clear_errors(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
