@@ -8,6 +8,10 @@ watches one logged metric at every validation and logs, once, when it first reac
                     size and the validation cadence, not on the recipe)
     target/reached  1.0, or 0.0 at the end of a run that never got there (which then has no
                     target/steps or target/time_s: a study's table shows them as missing)
+    target/steps_at_least, target/time_s_at_least
+                    at the end of a run that never got there: its whole training, a lower bound on
+                    the time it would have taken (a censored time). A study's claims read a bound
+                    where it can only understate their case (`pipelines.verdicts`, "censored").
 
 The resolution is the validation cadence (`val_check_interval`). Any project can use it from its
 config::
@@ -66,7 +70,11 @@ class TimeToTarget(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.reached_at is None:
-            self._log(trainer, {"target/reached": 0.0})
+            if self._since is not None:
+                self._train_s += time.perf_counter() - self._since
+                self._since = None
+            self._log(trainer, {"target/reached": 0.0, "target/steps_at_least": float(trainer.global_step),
+                                "target/time_s_at_least": self._train_s})
 
     @staticmethod
     def _log(trainer, metrics: dict[str, float]) -> None:

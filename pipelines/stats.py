@@ -56,7 +56,7 @@ def mode_of(key: str, modes: dict[str, str] | None = None) -> str | None:
 
 def mean_ci(values) -> tuple[float, float, int]:
     """(mean, half-width of the 95% t-interval, n) of the finite values; the half-width is NaN for n < 2."""
-    x = np.asarray([v for v in values if _finite(v)], dtype=float)
+    x = np.asarray([v for v in values if finite(v)], dtype=float)
     if len(x) == 0:
         return math.nan, math.nan, 0
     if len(x) < 2:
@@ -88,7 +88,7 @@ class Diff:
 
 def paired(a: dict, b: dict, log: bool = False) -> Diff:
     """a[seed] - b[seed] over the seeds both have (log a - log b with `log`: ratios)."""
-    seeds = [s for s in a if s in b and _finite(a[s]) and _finite(b[s])]
+    seeds = [s for s in a if s in b and finite(a[s]) and finite(b[s])]
     if log:
         seeds = [s for s in seeds if a[s] > 0 and b[s] > 0]
     d = np.asarray([math.log(a[s] / b[s]) if log else a[s] - b[s] for s in seeds], dtype=float)
@@ -231,5 +231,5 @@ def seeds_needed(sd: float, margin: float, alpha: float = ALPHA, design=None, po
     return lo
 
 
-def _finite(v) -> bool:
+def finite(v) -> bool:
     return v is not None and math.isfinite(v)

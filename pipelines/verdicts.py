@@ -21,6 +21,14 @@ A claim holds, fails or is inconclusive:
                    the log ratio) holds when the one-sided bound clears R; fails when it is on the
                    wrong side of R.
 
+Censored values: a run that ended before it could measure a metric M (a time to a target it never
+reached) may log M_at_least, a lower bound (`modules.targets.TimeToTarget`). A claim reads that
+bound in place of the missing value only where it can understate the claim's case, never overstate
+it: for the variant when larger variant values support the claim (">= Rx", or "worse" on a metric
+where lower is better), for the baseline when larger baseline values do ("<= Rx", "better"). Such
+a claim can hold, but it cannot fail on a bound (the true value may lie anywhere above it): that
+outcome is "inconclusive". Its line counts the bounds read.
+
 Multiplicity: the k comparisons against the baseline on the report metric are one family (Holm,
 separately for differences and for equivalence); a study's claims are another (Holm). Under a
 group-sequential `pipelines.sequential.Design` the same step-down runs on the repeated intervals
@@ -206,6 +214,7 @@ class ClaimResult:
     n: int
     needed: float  # seeds that would decide it (NaN: decided, or no spread yet)
     margin: float | None = None
+    censored: int = 0  # lower bounds read in place of missing values (see "Censored values")
 
     @property
     def decided(self) -> bool:
@@ -226,7 +235,9 @@ class ClaimResult:
         if not self.decided:
             more = ("; more than 200 seeds would be needed" if self.needed == math.inf else
                     f"; about {self.needed:.0f} seeds would decide it" if math.isfinite(self.needed) else "")
-        return f"{what}: {self.outcome}  [{fig}, n={self.n}{more}]"
+        bounds = (f", {self.censored} of them a lower bound (a run that never got there, counted at its end)"
+                  if self.censored else "")
+        return f"{what}: {self.outcome}  [{fig}, n={self.n}{bounds}{more}]"
 
 
 def evaluate_claims(claims: list[Claim], by_seed: dict[str, dict[str, dict]], baseline: str,
@@ -234,14 +245,22 @@ def evaluate_claims(claims: list[Claim], by_seed: dict[str, dict[str, dict]], ba
                     alpha: float = st.ALPHA, planning: bool = True) -> list[ClaimResult]:
     """Each claim's outcome, Holm across the claims. `by_seed[variant][metric]` maps seed -> value of
     the finished runs. `planning`: work out the seeds an undecided claim would need."""
-    diffs = [st.paired(by_seed.get(c.variant, {}).get(c.metric, {}),
-                       by_seed.get(c.against or baseline, {}).get(c.metric, {}), log=c.ratio is not None) for c in claims]
-    levels = st.step_down([lambda a, c=c, d=d: _outcome(c, d, modes, margins, plan, a) != "inconclusive"
-                           for c, d in zip(claims, diffs)], alpha)
+    diffs, censored = [], []
+    for c in claims:
+        mine, theirs, k = _with_bounds(c, by_seed.get(c.variant, {}), by_seed.get(c.against or baseline, {}), modes)
+        diffs.append(st.paired(mine, theirs, log=c.ratio is not None))
+        censored.append(k)
+
+    def outcome_of(c: Claim, d: st.Diff, k: int, a: float) -> str:
+        o = _outcome(c, d, modes, margins, plan, a)
+        return "inconclusive" if o == "fails" and k else o  # a bound can support a claim, never refute it
+
+    levels = st.step_down([lambda a, c=c, d=d, k=k: outcome_of(c, d, k, a) != "inconclusive"
+                           for c, d, k in zip(claims, diffs, censored)], alpha)
     out = []
-    for c, d, a in zip(claims, diffs, levels):
+    for c, d, k, a in zip(claims, diffs, censored, levels):
         a_used = a if a is not None else alpha / max(1, sum(x is None for x in levels))
-        outcome = _outcome(c, d, modes, margins, plan, a_used)
+        outcome = outcome_of(c, d, k, a_used)
         two_sided = c.expect in ("better", "worse")
         half = plan.half(d, a_used if two_sided else 2 * a_used)
         margin = margins.get(c.metric)
@@ -253,8 +272,35 @@ def evaluate_claims(claims: list[Claim], by_seed: dict[str, dict[str, dict]], ba
             target = margin if margin is not None else abs(d.mean)
         needed = plan.needed(d, target, a_used) if planning and outcome == "inconclusive" else math.nan
         out.append(ClaimResult(c, outcome, est, low, high, 100 * (1 - (a_used if two_sided else 2 * a_used)),
-                               d.n, needed, margin))
+                               d.n, needed, margin, k))
     return out
+
+
+BOUND = "_at_least"
+
+
+def _with_bounds(c: Claim, variant: dict[str, dict], base: dict[str, dict], modes: dict) -> tuple[dict, dict, int]:
+    """(variant's {seed: value}, baseline's {seed: value}, bounds read) for claim `c`: a seed missing
+    `c.metric` but holding its lower bound `c.metric + "_at_least"` gets the bound on the side where
+    a larger value supports the claim, and only on that side of the pair (one exact value beside it)."""
+    mine, theirs = dict(variant.get(c.metric, {})), dict(base.get(c.metric, {}))
+    if c.ratio:
+        larger_variant = c.ratio[0] in (">=", ">")
+    elif c.expect in ("better", "worse"):
+        mode = st.mode_of(c.metric, modes)
+        if mode is None:
+            return mine, theirs, 0
+        larger_variant = (c.expect == "worse") == (mode == "min")
+    else:
+        return mine, theirs, 0  # equivalence: a bound says nothing about closeness
+    side, bounds, other = ((mine, variant.get(c.metric + BOUND, {}), theirs) if larger_variant
+                           else (theirs, base.get(c.metric + BOUND, {}), mine))
+    k = 0
+    for seed, bound in bounds.items():
+        if not st.finite(side.get(seed)) and st.finite(other.get(seed)) and st.finite(bound):
+            side[seed] = bound
+            k += 1
+    return mine, theirs, k
 
 
 def _outcome(c: Claim, d: st.Diff, modes: dict, margins: dict, plan: Plan, alpha: float) -> str:

@@ -110,3 +110,36 @@ def test_compare_help_explains_the_four_words(capsys):
     for word in ("better", "worse", "equivalent", "inconclusive"):
         assert any(line.split()[:1] == [word] for line in out.splitlines()), word
     assert "no difference" not in out
+
+
+def test_a_censored_time_counts_as_its_lower_bound_only_where_it_understates_the_claim():
+    # nanogpt never reached the target at seed 2: it logged only target/time_s_at_least (its whole fit)
+    by_seed = {"speedrun": {"target/time_s": {0: 50.0, 1: 52.0, 2: 55.0}},
+               "nanogpt": {"target/time_s": {0: 140.0, 1: 100.0, 2: math.nan},
+                           "target/time_s_at_least": {2: 160.0}}}
+    slower = Claim("nanogpt", "target/time_s", ">= 1.67x")
+    without = evaluate_claims([slower], {v: {"target/time_s": m["target/time_s"]} for v, m in by_seed.items()},
+                              "speedrun", {}, {}, Plan())[0]
+    assert (without.outcome, without.n, without.censored) == ("inconclusive", 2, 0)
+    res = evaluate_claims([slower], by_seed, "speedrun", {}, {}, Plan())[0]
+    logs = np.log([140 / 50, 100 / 52, 160 / 55])  # the bound in place of the missing value
+    assert (res.outcome, res.n, res.censored) == ("holds", 3, 1)
+    assert res.estimate == pytest.approx(math.exp(logs.mean()))
+    assert "1 of them a lower bound" in res.line()
+    # the same bound on the side where it would overstate the claim is not read
+    faster = evaluate_claims([Claim("nanogpt", "target/time_s", "<= 3x")], by_seed, "speedrun", {}, {}, Plan())[0]
+    assert (faster.n, faster.censored) == (2, 0)
+    worse = evaluate_claims([Claim("nanogpt", "target/time_s", "worse")], by_seed, "speedrun",
+                            {"target/time_s": "min"}, {}, Plan())[0]
+    assert (worse.n, worse.censored) == (3, 1)
+    better = evaluate_claims([Claim("nanogpt", "target/time_s", "better")], by_seed, "speedrun",
+                             {"target/time_s": "min"}, {}, Plan())[0]
+    assert (better.n, better.censored) == (2, 0)
+    # a bound supports a claim but never refutes it: far below the bar it is inconclusive, not fails
+    low = {"speedrun": by_seed["speedrun"], "nanogpt": {"target/time_s": {0: 51.0, 1: 53.0},
+                                                         "target/time_s_at_least": {2: 54.0}}}
+    short = evaluate_claims([Claim("nanogpt", "target/time_s", ">= 5x")], low, "speedrun", {}, {}, Plan())[0]
+    assert short.censored == 1 and short.high < 5 and short.outcome == "inconclusive"
+    exact = {"speedrun": low["speedrun"], "nanogpt": {"target/time_s": {0: 51.0, 1: 53.0, 2: 54.0}}}
+    assert evaluate_claims([Claim("nanogpt", "target/time_s", ">= 5x")], exact, "speedrun", {}, {},
+                           Plan())[0].outcome == "fails"
