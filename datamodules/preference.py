@@ -132,6 +132,22 @@ def best_and_worst(prompts: list[str], samples: list[list[str]], scores: list[fl
     return rows
 
 
+def all_pairs(prompts: list[str], samples: list[list[str]], scores: list[float]) -> list[dict[str, Any]]:
+    """Every comparison a prompt's samples make: each two samples with different scores, the higher
+    chosen (K samples give up to K(K-1)/2 pairs, as InstructGPT trains its reward model on all
+    comparisons of a prompt's K answers, Ouyang et al. 2022, section 3.5). A prompt whose samples all
+    tie keeps one tied row, as in `best_and_worst`, so that it still counts as a prompt.
+    """
+    rows, i = [], 0
+    for prompt, cs in zip(prompts, samples):
+        s = scores[i : i + len(cs)]
+        i += len(cs)
+        mine = [{"prompt": prompt, "chosen": cs[a], "rejected": cs[b], "score_chosen": s[a], "score_rejected": s[b]}
+                for a in range(len(cs)) for b in range(len(cs)) if s[a] > s[b]]
+        rows += mine or best_and_worst([prompt], [cs], s)
+    return rows
+
+
 class PairCollator:
     """A batch of B pairs as 2B rows: the B chosen answers first, then the B rejected (DPO's layout)."""
 

@@ -155,8 +155,9 @@ def count_e(texts: list[str]) -> list[float]:
     return [t.count("e") / max(len(t), 1) for t in texts]
 
 
-def sample_pairs(backbone: str, path, **kw) -> str:
-    """The pairs stage on a tiny model: PairSampler over corpus prompts, labelled by `count_e`, as JSONL."""
+def sample_pairs(backbone: str, path, train_pairs: str = "best_worst", **kw) -> str:
+    """The pairs stage on a tiny model: PairSampler over corpus prompts, labelled by `count_e`, as JSONL
+    (`kw`: the PromptDataModule's arguments)."""
     import json
 
     from datamodules.preference import PromptDataModule
@@ -164,7 +165,7 @@ def sample_pairs(backbone: str, path, **kw) -> str:
     from tests.helpers import quiet_trainer
 
     args = dict(n_prompts=48, n_eval_prompts=6, prompt_chars=8, max_new_tokens=16, reward=f"{__name__}.count_e")
-    sampler = PairSampler(backbone=backbone, samples_per_prompt=4)
+    sampler = PairSampler(backbone=backbone, samples_per_prompt=4, train_pairs=train_pairs)
     quiet_trainer(max_steps=0, limit_val_batches=0, num_sanity_val_steps=0).fit(
         sampler, datamodule=PromptDataModule(**{**args, **kw}))
     path.write_text("".join(json.dumps(r) + "\n" for r in sampler.rows))

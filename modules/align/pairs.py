@@ -4,12 +4,14 @@
 study stage) with ``trainer.max_steps: 0``: when the fit starts it samples `samples_per_prompt`
 continuations of every prompt of its `PromptDataModule` from the backbone (the supervised model,
 temperature `temperature`), scores them with the data module's reward (VADER), keeps each prompt's
-best and worst (`datamodules.preference.best_and_worst`) and writes them, with their split and
-scores, to the run's artifact ``pairs/pairs.jsonl``. `PreferenceDataModule` reads that file
+best and worst (`datamodules.preference.best_and_worst`), or with ``train_pairs: all`` every
+comparison of its training prompts' samples (`all_pairs`; held-out prompts keep one pair each, so
+that held-out accuracy counts independent pairs), and writes them, with their split and scores, to
+the run's artifact ``pairs/pairs.jsonl``. `PreferenceDataModule` reads that file
 (``runs:/<run id>/pairs/pairs.jsonl``); no datamodule samples from the model it feeds.
 
 Logged: `pairs/<split>` (pairs with a reward gap, ties excluded) and `pairs/mean_gap` (the mean
-score gap over every training prompt, a tie counting 0).
+score gap over the training rows, a tied prompt counting 0).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import lightning as L
 
-from datamodules.preference import best_and_worst
+from datamodules.preference import all_pairs, best_and_worst
 from modules.align.policy import PolicyModule
 from modules.artifacts import log_text
 
@@ -28,7 +30,7 @@ PAIRS_ARTIFACT = "pairs/pairs.jsonl"
 
 class PairSampler(PolicyModule):
     def __init__(self, backbone: str | None = None, samples_per_prompt: int = 4, temperature: float = 1.0,
-                 sample_seed: int = 0, **kwargs: Any):
+                 sample_seed: int = 0, train_pairs: str = "best_worst", **kwargs: Any):
         """Sample, label and write preference pairs when the fit starts (run it with max_steps 0).
 
         Args:
@@ -36,6 +38,8 @@ class PairSampler(PolicyModule):
             samples_per_prompt: Continuations per prompt (>= 2); the best and the worst make the pair.
             temperature: Sampling temperature of the continuations.
             sample_seed: Seed of the samples.
+            train_pairs: "best_worst" (one pair per training prompt) or "all" (every comparison of its
+                samples with a score gap: up to K(K-1)/2 per prompt for K samples).
             **kwargs: The other `PolicyModule` arguments (sample_batch_size, ...).
         """
         super().__init__(backbone=backbone, **kwargs)
@@ -43,6 +47,8 @@ class PairSampler(PolicyModule):
             raise ValueError(f"PairSampler.samples_per_prompt must be >= 2 (a pair), got {samples_per_prompt}")
         if temperature <= 0:
             raise ValueError(f"PairSampler.temperature must be > 0 (greedy samples are all alike), got {temperature}")
+        if train_pairs not in ("best_worst", "all"):
+            raise ValueError(f"PairSampler.train_pairs must be 'best_worst' or 'all', got {train_pairs!r}")
         self.rows: list[dict[str, Any]] = []
 
     # the stage trains and tests nothing: its batches are prompts, which FinetuneModule's steps cannot
@@ -59,7 +65,8 @@ class PairSampler(PolicyModule):
             samples = self.sample_completions(prompts, h.samples_per_prompt, dm.max_new_tokens, h.temperature,
                                               seed=h.sample_seed * 1000 + i, reference=True)
             scores = dm.reward([c for cs in samples for c in cs])
-            rows += [{"split": split, **r} for r in best_and_worst(prompts, samples, scores)]
+            pick = all_pairs if split == "train" and h.train_pairs == "all" else best_and_worst
+            rows += [{"split": split, **r} for r in pick(prompts, samples, scores)]
         return rows
 
     def on_fit_start(self) -> None:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from datamodules.preference import PreferenceDataModule, PromptDataModule, VaderReward, best_and_worst
+from datamodules.preference import PreferenceDataModule, PromptDataModule, VaderReward, all_pairs, best_and_worst
 from datamodules.tokenizers import ByteTokenizer
 
 RECORDS = [{"q": f"Question {i}: ", "good": f"a fine kind answer {i}", "bad": f"a bad answer {i}!"} for i in range(20)]
@@ -92,6 +92,15 @@ def test_best_and_worst_pick_by_score_and_keep_ties():
     rows = best_and_worst(["a ", "b "], [["x", "y", "z"], ["u", "v", "w"]], [0.1, 0.9, -0.5, 0.2, 0.2, 0.2])
     assert rows[0] == {"prompt": "a ", "chosen": "y", "rejected": "z", "score_chosen": 0.9, "score_rejected": -0.5}
     assert rows[1]["score_chosen"] == rows[1]["score_rejected"]  # a tie: kept, the reader drops it
+
+
+def test_all_pairs_are_every_comparison_with_a_gap_and_a_tied_prompt_keeps_one_row():
+    rows = all_pairs(["a ", "b "], [["x", "y", "z", "w"], ["u", "v"]], [0.1, 0.9, -0.5, 0.1, 0.2, 0.2])
+    got = {(r["chosen"], r["rejected"]) for r in rows if r["prompt"] == "a "}
+    assert got == {("y", "x"), ("y", "z"), ("y", "w"), ("x", "z"), ("w", "z")}  # x and w tie: no pair
+    assert all(r["score_chosen"] > r["score_rejected"] for r in rows if r["prompt"] == "a ")
+    tied = [r for r in rows if r["prompt"] == "b "]
+    assert len(tied) == 1 and tied[0]["score_chosen"] == tied[0]["score_rejected"]
 
 
 def test_the_pairs_stage_file_keeps_its_splits_and_min_margin_filters_when_read(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from datamodules.preference import PromptDataModule
+from modules.align.pairs import PairSampler
 from modules.align.ppo import per_token_kl
 from modules.align.reward import RewardModule, load_reward_model
 from modules.align.rl import PPOModule, RLOOModule
@@ -80,6 +81,23 @@ def test_a_reward_ignores_padding_and_the_written_file_keeps_its_pooling(sft_ckp
         torch.testing.assert_close(loaded(ids, mask), alone)
     with pytest.raises(ValueError, match="pooling must be one of"):
         RewardModel(model.backbone, pooling="mean")
+
+
+def test_the_pairs_stage_writes_every_training_comparison_and_one_pair_per_held_out_prompt(sft_ckpt, tmp_path):
+    import json
+
+    from tests.helpers import sample_pairs
+
+    rows = [json.loads(x) for x in open(sample_pairs(sft_ckpt, tmp_path / "all.jsonl", train_pairs="all", n_prompts=16,
+                                                     n_eval_prompts=4))]
+    per_prompt = {}
+    for r in rows:
+        per_prompt.setdefault((r["split"], r["prompt"]), []).append(r)
+    train = [v for (split, _), v in per_prompt.items() if split == "train"]
+    assert len(train) == 16 and max(map(len, train)) > 1 and all(len(v) <= 6 for v in train)  # 4 samples: <= 6 pairs
+    assert all(len(v) == 1 for (split, _), v in per_prompt.items() if split != "train")
+    with pytest.raises(ValueError, match="train_pairs must be"):
+        PairSampler(train_pairs="every")
 
 
 def test_ppo_kl_is_zero_at_initialisation_then_trains_logging_gold_proxy_and_kl(sft_ckpt, reward_fit):
