@@ -34,11 +34,14 @@ def _split(rows: list[dict]) -> dict[str, list[dict]]:
     return {s: [r for r in kept if r["split"] == s] for s in ("train", "val", "test")}
 
 
-def _flip(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d, y = d.copy(), np.ones(len(d))
-    d[1::2] *= -1
+def _flip(d) -> tuple:
+    """Every other difference negated (label 0), so the classes balance; `d` dense or scipy-sparse."""
+    import scipy.sparse as sp
+
+    y = np.ones(d.shape[0])
     y[1::2] = 0
-    return d, y
+    sign = sp.diags(2 * y - 1) if sp.issparse(d) else (2 * y - 1)[:, None]
+    return (sign @ d if sp.issparse(d) else sign * d), y
 
 
 def linear_probe(feature, splits: dict[str, list[dict]], C: float = 1.0) -> dict[str, float]:
@@ -56,7 +59,7 @@ def counts(analyzer: str, ngrams: tuple[int, int], train: list[dict]):
     kw = {"token_pattern": r"(?u)\b\w+\b"} if analyzer == "word" else {}
     vec = CountVectorizer(analyzer=analyzer, ngram_range=ngrams, **kw)
     vec.fit([r[k] for r in train for k in ("chosen", "rejected")])
-    return lambda rows, key: vec.transform([r[key] for r in rows]).toarray()
+    return lambda rows, key: vec.transform([r[key] for r in rows]).astype(float)  # sparse
 
 
 def lexicon_rule(splits: dict[str, list[dict]]) -> dict[str, float]:
