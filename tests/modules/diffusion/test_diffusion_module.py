@@ -303,7 +303,8 @@ def test_recipe_arguments_are_checked():
 
 def test_recipe_study_variants_resolve():
     """ddpm-recipe: each variant removes one idea of the new preset (and only that one); the old recipe
-    differs from the new in those ideas, on the same UNet, data and steps."""
+    differs from the new in those ideas and samples at its own preset's guidance and steps, on the same
+    UNet, data and steps; every run samples at one fixed setting, no selection grid."""
     from pipelines.study import load_study
 
     study = load_study(ROOT / "configs/studies/ddpm-recipe.yaml")
@@ -314,4 +315,8 @@ def test_recipe_study_variants_resolve():
              "no-ema": "ema_decay"}
     for name, removed in ideas.items():
         assert {k for k in new if hp[name][k] != new[k]} == {removed}, name
-    assert {k for k in new if hp["old"][k] != new[k]} == set(ideas.values()) - {"ema_decay"} | {"guidance_scale"}
+    assert {k for k in new if hp["old"][k] != new[k]} == set(ideas.values()) - {"ema_decay"} | {"guidance_scale",
+                                                                                              "num_sample_steps"}
+    assert (hp["old"]["guidance_scale"], hp["old"]["num_sample_steps"]) == (3.0, 10)  # ddpm_mnist_cpu.yaml's own
+    assert (new["guidance_scale"], new["num_sample_steps"]) == (2.0, 20)
+    assert all(h["select_guidance"] is None and h["select_sample_steps"] is None for h in hp.values())
