@@ -81,6 +81,7 @@ class StudyTable:
     warnings: list[str] = field(default_factory=list)
     quick: bool = False
     claims: list[vd.ClaimResult] = field(default_factory=list)
+    bars: list[vd.BarResult] = field(default_factory=list)  # the study's stage bars (`verdicts`, "Bars")
     plan: vd.Plan = field(default_factory=vd.Plan)
     margins: dict[str, float] = field(default_factory=dict)
     wall_s: dict[str, float] = field(default_factory=dict)  # mean seconds per run of each variant
@@ -125,6 +126,7 @@ def _meta(parent) -> dict:
             "design": json.loads(t.get("practicum.design", "null")), "looks": json.loads(t.get("practicum.looks", "[]")),
             "comparable": json.loads(t.get("practicum.comparable", "null")), "name": t.get(trk.TAG_STUDY, "STUDY"),
             "against": json.loads(t.get("practicum.against", "{}")),
+            "bars": json.loads(t.get("practicum.bars", "[]")), "stages": json.loads(t.get("practicum.stages", "{}")),
             "variants": json.loads(t.get("practicum.variants", "[]"))}
 
 
@@ -222,7 +224,16 @@ def study_table(client: MlflowClient, parent) -> StudyTable:
                                 baseline, meta["modes"], margins, plan) if meta["claims"] and baseline else []
     return StudyTable(runs, summary, differences, baseline, report_metric,
                       _budget_warnings(runs, variants) if meta["equal_budget"] else [], meta["quick"],
-                      claims, plan, margins, wall, meta["name"], comparable)
+                      claims, _bars(client, meta), plan, margins, wall, meta["name"], comparable)
+
+
+def _bars(client: MlflowClient, meta: dict) -> list[vd.BarResult]:
+    """The study's bars, judged on the metrics of the stage runs its parent used (`practicum.stages`)."""
+    bars = [vd.Bar(**b) for b in meta["bars"]]
+    if not bars:
+        return []
+    runs = {name: meta["stages"][name] for name in {b.stage for b in bars} if name in meta["stages"]}
+    return vd.evaluate_bars(bars, {name: client.get_run(run_id).data.metrics for name, run_id in runs.items()})
 
 
 def _check_columns(meta: dict, runs: pd.DataFrame) -> None:

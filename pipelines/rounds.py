@@ -59,6 +59,7 @@ def parent_tags(study) -> dict[str, str]:
             **({"practicum.against": json.dumps(study.against())} if study.against() else {}),
             "practicum.claims": json.dumps([{k: v for k, v in asdict(c).items() if v is not None}
                                             for c in study.claims]),
+            **({"practicum.bars": json.dumps([asdict(b) for b in study.bars])} if study.bars else {}),
             **({"practicum.design": json.dumps(asdict(study.design))} if study.design else {})}
 
 
@@ -117,7 +118,7 @@ def record(table: StudyTable) -> tuple[dict[str, float], dict[str, str]]:
                 v = row.get(col, math.nan)
                 if v is not None and v == v and math.isfinite(v):
                     metrics[f"{k}/{row['variant']}/{stat}"] = float(v)
-    tags = {c.claim.key: c.outcome for c in table.claims}
+    tags = {c.claim.key: c.outcome for c in table.claims} | {b.bar.key: b.outcome for b in table.bars}
     if "verdict" in table.summary:
         tags |= {f"verdict/{v}": w for v, w in zip(table.summary["variant"], table.summary["verdict"])
                  if isinstance(w, str) and w}

@@ -41,6 +41,8 @@ A study is an experiment with a verdict (`pipelines.compare`, `pipelines.stats`)
     resources: {num_cpus: 1, num_gpus: 0}   # what each run declares as a Ray task (--ray)
     margins: {val/loss: 0.02}      # the difference that matters: within it, "equivalent"
     claims: [{variant: moe, metric: val/loss, expect: better}]   # what the study exists to show
+    bars: [{stage: reward, metric: test/accuracy, at_least: 0.6, count: test/pairs}]   # a stage's
+                                   # proportion against a bar: an exact binomial bound over `count` items
     comparable: [val/loss, perf/tokens_per_s]   # the only metrics that get verdicts (default: all)
     seeds: {pilot: 3, max: 20}     # instead of a list: rounds until every claim is decided (`pipelines.rounds`)
 
@@ -75,7 +77,8 @@ from pipelines.executor import Slot
 from pipelines.plots import study_plots  # noqa: F401  (the study's figures, long imported from here)
 from pipelines.sequential import Design
 from pipelines.tracking import ConfigError
-from pipelines.verdicts import Claim
+from pipelines import verdicts as vd
+from pipelines.verdicts import Bar, Claim
 
 OPAQUE = ("variants", "overrides", "tune")
 DERIVED = ("path", "variant_tune", "design")  # Study fields load_study sets, not keys of the file  # Study fields whose values other parsers read
@@ -151,6 +154,7 @@ class Study:
     resources: Slot = field(default_factory=Slot)
     margins: dict[str, float] = field(default_factory=dict)
     claims: list[Claim] = field(default_factory=list)
+    bars: list[Bar] = field(default_factory=list)
     comparable: Optional[list[str]] = None  # metrics that mean the same under every variant; None: all
     path: Optional[Path] = None  # the file itself; set by load_study, not a key of the file
     design: Optional[Design] = None  # `seeds: {pilot, max}`, set by load_study (seeds: 0 .. max-1)
@@ -258,6 +262,10 @@ def _parse(raw: Any, path: Path) -> Study:
                         for k, v in parsed["stages"].items()}
     parsed["resources"] = Slot(**parsed["resources"])
     parsed["claims"] = [Claim(**c) for c in parsed["claims"]]
+    try:
+        parsed["bars"] = vd.parse_bars(raw.get("bars"), list(parsed["stages"]))
+    except vd.ClaimError as e:
+        raise ConfigError(f"study {path}: {e}") from None
     if isinstance(parsed["seeds"], dict):  # seeds: {pilot, max}
         parsed["seeds"] = Design(**parsed["seeds"])
     return Study(**parsed)

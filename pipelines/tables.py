@@ -112,7 +112,12 @@ def _seeds(x: float, verdict: str) -> str:
 
 
 def notes(t: StudyTable) -> list[str]:
-    """What the verdict column means and how it was reached, under the table."""
+    """What the verdict column means and how it was reached, under the table; then the stage bars."""
+    bars = ["bars (a stage's proportion against its bar; Holm across them):", *(f"  {b.line()}" for b in t.bars)]
+    return _verdict_notes(t) + (bars if t.bars else [])
+
+
+def _verdict_notes(t: StudyTable) -> list[str]:
     if t.baseline is not None and not t.is_comparable(t.report_metric):
         which = f"only {', '.join(t.comparable)}" if t.comparable else "no metric"
         return [f"no verdict on {t.report_metric}: the study declares {which} comparable across its variants "

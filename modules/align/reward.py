@@ -9,8 +9,9 @@ Bradley-Terry loss (`objective.bradley_terry_loss`, TRL's `RewardTrainer` loss).
 Logged per split under TRL's names: `loss`, `accuracy` (the share of pairs where the model ranks
 the VADER-preferred answer higher: held-out agreement with the labeller), `margin` (mean
 r_w - r_l), `mean_reward`, `min_reward`, `max_reward`; at the end of validation and test,
-`calibration_ece` and, for the test split, the reliability plot `reward/calibration_test.png`
-(predicted P(y_w > y_l) against the observed rate, in bins). After fit the model is written to
+`calibration_ece`, `pairs` (how many pairs `accuracy` is over) and, for the test split, the
+reliability plot `reward/calibration_test.png` (predicted P(y_w > y_l) against the observed rate, in
+bins). After fit the model is written to
 the artifact ``reward/model.ckpt`` (a mini-GPT checkpoint with the head beside it), which the
 policy modules load as their `reward_model`.
 """
@@ -110,6 +111,7 @@ class RewardModule(FinetuneModule):
         chosen, rejected = torch.cat(seen, dim=1)
         mean_p, rate, count = calibration_bins(chosen, rejected, self.hparams.calibration_bins)
         self.log(f"{split}/calibration_ece", expected_calibration_error(mean_p, rate, count))
+        self.log(f"{split}/pairs", float(chosen.numel()))  # what `accuracy` is a proportion of (a study's bars)
         if split == "test" and self.trainer.is_global_zero:
             log_figure(self.loggers, calibration_figure(mean_p, rate, count), "reward/calibration_test.png")
 

@@ -197,3 +197,36 @@ def test_a_claim_on_a_variant_with_its_own_baseline_is_judged_against_it(tmp_pat
                      "         {variant: llama-full, metric: val/loss, expect: worse, against: gpt},\n"
                      "         {variant: llama-lora, metric: val/loss, expect: worse}]\n")
     assert [c.against for c in load_study(study).claims] == ["llama-lora", "gpt", None]
+
+
+def test_a_stage_bar_is_judged_on_the_stage_run_the_study_used_and_printed_under_the_table(tracking_uri, tmp_path):
+    import json
+
+    from pipelines import rounds
+    from pipelines.study import load_study
+    from tests.helpers import ROOT
+
+    client = MlflowClient(tracking_uri)
+    bars = [{"stage": "reward", "metric": "test/accuracy", "at_least": 0.6, "count": "test/pairs"}]
+    logged_study(tracking_uri, "rm-like", {"sft": [{"test/true_reward": 0.0}] * 2, "ppo": [{"test/true_reward": 0.1}] * 2},
+                 report="test", baseline="sft", bars=bars)
+    parent = find_parent(client, "rm-like")
+    stage = client.create_run(parent.info.experiment_id, run_name="stage-reward").info.run_id
+    client.log_metric(stage, "test/accuracy", 130 / 171)
+    client.log_metric(stage, "test/pairs", 171)
+    client.set_tag(parent.info.run_id, "practicum.stages", json.dumps({"reward": stage}))
+    t = study_table(client, client.get_run(parent.info.run_id))
+    assert [(b.outcome, b.n) for b in t.bars] == [("holds", 171)]
+    text = tables.render(t)
+    assert "bars (a stage's proportion against its bar" in text and "stage reward test/accuracy >= 0.6: holds" in text
+    assert rounds.record(t)[1]["bar/reward/test/accuracy/ge0.6"] == "holds"  # a tag on the parent: the MLflow UI's
+    # a study file declares them, checked against its stages
+    study = tmp_path / "s.yaml"
+    study.write_text(f"name: s\nbase: {ROOT / 'configs/gpt/shakespeare_char_cpu.yaml'}\nvariants: {{a: {{}}}}\n"
+                     f"stages: {{reward: {{config: {ROOT / 'configs/gpt/shakespeare_char_cpu.yaml'}}}}}\n"
+                     f"bars: {json.dumps(bars)}\n")
+    assert [b.stage for b in load_study(study).bars] == ["reward"]
+    assert json.loads(rounds.parent_tags(load_study(study))["practicum.bars"]) == bars
+    study.write_text(study.read_text().replace("stage\": \"reward", "stage\": \"rm"))
+    with pytest.raises(ConfigError, match="stage 'rm' is not one of the study's stages"):
+        load_study(study)

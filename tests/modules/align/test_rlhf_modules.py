@@ -43,6 +43,7 @@ def test_reward_model_learns_the_labeller_and_logs_trl_names(reward_fit):
         assert key in after, key
     assert after["val/loss"] < before["val/loss"] and after["val/margin"] > before["val/margin"]
     assert after["val/accuracy"] > 0.5 and after["train/accuracy"] > 0.5
+    assert after["val/pairs"] == len(module.trainer.datamodule.records["val"])  # what the accuracy is over
 
 
 def test_written_reward_model_scores_as_the_trained_one(reward_fit, sft_pairs):
