@@ -235,7 +235,13 @@ class ClaimResult:
         c = self.claim
         m = c.metric
         what = f"{c} (±{human(self.margin, m)})" if c.expect == "equivalent" else str(c)
-        if c.ratio:
+        est = (f"ratio {self.estimate:.4g}" if c.ratio else
+               f"Δ {'+' if self.estimate > 0 else ''}{human(self.estimate, m)}")
+        if self.n == 0 or not math.isfinite(self.estimate):  # no figures to print, so no blank ones
+            fig = "no seed finished on both sides"
+        elif not (math.isfinite(self.low) and math.isfinite(self.high)):
+            fig = f"{est}, no interval yet"
+        elif c.ratio:
             fig = f"ratio {self.estimate:.4g}, {self.level:.4g}% interval {self.low:.4g}..{self.high:.4g}"
         else:
             fig = (f"Δ {'+' if self.estimate > 0 else ''}{human(self.estimate, m)}, {self.level:.4g}% interval "

@@ -112,6 +112,17 @@ def test_ratio_and_word_claims_on_deterministic_and_noisy_metrics():
     assert "holds" in res[0].line() and "ratio 0.012" in res[0].line()
 
 
+def test_a_claim_with_no_pair_or_one_pair_says_so_instead_of_blank_figures():
+    by_seed = {"new": {"test/fid": {0: 10.0, 1: 12.0}}, "old": {"test/fid": {0: 60.0}}}
+    claims = [Claim("old", "test/fid", "worse"), Claim("old", "test/fid", ">= 2x"), Claim("no-v", "test/fid", "worse")]
+    one, ratio, none = evaluate_claims(claims, by_seed, "new", {"test/fid": "min"}, {}, Plan())
+    assert (one.n, ratio.n, none.n) == (1, 1, 0)
+    assert "Δ +50, no interval yet, n=1" in one.line() and "ratio 6, no interval yet" in ratio.line()
+    assert "no seed finished on both sides" in none.line()
+    for r in (one, ratio, none):
+        assert r.outcome == "inconclusive" and "nan" not in r.line() and ".." not in r.line(), r.line()
+
+
 def test_compare_help_explains_the_four_words(capsys):
     from pipelines.cli import main
 
