@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import stats as st
 from pipelines import tracking as trk
+from pipelines import bars as bs
 from pipelines import verdicts as vd
 from pipelines.sequential import Design
 
@@ -81,7 +82,7 @@ class StudyTable:
     warnings: list[str] = field(default_factory=list)
     quick: bool = False
     claims: list[vd.ClaimResult] = field(default_factory=list)
-    bars: list[vd.BarResult] = field(default_factory=list)  # the study's stage bars (`verdicts`, "Bars")
+    bars: list[bs.BarResult] = field(default_factory=list)  # the study's stage bars (`pipelines.bars`)
     plan: vd.Plan = field(default_factory=vd.Plan)
     margins: dict[str, float] = field(default_factory=dict)
     wall_s: dict[str, float] = field(default_factory=dict)  # mean seconds per run of each variant
@@ -227,13 +228,13 @@ def study_table(client: MlflowClient, parent) -> StudyTable:
                       claims, _bars(client, meta), plan, margins, wall, meta["name"], comparable)
 
 
-def _bars(client: MlflowClient, meta: dict) -> list[vd.BarResult]:
+def _bars(client: MlflowClient, meta: dict) -> list[bs.BarResult]:
     """The study's bars, judged on the metrics of the stage runs its parent used (`practicum.stages`)."""
-    bars = [vd.Bar(**b) for b in meta["bars"]]
+    bars = [bs.Bar(**b) for b in meta["bars"]]
     if not bars:
         return []
     runs = {name: meta["stages"][name] for name in {b.stage for b in bars} if name in meta["stages"]}
-    return vd.evaluate_bars(bars, {name: client.get_run(run_id).data.metrics for name, run_id in runs.items()})
+    return bs.evaluate_bars(bars, {name: client.get_run(run_id).data.metrics for name, run_id in runs.items()})
 
 
 def _check_columns(meta: dict, runs: pd.DataFrame) -> None:

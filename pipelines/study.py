@@ -77,11 +77,11 @@ from pipelines.executor import Slot
 from pipelines.plots import study_plots  # noqa: F401  (the study's figures, long imported from here)
 from pipelines.sequential import Design
 from pipelines.tracking import ConfigError
-from pipelines import verdicts as vd
-from pipelines.verdicts import Bar, Claim
+from pipelines.bars import Bar, parse_bars
+from pipelines.verdicts import Claim, ClaimError
 
-OPAQUE = ("variants", "overrides", "tune")
-DERIVED = ("path", "variant_tune", "design")  # Study fields load_study sets, not keys of the file  # Study fields whose values other parsers read
+OPAQUE = ("variants", "overrides", "tune")  # Study fields whose values other parsers read
+DERIVED = ("path", "variant_tune", "design")  # Study fields load_study sets, not keys of the file
 STAGE_REF = re.compile(r"\{stages\.([\w-]+)\}")
 REQUIREMENTS = {"cuda": "a CUDA GPU", "bitsandbytes": "bitsandbytes (pip install 'practicum[qlora]')"}
 
@@ -263,8 +263,8 @@ def _parse(raw: Any, path: Path) -> Study:
     parsed["resources"] = Slot(**parsed["resources"])
     parsed["claims"] = [Claim(**c) for c in parsed["claims"]]
     try:
-        parsed["bars"] = vd.parse_bars(raw.get("bars"), list(parsed["stages"]))
-    except vd.ClaimError as e:
+        parsed["bars"] = parse_bars(raw.get("bars"), list(parsed["stages"]))
+    except ClaimError as e:
         raise ConfigError(f"study {path}: {e}") from None
     if isinstance(parsed["seeds"], dict):  # seeds: {pilot, max}
         parsed["seeds"] = Design(**parsed["seeds"])
